@@ -638,6 +638,55 @@ class Store:
             if body:
                 yield _split_scan(body, dim)
 
+    def layer_keys(self, model: ModelInfo | str, layer: int) -> np.ndarray:
+        """(sentence_id, position) of every row of a leaf, by binary COPY, no vectors.
+
+        Lets an import skip rows already written (re-import is idempotent).
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        info.layer(layer)
+        cols = (("sentence_id", "int8"), ("position", "int4"))
+        payload = bytearray()
+        with self.transaction() as conn, conn.cursor().copy(
+            "COPY (SELECT sentence_id, position FROM token_embedding WHERE model_id = %s AND layer = %s) "
+            "TO STDOUT (FORMAT BINARY)",
+            (info.id, layer),
+        ) as copy:
+            for chunk in copy:
+                payload += chunk
+        body = bytes(payload)[len(HEADER): -len(TRAILER)]
+        rows = decode_rows(cols, body)
+        keys = np.empty(len(rows), dtype=[("sentence_id", "<i8"), ("position", "<i4")])
+        keys["sentence_id"] = rows["sentence_id"]
+        keys["position"] = rows["position"]
+        return keys
+
+    def token_texts(self, model: ModelInfo | str, token_ids: Sequence[int] | None = None) -> dict[int, str]:
+        """Token id -> text from the model's vocabulary (all of it when ``token_ids`` is None)."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        if token_ids is None:
+            rows = self._fetch("SELECT token_id, token FROM token WHERE model_id = %s", (info.id,))
+        else:
+            rows = self._fetch(
+                "SELECT token_id, token FROM token WHERE model_id = %s AND token_id = ANY(%s::int[])",
+                (info.id, sorted({int(t) for t in token_ids})),
+            )
+        return {int(i): t for i, t in rows}
+
+    def add_tokens(self, model: ModelInfo | str, token_ids: Sequence[int], tokens: Sequence[str]) -> int:
+        """Add vocabulary entries one by one (ids already known are kept); return rows added.
+
+        For indexes imported without their tokenizer: only the tokens seen are known.
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO token (model_id, token_id, token) "
+                "SELECT %s, t.i, t.s FROM unnest(%s::int[], %s::text[]) AS t(i, s) ON CONFLICT DO NOTHING",
+                (info.id, [int(t) for t in token_ids], [s.replace("\x00", "") for s in tokens]),
+            )
+            return cur.rowcount
+
     # ---- indexes --------------------------------------------------------
 
     def build_index(
