@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -109,8 +110,15 @@ class EmbeddedServer:
     def pgdata(self) -> Path:
         return _pgdata(self.data_dir)
 
-    def start(self) -> str:
-        """Start (or attach to) the server; return a psycopg URL for the latentlens db."""
+    def start(self, *, keep_running: bool = False) -> str:
+        """Start (or attach to) the server; return a psycopg URL for the latentlens db.
+
+        The server stops when the last process attached to it exits, unless
+        ``keep_running`` (then it runs until ``llens db stop``).
+        """
+        # pgserver keeps its lock in the user runtime dir; without XDG_RUNTIME_DIR
+        # platformdirs warns on every start and falls back to /tmp, which is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         try:
             import pgserver
         except ImportError as e:  # pragma: no cover - dependency of the package
@@ -127,7 +135,7 @@ class EmbeddedServer:
             if self.pgdata.exists():
                 with _server_lock():
                     _prune_dead_handles(self.pgdata)
-            server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+            server = pgserver.get_server(self.pgdata, cleanup_mode=None if keep_running else "stop")
         except Exception as e:  # pgserver raises plain exceptions/assertions
             raise DatabaseUnavailable(
                 f"cannot start the embedded PostgreSQL in {self.pgdata}: {e!s}".splitlines()[0]
@@ -234,13 +242,13 @@ def embedded_ann_supported() -> bool:
 _embedded_urls: dict[Path, str] = {}
 
 
-def resolve_url(settings: Settings) -> str:
+def resolve_url(settings: Settings, *, keep_running: bool = False) -> str:
     """A psycopg URL for the settings, starting the embedded server if needed."""
     if settings.database_url:
         return to_psycopg_url(settings.database_url)
     url = _embedded_urls.get(settings.data_dir)
     if url is None:
-        url = EmbeddedServer(settings.data_dir).start()
+        url = EmbeddedServer(settings.data_dir).start(keep_running=keep_running)
         _embedded_urls[settings.data_dir] = url
     return url
 

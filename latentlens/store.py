@@ -456,8 +456,10 @@ class Store:
             conn.execute(
                 """
                 INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
-                SELECT DISTINCT ON (text_hash) %(c)s, ordinal, text, text_hash
-                  FROM _llens_new_sentence ORDER BY text_hash, ordinal
+                SELECT %(c)s, ordinal, text, text_hash FROM (
+                    SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
+                      FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
+                 ORDER BY ordinal  -- ids follow corpus order
                 ON CONFLICT (corpus_id, text_hash) DO NOTHING
                 """,
                 {"c": info.id},

@@ -20,8 +20,9 @@ DECLARE
     mpart text := llens_model_partition_name(p_model_id);
     leaf  text := llens_leaf_name(p_model_id, p_layer);
     nl    integer;
+    d     integer;
 BEGIN
-    SELECT num_layers INTO nl FROM model WHERE id = p_model_id;
+    SELECT num_layers, hidden_size INTO nl, d FROM model WHERE id = p_model_id;
     IF nl IS NULL THEN
         RAISE EXCEPTION 'llens: no model with id %', p_model_id USING ERRCODE = 'no_data_found';
     END IF;
@@ -38,8 +39,10 @@ BEGIN
     END IF;
     IF to_regclass(leaf) IS NULL THEN
         EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES IN (%s)', leaf, mpart, p_layer);
-        -- halfvec rows are ~2 bytes per dimension; keep them inline and uncompressed
-        EXECUTE format('ALTER TABLE %I ALTER COLUMN embedding SET STORAGE PLAIN', leaf);
+        -- halfvec is 2 bytes a dimension and does not compress: keep it inline
+        -- where it fits a page (D <= 4000), else out of line but uncompressed.
+        EXECUTE format('ALTER TABLE %I ALTER COLUMN embedding SET STORAGE %s', leaf,
+                       CASE WHEN d <= 4000 THEN 'PLAIN' ELSE 'EXTERNAL' END);
     END IF;
     INSERT INTO model_layer (model_id, layer) VALUES (p_model_id, p_layer)
         ON CONFLICT DO NOTHING;

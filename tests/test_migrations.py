@@ -1,0 +1,62 @@
+"""Migrations go up, down and up again, and leave the objects users call."""
+
+from __future__ import annotations
+
+import psycopg
+
+from latentlens import migrate
+
+
+def _objects(url: str) -> dict[str, set[str]]:
+    with psycopg.connect(url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        funcs = {r[0] for r in conn.execute(
+            "SELECT proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'public' AND proname LIKE 'llens_%'")}
+        views = {r[0] for r in conn.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public'")}
+    return {"tables": tables, "functions": funcs, "views": views}
+
+
+def test_up_down_up(empty_db_url):
+    assert migrate.current_revision_url(empty_db_url) is None
+    migrate.upgrade(empty_db_url)
+    head = migrate.head_revision()
+    assert migrate.current_revision_url(empty_db_url) == head
+    objs = _objects(empty_db_url)
+    assert {"model", "model_layer", "corpus", "sentence", "ingest_run", "token_embedding", "token"} <= objs["tables"]
+    assert {"llens_neighbors", "llens_ensure_layer", "llens_build_index", "llens_drop_model"} <= objs["functions"]
+    assert "token_context" in objs["views"]
+
+    migrate.upgrade(empty_db_url)  # idempotent
+    assert migrate.current_revision_url(empty_db_url) == head
+
+    migrate.downgrade(empty_db_url, "base")
+    objs = _objects(empty_db_url)
+    assert objs["functions"] == set()
+    assert objs["views"] == set()
+    assert objs["tables"] <= {"alembic_version"}
+
+    migrate.upgrade(empty_db_url)
+    assert migrate.current_revision_url(empty_db_url) == head
+
+
+def test_token_embedding_is_partitioned_by_model(db_url):
+    with psycopg.connect(db_url) as conn:
+        strategy, = conn.execute(
+            "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'token_embedding'::regclass"
+        ).fetchone()
+        cols = conn.execute(
+            "SELECT a.attname FROM pg_partitioned_table p JOIN pg_attribute a "
+            "ON a.attrelid = p.partrelid AND a.attnum = ANY(p.partattrs::int2[]) "
+            "WHERE p.partrelid = 'token_embedding'::regclass"
+        ).fetchall()
+    assert strategy == "l"
+    assert [c[0] for c in cols] == ["model_id"]
+
+
+def test_sql_files_ship_with_the_package():
+    from importlib.resources import files
+
+    names = {p.name for p in files("latentlens.sql").iterdir()}
+    assert {"0001_store.sql", "0001_query.sql", "0001_drop.sql"} <= names
