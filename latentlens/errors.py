@@ -62,3 +62,9 @@ class InputError(LatentLensError):
 
 class IndexUnsupported(LatentLensError):
     """The server cannot build or use ANN indexes (see db.embedded_ann_supported)."""
+
+
+class UnsupportedModel(LatentLensError):
+    """The model's architecture has no adapter (the message lists the supported ones)."""
+
+    exit_code = 2
