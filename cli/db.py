@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import click
-
-from latentlens.cli._common import database_option, emit, handle_errors, output_options, output_format
+from latentlens.cli._common import (
+    database_option,
+    emit,
+    handle_errors,
+    output_format,
+    output_options,
+)
 
 
 @click.group()

@@ -11,6 +11,7 @@ forever; we drop dead pids from that list before every attach, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,10 @@ from latentlens.config import Settings
 from latentlens.errors import ConfigError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+# pgserver keeps its lock in the user runtime dir; without XDG_RUNTIME_DIR
+# platformdirs warns at pgserver's import and falls back to /tmp, which is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 EMBEDDED_DBNAME = "latentlens"
 
@@ -116,9 +121,6 @@ class EmbeddedServer:
         The server stops when the last process attached to it exits, unless
         ``keep_running`` (then it runs until ``llens db stop``).
         """
-        # pgserver keeps its lock in the user runtime dir; without XDG_RUNTIME_DIR
-        # platformdirs warns on every start and falls back to /tmp, which is fine.
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         try:
             import pgserver
         except ImportError as e:  # pragma: no cover - dependency of the package
@@ -130,21 +132,27 @@ class EmbeddedServer:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create data dir {self.data_dir}: {e.strerror}") from e
-        fresh = not (self.pgdata / "PG_VERSION").exists()
-        try:
-            if self.pgdata.exists():
-                with _server_lock():
-                    _prune_dead_handles(self.pgdata)
-            server = pgserver.get_server(self.pgdata, cleanup_mode=None if keep_running else "stop")
-        except Exception as e:  # pgserver raises plain exceptions/assertions
-            raise DatabaseUnavailable(
-                f"cannot start the embedded PostgreSQL in {self.pgdata}: {e!s}".splitlines()[0]
-                + f" (see {self.pgdata / 'log'})"
-            ) from e
-        base = server.get_uri()
-        if fresh:
-            self._configure(server)
-        self._ensure_database(base)
+        import fasteners
+
+        # One process at a time creates, configures or attaches: a second
+        # process must not attach to a cluster being initialised or restarted.
+        with fasteners.InterProcessLock(str(self.data_dir / ".llens-start.lock")):
+            fresh = not (self.pgdata / "PG_VERSION").exists()
+            try:
+                if self.pgdata.exists():
+                    with _server_lock():
+                        _prune_dead_handles(self.pgdata)
+                server = pgserver.get_server(self.pgdata, cleanup_mode=None if keep_running else "stop")
+                if fresh:
+                    self._configure(server)
+            except Exception as e:  # pgserver raises plain exceptions/assertions
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise DatabaseUnavailable(
+                    f"cannot start the embedded PostgreSQL in {self.pgdata}: {reason} "
+                    f"(see {self.pgdata / 'log'})"
+                ) from e
+            base = server.get_uri()
+            self._ensure_database(base)
         return _with_database(base, EMBEDDED_DBNAME)
 
     def _configure(self, server) -> None:
@@ -155,8 +163,12 @@ class EmbeddedServer:
             for key, value in EMBEDDED_SERVER_SETTINGS.items():
                 conn.execute(f"ALTER SYSTEM SET {key} = '{value}'")
         # shared_buffers needs a restart; nobody else can be attached to a
-        # cluster that did not exist a moment ago.
+        # cluster that did not exist a moment ago (we hold the start lock).
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=server.system_user)
+        from pgserver.utils import PostmasterInfo
+
+        # pgserver stops "its" postmaster at exit by pid: point it at the new one.
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
 
     @staticmethod
     def _ensure_database(base_url: str) -> None:
@@ -165,10 +177,8 @@ class EmbeddedServer:
                 "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)
             ).fetchone()
             if not exists:
-                try:
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):  # lost a race
                     conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
-                except psycopg.errors.DuplicateDatabase:
-                    pass  # another process won the race
 
     def running(self) -> bool:
         from pgserver.utils import PostmasterInfo

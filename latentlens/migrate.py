@@ -35,6 +35,8 @@ def _run(url: str, fn) -> None:
     engine = _engine(url)
     try:
         with engine.begin() as conn:
+            # Serialise concurrent upgrades (two `llens` processes on a new database).
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('latentlens_migrations'))"))
             cfg = _config()
             cfg.attributes["connection"] = conn
             fn(cfg)

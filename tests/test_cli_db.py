@@ -6,7 +6,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from latentlens.cli.main import COMMANDS, cli
 
 

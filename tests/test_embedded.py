@@ -1,0 +1,91 @@
+"""The embedded server: shared by concurrent processes, survives kill -9 of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from latentlens.db import EmbeddedServer
+
+
+def _env(data_dir) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("LLENS_DATABASE_URL", None)
+    env["LLENS_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def _llens(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "latentlens.cli", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    yield d
+    EmbeddedServer(d).stop()
+
+
+def test_two_processes_share_one_new_server(data_dir):
+    env = _env(data_dir)
+    procs = [_llens("db", "upgrade", env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    status = subprocess.run(
+        [sys.executable, "-m", "latentlens.cli", "db", "status", "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)[0]["schema_current"] is True
+    # the last process to exit stopped the server
+    assert not EmbeddedServer(data_dir).running()
+
+
+def test_kill_9_leaves_no_server_behind_for_long(data_dir):
+    env = _env(data_dir)
+    code = (
+        "from latentlens.db import EmbeddedServer; import os, sys, time; "
+        f"EmbeddedServer(__import__('pathlib').Path({str(data_dir)!r})).start(); "
+        "print('up', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "up"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    server = EmbeddedServer(data_dir)
+    assert server.running()  # orphaned: nobody will stop it
+    pids = json.loads((server.pgdata / ".handle_pids.json").read_text())
+    assert holder.pid in pids
+    # the next llens process drops the dead pid, and stops the server when it exits
+    result = subprocess.run(
+        [sys.executable, "-m", "latentlens.cli", "db", "upgrade"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    for _ in range(50):
+        if not server.running():
+            break
+        time.sleep(0.2)
+    assert not server.running()
+
+
+def test_db_stop_stops_a_kept_server(data_dir):
+    env = _env(data_dir)
+    url = subprocess.run(
+        [sys.executable, "-m", "latentlens.cli", "db", "url"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert url.returncode == 0, url.stderr
+    assert EmbeddedServer(data_dir).running()  # `db url` keeps it up for psql
+    stop = subprocess.run(
+        [sys.executable, "-m", "latentlens.cli", "db", "stop"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert stop.returncode == 0 and "Stopped" in stop.stdout
+    assert not EmbeddedServer(data_dir).running()
