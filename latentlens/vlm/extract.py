@@ -1,0 +1,95 @@
+"""Load a vision-language model and extract the visual tokens of an image.
+
+``load_vlm`` picks the adapter from the checkpoint's config; adding an
+architecture is one small ``VisionLanguageModel`` subclass listed in
+``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from latentlens.errors import InputError, UnsupportedModel
+from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
+from latentlens.vlm.llava import LlavaVLM
+from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
+
+ADAPTERS: tuple[type[VisionLanguageModel], ...] = (LlavaVLM, Qwen2VLM, Qwen25VLM)
+
+
+def supported_models() -> str:
+    return ", ".join(f"{a.display_name} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+
+
+def adapter_for(config: Any) -> type[VisionLanguageModel]:
+    """The adapter class for a transformers config (by model_type)."""
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS:
+        if model_type in adapter.model_types:
+            return adapter
+    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+    raise UnsupportedModel(
+        f"no vision-language adapter for model type '{model_type}' ({archs}); "
+        f"supported: {supported_models()}"
+    )
+
+
+def load_vlm(
+    source: str, *, dtype: str = "float32", device: str | None = None, revision: str | None = None
+) -> VisionLanguageModel:
+    """Load a supported VLM (hub id or local dir) with its tokenizer and image processor."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load a model config from '{source}': {_first_line(e)}") from e
+    adapter = adapter_for(config)
+    try:
+        return adapter.from_pretrained(source, dtype=dtype, device=device, revision=revision)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load {adapter.display_name} model '{source}': {_first_line(e)}") from e
+
+
+def load_image(image: Any) -> Image.Image:
+    """A PIL RGB image from a path, PIL image or HxWx3 uint8 array (EXIF rotation applied)."""
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, np.ndarray):
+        img = Image.fromarray(image)
+    else:
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}")
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read image {path}: {_first_line(e)}") from e
+    img = ImageOps.exif_transpose(img) or img
+    return img.convert("RGB")
+
+
+def extract_visual_tokens(
+    vlm: VisionLanguageModel,
+    image: Any,
+    *,
+    layers: Sequence[int],
+    prompt: str = DEFAULT_PROMPT,
+    resolution: int | None = None,
+) -> VisualTokens:
+    """Visual tokens of ``image`` at ``layers`` (0 = projector output) from one forward pass."""
+    if resolution is not None and resolution < 1:
+        raise InputError("resolution must be a positive number of pixels")
+    return vlm.visual_tokens(load_image(image), layers=layers, prompt=prompt or DEFAULT_PROMPT,
+                             resolution=resolution)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
