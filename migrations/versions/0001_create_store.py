@@ -17,7 +17,6 @@ Design notes
 from __future__ import annotations
 
 from alembic import op
-
 from latentlens.migrations.sqlfiles import apply_sql
 
 revision = "0001"
