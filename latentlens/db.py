@@ -64,6 +64,12 @@ def redact(url: str) -> str:
     return url
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (libpq's are multi-line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def to_psycopg_url(url: str) -> str:
     """Accept SQLAlchemy-style URLs (``postgresql+psycopg://``) too."""
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url)
@@ -146,7 +152,7 @@ class EmbeddedServer:
                 if fresh:
                     self._configure(server)
             except Exception as e:  # pgserver raises plain exceptions/assertions
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = first_line(e)
                 raise DatabaseUnavailable(
                     f"cannot start the embedded PostgreSQL in {self.pgdata}: {reason} "
                     f"(see {self.pgdata / 'log'})"
@@ -272,8 +278,7 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {reason}") from e
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(e)}") from e
     for key, value in SESSION_SETTINGS.items():
         conn.execute(f"SET {key} = '{value}'")
     if not autocommit:

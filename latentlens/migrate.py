@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from latentlens.db import redact, to_sqlalchemy_url
+from latentlens.db import first_line, redact, to_sqlalchemy_url
 from latentlens.errors import DatabaseUnavailable, LatentLensError
 
 
@@ -42,10 +42,10 @@ def _run(url: str, fn) -> None:
             fn(cfg)
     except sa.exc.OperationalError as e:
         orig = getattr(e, "orig", e)
-        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {str(orig).strip().splitlines()[-1]}") from e
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(orig)}") from e
     except sa.exc.DBAPIError as e:
         orig = getattr(e, "orig", e)
-        msg = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        msg = first_line(orig)
         if isinstance(orig, psycopg.errors.InsufficientPrivilege):
             msg += " (creating the 'vector' extension needs a superuser once: see docker/init.sql)"
         raise LatentLensError(f"migration failed: {msg}") from e
@@ -78,6 +78,6 @@ def current_revision_url(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     except sa.exc.OperationalError as e:
         orig = getattr(e, "orig", e)
-        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {str(orig).strip().splitlines()[-1]}") from e
+        raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(orig)}") from e
     finally:
         engine.dispose()
