@@ -266,7 +266,7 @@ class Lens:
         lm = self._models.get(info.name)
         if lm is None:
             try:
-                from latentlens.models import load_from_store
+                from latentlens.models.loading import load_from_store
             except ImportError as e:
                 raise InputError(f"running models needs the model adapters (latentlens.models): {e}") from e
             lm = self._models[info.name] = load_from_store(info)
@@ -390,4 +390,54 @@ def flat_rows(results: Sequence[QueryResult]) -> list[dict]:
     return rows
 
 
-__all__ = ["Lens", "Neighbour", "QueryResult", "flat_rows", "search_layers", "select_tokens"]
+
+
+def load_vectors(path: str, key: str | None = None) -> np.ndarray:
+    """Query vectors [N, D] or [D] from .npy, .pt/.pth (weights_only) or .safetensors.
+
+    A file holding several arrays needs ``key`` (the error lists the keys).
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arrays: Any = np.load(p, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        elif suffix in (".pt", ".pth", ".bin"):
+            import torch
+
+            try:
+                arrays = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 (any unpickling failure is a bad file)
+                raise InputError(f"cannot read {p} as a weights-only torch file: {str(e).splitlines()[0]}") from None
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(p))
+        else:
+            raise InputError(f"unknown vector file type '{suffix}' (use .npy, .npz, .pt or .safetensors)")
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read vectors from {p}: {e}") from None
+    if isinstance(arrays, dict):
+        names = sorted(str(n) for n in arrays)
+        if key is None and len(arrays) == 1:
+            key = names[0]
+        if key is None or key not in arrays:
+            raise InputError(f"{p} holds several arrays: choose one with --key ({', '.join(names)})")
+        arrays = arrays[key]
+    if hasattr(arrays, "detach"):
+        arrays = arrays.detach().float().cpu().numpy()
+    if not isinstance(arrays, np.ndarray):
+        raise InputError(f"{p} does not hold an array or tensor (found {type(arrays).__name__})")
+    if arrays.ndim not in (1, 2):
+        raise InputError(f"{p} holds an array of shape {arrays.shape}: expected [N, D] or [D]")
+    return arrays.astype(np.float32, copy=False)
+
+
+__all__ = [
+    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "search_layers", "select_tokens",
+]

@@ -1,0 +1,191 @@
+"""The query API (Lens) and `llens query` / `llens models` on synthetic stored rows."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from _query_data import WORDS, brute_force, fill, spans
+from click.testing import CliRunner
+from latentlens.cli.main import cli
+
+from latentlens.errors import DimensionMismatch, EmptyResult, UnknownLayer, UnknownModel
+from latentlens.query import Lens, QueryResult, load_vectors
+
+
+@pytest.fixture(scope="module")
+def data(db_url):
+    from latentlens.store import Store
+
+    with Store.open(db_url) as s:
+        d = fill(s, "qm", n_sentences=50)
+        s.register_model("qm-empty", hidden_size=32, num_layers=4)
+        s.ensure_layers("qm-empty", [0, 2])
+        return d
+
+
+@pytest.fixture
+def lens(db_url, tmp_path):
+    with Lens.connect(db_url, cache_dir=tmp_path / "scan") as lens:
+        yield lens
+
+
+def test_neighbors_merge_layers_like_reference(lens, data):
+    rng = np.random.default_rng(4)
+    queries = rng.normal(size=(6, 32)).astype(np.float32)
+    results = lens.neighbors(queries, "qm", k=7)
+    want = brute_force(data["vectors"], queries, 7)
+    assert [r.index for r in results] == list(range(6))
+    for r, w in zip(results, want, strict=True):
+        got = [(n.layer, n.sentence_id, n.position) for n in r.neighbours]
+        exp = [(layer, int(data["sentence_id"][row]), int(data["position"][row])) for _, layer, row in w]
+        assert got == exp
+        sims = [n.similarity for n in r.neighbours]
+        assert sims == sorted(sims, reverse=True)
+        np.testing.assert_allclose(sims, [s for s, _, _ in w], atol=2e-3)
+        assert r.per_layer is None
+
+
+def test_neighbour_context_and_layers_subset(lens, data):
+    row = 5
+    v = data["vectors"][4][row]
+    [r] = lens.neighbors(torch.from_numpy(v), "qm", layers=[4], k=3, exact=True)
+    top = r.neighbours[0]
+    assert top.layer == 4 and top.similarity > 0.999
+    assert top.sentence_id == data["sentence_id"][row] and top.position == data["position"][row]
+    assert top.token == WORDS[data["token_id"][row]] and top.token_id == data["token_id"][row]
+    assert top.sentence[top.char_start: top.char_end] == top.token
+    assert "[[" + top.token + "]]" in top.marked_sentence()
+    assert all(n.layer == 4 for n in r.neighbours)
+
+
+def test_per_layer_keeps_each_layers_topk(lens, data):
+    q = np.random.default_rng(5).normal(size=(2, 32))
+    rs = lens.neighbors(q, "qm", k=4, per_layer=True)
+    for r in rs:
+        assert sorted(r.per_layer) == [0, 4, 8]
+        for layer, ns in r.per_layer.items():
+            assert len(ns) == 4 and all(n.layer == layer for n in ns)
+        merged = sorted((n for ns in r.per_layer.values() for n in ns), key=lambda n: -n.similarity)[:4]
+        assert [n.similarity for n in merged] == [n.similarity for n in r.neighbours]
+        d = r.to_dict()
+        assert set(d["per_layer"]) == {"0", "4", "8"}
+        json.dumps(d)
+
+
+def test_errors_name_what_exists(lens, data):
+    with pytest.raises(UnknownModel, match="'qm'"):
+        lens.neighbors(np.ones(32), "nope")
+    with pytest.raises(UnknownLayer, match="stored layers: 0, 4, 8"):
+        lens.neighbors(np.ones(32), "qm", layers=[3])
+    with pytest.raises(DimensionMismatch, match="hidden size 32"):
+        lens.neighbors(np.ones((2, 16)), "qm")
+    with pytest.raises(EmptyResult, match="no rows"):
+        lens.neighbors(np.ones(32), "qm-empty")
+
+
+def test_to_dataframe(lens, data):
+    rs = lens.neighbors(np.ones((2, 32)), "qm", k=3)
+    df = Lens.to_dataframe(rs)
+    assert len(df) == 6
+    assert {"query_index", "token", "similarity", "layer", "sentence", "char_start"} <= set(df.columns)
+
+
+def test_models_summary(lens, data):
+    ms = {m["model"]: m for m in lens.models()}
+    assert ms["qm"]["rows"] == data["info"].row_count
+    assert [li["layer"] for li in ms["qm"]["layers"]] == [0, 4, 8]
+    assert ms["qm-empty"]["rows"] == 0
+
+
+class FakeLM:
+    """Stands in for latentlens.models: 'hidden states' are the stored cluster rows of each word."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def hidden_states(self, texts, layers):
+        out = []
+        for t in texts:
+            words = t.split(" ")
+            rows = [int(np.flatnonzero(self.data["token_id"] == WORDS.index(w))[0]) for w in words]
+            out.append(SimpleNamespace(
+                text=t, tokens=words, spans=np.array(spans(t)), token_ids=np.array([WORDS.index(w) for w in words]),
+                vectors={layer: self.data["vectors"][layer][rows] for layer in layers},
+            ))
+        return out
+
+
+def test_query_text_with_token_and_layers(lens, data, monkeypatch):
+    monkeypatch.setattr(Lens, "language_model", lambda self, m: FakeLM(data))
+    rs = lens.query_text("qm", "a brown dog", token="dog", query_layers=[4, 8], k=3)
+    assert [(r.query_token, r.query_layer, r.index) for r in rs] == [("dog", 4, 2), ("dog", 8, 2)]
+    for r in rs:
+        assert r.neighbours[0].token == "dog" and r.neighbours[0].similarity > 0.999
+    allr = lens.query_text("qm", "a brown dog", k=2)
+    assert len(allr) == 3 * 3  # every token at every stored layer
+
+
+def _cli(db_url, *args):
+    return CliRunner().invoke(cli, [*args, "--database-url", db_url], catch_exceptions=False)
+
+
+def test_cli_query_vectors_json_csv_table(db_url, data, tmp_path):
+    q = np.asarray(data["vectors"][8][:3])
+    np.save(tmp_path / "q.npy", q)
+    r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.npy"), "-k", "2", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out) == 3 and len(out[0]["neighbours"]) == 2
+    n = out[0]["neighbours"][0]
+    assert {"token", "token_id", "similarity", "layer", "sentence_id", "sentence", "position",
+            "char_start", "char_end"} <= set(n)
+    assert n["layer"] == 8 and n["similarity"] > 0.999
+    r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.npy"), "-k", "2", "--csv")
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("query_index,") and len(lines) == 1 + 3 * 2
+    torch.save(torch.from_numpy(q[0]), tmp_path / "q.pt")
+    r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.pt"), "--layers", "8")
+    assert r.exit_code == 0, r.output
+    assert "vector 0" in r.output and "«" in r.output and "similarity" in r.output
+
+
+def test_cli_query_errors(db_url, data, tmp_path):
+    np.save(tmp_path / "bad.npy", np.ones((2, 5), np.float32))
+    r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "bad.npy"))
+    assert r.exit_code != 0 and "hidden size 32" in r.output and "Traceback" not in r.output
+    r = _cli(db_url, "query", "nope", "--vectors", str(tmp_path / "bad.npy"))
+    assert r.exit_code != 0 and "'qm'" in r.output
+    r = _cli(db_url, "query", "qm")
+    assert r.exit_code == 2 and "exactly one of" in r.output
+
+
+def test_cli_models(db_url, data):
+    r = _cli(db_url, "models", "--json")
+    assert r.exit_code == 0, r.output
+    names = {m["model"]: m for m in json.loads(r.output)}
+    assert names["qm"]["corpora"] == [] or isinstance(names["qm"]["corpora"], list)
+    r = _cli(db_url, "models")
+    assert "qm" in r.output and "0,4,8" in r.output
+
+
+def test_load_vectors_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2, 4), "b": torch.zeros(4)}, str(tmp_path / "x.safetensors"))
+    assert load_vectors(str(tmp_path / "x.safetensors"), "b").shape == (4,)
+    from latentlens.errors import InputError
+
+    with pytest.raises(InputError, match="a, b"):
+        load_vectors(str(tmp_path / "x.safetensors"))
+    torch.save({"v": SimpleNamespace()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="weights-only"):
+        load_vectors(str(tmp_path / "evil.pt"))
+
+
+def test_result_types_are_plain():
+    r = QueryResult(index=0, neighbours=[], per_layer=None, query_token=None, query_layer=None)
+    assert r.to_dict()["neighbours"] == []
