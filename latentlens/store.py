@@ -110,6 +110,39 @@ class CorpusInfo:
     sentence_count: int
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """One ``llens ingest`` run (one shard of one model over one corpus)."""
+
+    id: int
+    model: str
+    model_id: int
+    corpus: str
+    corpus_id: int
+    layers: list[int]
+    params: dict
+    shard: int
+    num_shards: int
+    status: str
+    sentences_total: int | None
+    sentences_done: int
+    resume_ordinal: int
+    tokens_seen: int
+    rows_written: int
+    counters: dict
+    error: str | None
+    hostname: str | None
+    pid: int | None
+    started_at: Any
+    heartbeat_at: Any
+    finished_at: Any
+
+    @property
+    def duration_s(self) -> float:
+        end = self.finished_at or self.heartbeat_at
+        return max(0.0, (end - self.started_at).total_seconds())
+
+
 @dataclass
 class EmbeddingBatch:
     """Rows for one batch of token contexts, shared by every layer.
@@ -307,6 +340,8 @@ class Store:
         """Store the model's token texts (index = token id) once; return rows added."""
         info = self.get_model(model) if isinstance(model, str) else model
         with self.transaction() as conn:
+            # concurrent ingests of one model: the second waits, then sees the rows
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('llens_vocab'), %s)", (info.id,))
             have = conn.execute("SELECT count(*) FROM token WHERE model_id = %s", (info.id,)).fetchone()[0]
             if have:
                 return 0
@@ -543,15 +578,19 @@ class Store:
             "ORDER BY token_id FOR UPDATE",
             (model.id, token_ids),
         ).fetchall()
-        used = {int(t): int(u) for t, u in rows}
+        used = dict(rows)
+        # first come first served within the batch (rows are in corpus order):
+        # the k-th row of a token is kept if used + k < cap, without a Python loop
+        tok = batch.token_id.astype(np.int64)
+        order = np.argsort(tok, kind="stable")
+        st = tok[order]
+        first = np.r_[0, np.flatnonzero(st[1:] != st[:-1]) + 1]
+        rank = np.arange(len(st)) - np.repeat(first, np.diff(np.r_[first, len(st)]))
+        base = np.array([used.get(int(t), 0) for t in st[first]], dtype=np.int64)
         keep = np.zeros(len(batch), dtype=bool)
-        granted: dict[int, int] = {}
-        # first come first served within the batch: rows are in corpus order
-        for i, tok in enumerate(batch.token_id.tolist()):
-            g = granted.get(tok, 0)
-            if used.get(tok, 0) + g < cap:
-                granted[tok] = g + 1
-                keep[i] = True
+        keep[order] = base.repeat(np.diff(np.r_[first, len(st)])) + rank < cap
+        kept_tok, kept_n = np.unique(tok[keep], return_counts=True)
+        granted = dict(zip(kept_tok.tolist(), kept_n.tolist()))
         if granted:
             conn.execute(
                 "UPDATE token_quota q SET used = q.used + g.n FROM unnest(%s::int[], %s::int[]) AS g(token_id, n) "
@@ -688,6 +727,97 @@ class Store:
                 (info.id, [int(t) for t in token_ids], [s.replace("\x00", "") for s in tokens]),
             )
             return cur.rowcount
+
+    # ---- ingest runs ----------------------------------------------------
+
+    _RUN_SELECT = """
+        SELECT r.id, m.name, r.model_id, c.name, r.corpus_id, r.layers, r.params, r.shard,
+               r.num_shards, r.status, r.sentences_total, r.sentences_done, r.resume_ordinal,
+               r.tokens_seen, r.rows_written, r.counters, r.error, r.hostname, r.pid,
+               r.started_at, r.heartbeat_at, r.finished_at
+          FROM ingest_run r JOIN model m ON m.id = r.model_id JOIN corpus c ON c.id = r.corpus_id
+    """
+
+    def create_run(
+        self, model: ModelInfo, corpus: CorpusInfo, *, layers: Sequence[int], params: Mapping[str, Any],
+        shard: int = 0, num_shards: int = 1, sentences_total: int | None = None,
+        hostname: str | None = None, pid: int | None = None,
+    ) -> RunInfo:
+        rows = self._fetch(
+            "INSERT INTO ingest_run (model_id, corpus_id, layers, params, shard, num_shards, "
+            "sentences_total, hostname, pid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (model.id, corpus.id, list(layers), Jsonb(dict(params)), shard, num_shards,
+             sentences_total, hostname, pid),
+        )
+        return self.get_run(rows[0][0])
+
+    def get_run(self, run_id: int) -> RunInfo:
+        rows = self._fetch(self._RUN_SELECT + " WHERE r.id = %s", (run_id,))
+        if not rows:
+            last = self._fetch("SELECT max(id) FROM ingest_run")[0][0]
+            hint = f"run ids go up to {last}" if last else "no runs yet"
+            raise InputError(f"no ingest run {run_id} ({hint}; see `llens runs`)")
+        return RunInfo(*rows[0])
+
+    def find_runs(
+        self, model: ModelInfo, corpus: CorpusInfo, *, params: Mapping[str, Any], shard: int, num_shards: int
+    ) -> list[RunInfo]:
+        """Runs of the same model, corpus, parameters and shard, newest first."""
+        rows = self._fetch(
+            self._RUN_SELECT + " WHERE r.model_id = %s AND r.corpus_id = %s AND r.params = %s "
+            "AND r.shard = %s AND r.num_shards = %s ORDER BY r.id DESC",
+            (model.id, corpus.id, Jsonb(dict(params)), shard, num_shards),
+        )
+        return [RunInfo(*r) for r in rows]
+
+    def list_runs(self, model: str | None = None, status: str | None = None) -> list[RunInfo]:
+        rows = self._fetch(
+            self._RUN_SELECT + " WHERE (%(m)s::text IS NULL OR m.name = %(m)s) "
+            "AND (%(s)s::text IS NULL OR r.status = %(s)s) ORDER BY r.id",
+            {"m": model, "s": status},
+        )
+        return [RunInfo(*r) for r in rows]
+
+    def claim_run(self, run: RunInfo, *, hostname: str, pid: int, sentences_total: int | None = None) -> bool:
+        """Take over a run (compare-and-swap on its status and pid); False if someone else did."""
+        rows = self._fetch(
+            "UPDATE ingest_run SET status = 'running', hostname = %s, pid = %s, error = NULL, "
+            "finished_at = NULL, heartbeat_at = now(), sentences_total = coalesce(%s, sentences_total) "
+            "WHERE id = %s AND status = %s AND pid IS NOT DISTINCT FROM %s RETURNING id",
+            (hostname, pid, sentences_total, run.id, run.status, run.pid),
+        )
+        return bool(rows)
+
+    @staticmethod
+    def advance_run(
+        conn: psycopg.Connection, run_id: int, *, resume_ordinal: int, sentences: int, tokens: int,
+        rows: int, counters: Mapping[str, Any],
+    ) -> None:
+        """Record progress inside a write transaction (see write_embeddings' on_commit)."""
+        conn.execute(
+            "UPDATE ingest_run SET resume_ordinal = %s, sentences_done = sentences_done + %s, "
+            "tokens_seen = tokens_seen + %s, rows_written = rows_written + %s, counters = %s, "
+            "heartbeat_at = now() WHERE id = %s",
+            (resume_ordinal, sentences, tokens, rows, Jsonb(dict(counters)), run_id),
+        )
+
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE ingest_run SET status = %s, error = %s, heartbeat_at = now(), "
+                "finished_at = CASE WHEN %s = 'done' THEN now() ELSE finished_at END WHERE id = %s",
+                (status, error, status, run_id),
+            )
+
+    def corpus_sentences(self, corpus: CorpusInfo | str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(ids, ordinals, texts) of a corpus in ordinal order (resume needs no corpus file)."""
+        info = self.get_corpus(corpus) if isinstance(corpus, str) else corpus
+        rows = self._fetch(
+            "SELECT id, ordinal, text FROM sentence WHERE corpus_id = %s ORDER BY ordinal", (info.id,)
+        )
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        ords = np.array([r[1] for r in rows], dtype=np.int64)
+        return ids, ords, [r[2] for r in rows]
 
     # ---- indexes --------------------------------------------------------
 
@@ -847,5 +977,5 @@ def _load_queries(conn: psycopg.Connection, q: np.ndarray) -> None:
 
 __all__ = [
     "Context", "CorpusInfo", "EmbeddingBatch", "KnnResult", "LatentLensError",
-    "LayerInfo", "ModelInfo", "Store", "text_hash",
+    "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
 ]
