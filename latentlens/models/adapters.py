@@ -1,0 +1,145 @@
+"""One small adapter per architecture: where a model keeps its language model.
+
+The rest of latentlens never asks a transformers model where its decoder
+stack, layers or tokenizer are; it asks the adapter picked for the model's
+config. Loading is split into small overridable hooks (``_load_config``,
+``_load``, ``_load_tokenizer``), in the style of nnsight's loadable mixins,
+so adding an architecture is a subclass of a few lines.
+
+A vision-language model's adapter loads the whole model and hands back only
+its language model (transformers 5 keeps it at ``model.model.language_model``),
+so ingesting a VLM runs its language model on text and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from latentlens.errors import InputError
+
+
+class Adapter:
+    """How to load one family of models and find its decoder stack."""
+
+    #: config.model_type values this adapter handles
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: whether the model also has a vision side that ingest leaves unused
+    multimodal: ClassVar[bool] = False
+
+    # ---- loading hooks ---------------------------------------------------
+
+    def _load_config(self, source: str, **kw: Any):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, **kw)
+
+    def _load(self, source: str, config, *, dtype, **kw: Any):
+        """Load the smallest model that contains the decoder stack."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(source, config=config, dtype=dtype, **kw)
+
+    def _load_tokenizer(self, source: str, **kw: Any):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, **kw)
+
+    # ---- structure -------------------------------------------------------
+
+    def text_config(self, config):
+        """The config that holds hidden_size and num_hidden_layers."""
+        return config
+
+    def language_model(self, model):
+        """The decoder stack (embeddings + blocks + final norm), no LM head."""
+        for path in ("language_model", "model.language_model", "model", ""):
+            obj = model
+            for part in filter(None, path.split(".")):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if obj is not None and hasattr(obj, "layers") and hasattr(obj, "embed_tokens"):
+                return obj
+        raise InputError(f"cannot find the decoder stack of {type(model).__name__}")
+
+    def layers(self, model):
+        return self.language_model(model).layers
+
+
+class DecoderAdapter(Adapter):
+    """Text-only decoder LMs: loads the base model (no LM head) with AutoModel."""
+
+    model_types = (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+        "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3",
+        "stablelm", "starcoder2", "cohere", "nemotron",
+    )
+
+
+class _VisionLanguageAdapter(Adapter):
+    """A VLM: load it whole, keep its language model, drop the rest."""
+
+    multimodal = True
+    model_class: ClassVar[str] = ""
+
+    def _load(self, source: str, config, *, dtype, **kw: Any):
+        import transformers
+
+        cls = getattr(transformers, self.model_class)
+        return cls.from_pretrained(source, config=config, dtype=dtype, **kw)
+
+    def text_config(self, config):
+        return config.text_config
+
+    def language_model(self, model):
+        inner = getattr(model, "model", model)
+        lm = getattr(inner, "language_model", None)
+        if lm is None:
+            raise InputError(f"cannot find the language model inside {type(model).__name__}")
+        return lm
+
+
+class LlavaAdapter(_VisionLanguageAdapter):
+    model_types = ("llava",)
+    model_class = "LlavaForConditionalGeneration"
+
+
+class Qwen2VLAdapter(_VisionLanguageAdapter):
+    model_types = ("qwen2_vl",)
+    model_class = "Qwen2VLForConditionalGeneration"
+
+
+class Qwen25VLAdapter(_VisionLanguageAdapter):
+    model_types = ("qwen2_5_vl",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+
+
+class Gemma3VLAdapter(_VisionLanguageAdapter):
+    model_types = ("gemma3",)
+    model_class = "Gemma3ForConditionalGeneration"
+
+
+ADAPTERS: tuple[type[Adapter], ...] = (
+    DecoderAdapter, LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Gemma3VLAdapter,
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def adapter_for_config(config) -> Adapter:
+    """The adapter for a transformers config; a clear error naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls()
+    raise InputError(
+        f"unsupported architecture '{model_type}' "
+        f"(supported model types: {', '.join(supported_model_types())})"
+    )
+
+
+def language_model_of(model):
+    """The decoder stack of a loaded transformers model (LLM or supported VLM)."""
+    return adapter_for_config(model.config).language_model(model)

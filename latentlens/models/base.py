@@ -1,0 +1,211 @@
+"""A loaded language model: tokenize, run the decoder stack, return hidden states.
+
+Which tokens are fed (the one rule every part of latentlens shares):
+
+* the tokenizer's normal encoding of the text (``add_special_tokens=True``),
+  so a BOS token is fed if and only if the tokenizer adds one;
+* ``position`` is the index of a token in the sequence as fed: the BOS, if
+  any, is position 0. It is counted from the first real token, never from
+  the start of a padded row, and the model gets matching ``position_ids``,
+  so left and right padding give the same hidden states;
+* ``hidden_states[l]`` is the output of block ``l`` (1-based), 0 is the input
+  embeddings, as transformers' ``output_hidden_states`` defines them (the
+  last one, ``l = num_layers``, is after the final norm).
+
+Hidden states come from the decoder stack itself (never through the LM head,
+which for a 262k vocabulary costs more than the blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentlens.errors import UnknownLayer
+
+
+@dataclass
+class Encoding:
+    """One text as fed: token ids, character spans (-1 where none), truncation flag."""
+
+    token_ids: np.ndarray  # int64 [T]
+    spans: np.ndarray  # int32 [T, 2]
+    truncated: bool = False
+
+
+@dataclass
+class TextStates:
+    """Hidden states of one text, one row per token as fed."""
+
+    text: str
+    token_ids: np.ndarray  # int64 [T]
+    spans: np.ndarray  # int32 [T, 2], -1 where the token has no characters (BOS)
+    tokens: list[str]
+    positions: np.ndarray  # int64 [T], 0 = first token fed (the BOS if any)
+    vectors: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> float32 [T, D]
+
+
+class LanguageModel:
+    """The decoder stack of a causal LM (or of a VLM's language model) and its tokenizer."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: Any,
+        architecture: str,
+        params: dict,
+        device: torch.device,
+        dtype: torch.dtype,
+        adapter: Any = None,
+    ):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.architecture = architecture
+        self.device = device
+        self.dtype = dtype
+        self.adapter = adapter
+        self._params = dict(params)
+        self.num_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
+        self.padding_side = getattr(tokenizer, "padding_side", "right") or "right"
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = int(pad) if pad is not None else 0
+        self.bos_token_id = self._detect_bos()
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+
+    def _detect_bos(self) -> int | None:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is None:
+            return None
+        ids = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        return int(bos) if ids and ids[0] == bos else None
+
+    # ---- tokens ----------------------------------------------------------
+
+    @property
+    def first_position(self) -> int:
+        """The first position that can be stored: 1 if a BOS is fed (never stored), else 0."""
+        return 1 if self.bos_token_id is not None else 0
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> list[Encoding]:
+        """Tokenize as fed (see the module docstring), without padding."""
+        limit = max_length or self.max_positions
+        kw: dict[str, Any] = {"add_special_tokens": True, "return_special_tokens_mask": True}
+        fast = bool(getattr(self.tokenizer, "is_fast", False))
+        if fast:
+            kw["return_offsets_mapping"] = True
+        enc = self.tokenizer(list(texts), **kw)
+        out = []
+        for i in range(len(texts)):
+            ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+            if fast:
+                spans = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
+            else:
+                spans = np.full((len(ids), 2), -1, dtype=np.int32)
+            special = np.asarray(enc["special_tokens_mask"][i], dtype=bool)
+            spans[special] = -1
+            truncated = limit is not None and len(ids) > limit
+            if truncated:
+                ids, spans = ids[:limit], spans[:limit]
+            out.append(Encoding(ids, spans, truncated))
+        return out
+
+    def vocabulary(self) -> list[str]:
+        """Decoded text of every token id (index = id)."""
+        n = len(self.tokenizer)
+        return self.tokenizer.batch_decode([[i] for i in range(n)])
+
+    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.batch_decode([[int(i)] for i in ids])
+
+    # ---- forward ---------------------------------------------------------
+
+    def check_layers(self, layers: Sequence[int]) -> list[int]:
+        bad = [x for x in layers if x < 0 or x > self.num_layers]
+        if bad:
+            raise UnknownLayer(
+                f"layer {bad[0]} is out of range for '{self.name}' "
+                f"(0 = input embeddings .. {self.num_layers} = last block)"
+            )
+        return sorted(set(int(x) for x in layers))
+
+    @torch.inference_mode()
+    def forward(self, seqs: Sequence[np.ndarray], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], np.ndarray]:
+        """Run one padded batch; return (layer -> [B, T, D] hidden states, row start of each sequence).
+
+        Token ``p`` of sequence ``b`` is at column ``start[b] + p``.
+        """
+        b = len(seqs)
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        t = int(lengths.max())
+        ids = np.full((b, t), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((b, t), dtype=np.int64)
+        start = (t - lengths) if self.padding_side == "left" else np.zeros(b, dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, start[i]: start[i] + len(s)] = s
+            mask[i, start[i]: start[i] + len(s)] = 1
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        out = self.model(
+            input_ids=torch.from_numpy(ids).to(self.device),
+            attention_mask=torch.from_numpy(mask).to(self.device),
+            position_ids=torch.from_numpy(pos).to(self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        hs = out.hidden_states
+        return {layer: hs[layer] for layer in layers}, start
+
+    def hidden_states(
+        self, texts: list[str], layers: Sequence[int], max_length: int | None = None,
+        batch_size: int = 32,
+    ) -> list[TextStates]:
+        """Hidden states (float32, not normalised) of every token of each text at these layers."""
+        layers = self.check_layers(layers)
+        encs = self.encode(texts, max_length)
+        result: list[TextStates] = []
+        for lo in range(0, len(texts), batch_size):
+            chunk = encs[lo: lo + batch_size]
+            states, start = self.forward([e.token_ids for e in chunk], layers)
+            for j, e in enumerate(chunk):
+                cols = slice(int(start[j]), int(start[j]) + len(e.token_ids))
+                result.append(TextStates(
+                    text=texts[lo + j],
+                    token_ids=e.token_ids,
+                    spans=e.spans,
+                    tokens=self.decode_tokens(e.token_ids),
+                    positions=np.arange(len(e.token_ids), dtype=np.int64),
+                    vectors={layer: states[layer][j, cols].float().cpu().numpy() for layer in layers},
+                ))
+        return result
+
+    # ---- bookkeeping -----------------------------------------------------
+
+    def store_params(self) -> dict:
+        """What the store records so ``load_from_store`` can load this model again."""
+        return dict(self._params)
+
+    def store_registration(self) -> dict:
+        """Keyword arguments for Store.register_model."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "revision": self._params.get("revision"),
+            "architecture": self.architecture,
+            "dtype": self._params.get("dtype"),
+            "tokenizer_class": type(self.tokenizer).__name__,
+            "bos_token_id": self.bos_token_id,
+            "params": self.store_params(),
+        }
+
+    def __repr__(self) -> str:
+        return (f"LanguageModel({self.name!r}, {self.architecture}, layers={self.num_layers}, "
+                f"hidden={self.hidden_size}, bos={self.bos_token_id})")

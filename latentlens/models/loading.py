@@ -1,0 +1,191 @@
+"""Load a language model from a transformers id, a local dir or a GGUF file.
+
+GGUF files are dequantized by transformers on every load (and their
+tokenizer converted), which takes tens of seconds even for a small model;
+the first load therefore saves the dequantized weights as safetensors and
+the tokenizer under ``config.cache_dir()/gguf/<key>``, keyed by the file's
+path, size and mtime and the dtype, so later loads take a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from latentlens import config as llens_config
+from latentlens.errors import InputError, LatentLensError
+from latentlens.models.adapters import Adapter, adapter_for_config
+from latentlens.models.base import LanguageModel
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+    return getattr(torch, dtype)
+
+
+def _device(device: str | None):
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device '{device}': {e}") from None
+
+
+def _split_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """'dir/x.gguf' -> ('dir', 'x.gguf'); a dir or id with --gguf-file stays as given."""
+    if gguf_file is None and source.lower().endswith(".gguf"):
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise InputError(f"GGUF file not found: {source}")
+        return str(p.resolve().parent), p.name
+    p = Path(source).expanduser()
+    if p.exists():
+        source = str(p.resolve())
+    if gguf_file is not None:
+        g = Path(gguf_file).expanduser()
+        if g.is_absolute() or g.exists():
+            if not g.is_file():
+                raise InputError(f"GGUF file not found: {gguf_file}")
+            return str(g.resolve().parent), g.name
+        if p.is_dir() and not (p / gguf_file).is_file():
+            raise InputError(f"GGUF file not found: {p / gguf_file}")
+    return source, gguf_file
+
+
+def default_name(source: str, gguf_file: str | None) -> str:
+    """The store name: the GGUF file's stem, a local dir's name, or the hub id as given."""
+    if gguf_file:
+        return Path(gguf_file).stem
+    p = Path(source)
+    if p.is_dir():
+        return p.resolve().name
+    return source
+
+
+def _gguf_cache_dir(source: str, gguf_file: str, dtype: str) -> Path:
+    path = Path(source) / gguf_file
+    try:
+        st = path.stat()
+        key_src = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+    except OSError:  # a hub id: key by name only
+        key_src = f"{source}|{gguf_file}|{dtype}"
+    key = hashlib.blake2b(key_src.encode(), digest_size=10).hexdigest()
+    return llens_config.cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{key}"
+
+
+def _save_gguf_cache(target: Path, model, tokenizer) -> None:
+    """Write dequantized weights + config + tokenizer atomically (rename of a temp dir)."""
+    import safetensors.torch
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_language_model(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
+) -> LanguageModel:
+    """Load the language model (decoder stack + tokenizer) of ``source``.
+
+    ``source`` is a transformers id, a local model dir, or a ``.gguf`` file
+    (or a dir/id plus ``gguf_file``). For a supported VLM only its language
+    model is kept. Raises InputError for anything that cannot be loaded.
+    """
+    torch_dtype = _torch_dtype(dtype)
+    dev = _device(device)
+    source, gguf_file = _split_source(source, gguf_file)
+    params: dict[str, Any] = {"source": source, "gguf_file": gguf_file, "revision": revision, "dtype": dtype}
+    load_from = source
+    kw: dict[str, Any] = {}
+    if revision:
+        kw["revision"] = revision
+    cache = None
+    if gguf_file:
+        cache = _gguf_cache_dir(source, gguf_file, dtype)
+        if (cache / "config.json").is_file():
+            load_from = str(cache)
+        else:
+            kw["gguf_file"] = gguf_file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = Adapter()._load_config(load_from, **kw)
+            adapter = adapter_for_config(cfg)
+            tokenizer = adapter._load_tokenizer(load_from, **kw)
+            full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
+    except LatentLensError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load model '{source}': {msg}") from None
+    if cache is not None and load_from != str(cache):
+        try:
+            _save_gguf_cache(cache, full, tokenizer)
+        except OSError as e:  # a cache is an optimisation: never fail the load for it
+            warnings.warn(f"could not cache dequantized GGUF weights in {cache}: {e}", stacklevel=2)
+    lm = adapter.language_model(full)
+    lm = lm.to(dev)
+    text_cfg = adapter.text_config(cfg)
+    arch = (getattr(cfg, "architectures", None) or [type(full).__name__])[0]
+    del full
+    return LanguageModel(
+        name=name or default_name(source, gguf_file),
+        model=lm,
+        tokenizer=tokenizer,
+        config=text_cfg,
+        architecture=arch,
+        params=params,
+        device=dev,
+        dtype=torch_dtype,
+        adapter=adapter,
+    )
+
+
+def load_from_store(info: Any, **kw: Any) -> LanguageModel:
+    """Load the model recorded by ``llens ingest`` (a store ModelInfo) from its params.
+
+    Keyword arguments (``dtype``, ``device``) override what was recorded.
+    """
+    p = dict(info.params or {})
+    source = p.get("source")
+    if not source:
+        raise InputError(
+            f"model '{info.name}' was stored without a loadable source "
+            "(e.g. imported from an index dir): load it with load_language_model instead"
+        )
+    args = {
+        "gguf_file": p.get("gguf_file"),
+        "dtype": p.get("dtype") or "float32",
+        "revision": p.get("revision"),
+        "device": None,
+    }
+    args.update(kw)
+    return load_language_model(source, name=info.name, **args)
