@@ -75,10 +75,12 @@ def encode_rows(
                 rows[f"_len_{name}"] = -1
                 continue
             rows[f"_len_{name}"] = _field_size(typ, dim)
-            values = np.asarray(data[name])[sel]
+            values = np.asarray(data[name])
+            if count != n:  # avoid copying a whole [n, D] block when nothing is NULL
+                values = values[sel]
             if typ == "halfvec":
                 rows[f"_dim_{name}"] = dim
-                rows[name] = values.astype(np.float16)
+                rows[name] = values.astype(">f2")  # same dtype as the field: a plain copy
             else:
                 rows[name] = values
         chunks.append(rows.tobytes())
