@@ -161,7 +161,7 @@ class VisionLanguageModel:
 
     # ---- architecture hooks ---------------------------------------------
 
-    def prepare_image(self, image: Image.Image, resolution: int | None) -> PreparedImage:
+    def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         raise NotImplementedError
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -187,7 +187,9 @@ class VisionLanguageModel:
 
         return Template(self.fallback_template).render(messages=messages, add_generation_prompt=True)
 
-    def encode(self, image: Image.Image, prompt: str, resolution: int | None) -> tuple[dict, PreparedImage]:
+    def encode(
+        self, image: Image.Image, prompt: str, resolution: tuple[int, int] | None
+    ) -> tuple[dict, PreparedImage]:
         prepared = self.prepare_image(image, resolution)
         text = self.chat_text(prompt)
         if text.count(self.image_placeholder) != 1:
@@ -209,7 +211,7 @@ class VisionLanguageModel:
     @torch.no_grad()
     def visual_tokens(
         self, image: Image.Image, *, layers: Sequence[int], prompt: str = DEFAULT_PROMPT,
-        resolution: int | None = None,
+        resolution: tuple[int, int] | None = None,
     ) -> VisualTokens:
         layers = sorted({int(x) for x in layers})
         bad = [x for x in layers if x < 0 or x > self.num_layers]

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentlens.errors import InputError, UnsupportedModel
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
+from latentlens.vlm.geometry import parse_resolution
 from latentlens.vlm.llava import LlavaVLM
 from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
 
@@ -81,13 +82,16 @@ def extract_visual_tokens(
     *,
     layers: Sequence[int],
     prompt: str = DEFAULT_PROMPT,
-    resolution: int | None = None,
+    resolution: int | str | tuple[int, int] | None = None,
 ) -> VisualTokens:
-    """Visual tokens of ``image`` at ``layers`` (0 = projector output) from one forward pass."""
-    if resolution is not None and resolution < 1:
-        raise InputError("resolution must be a positive number of pixels")
+    """Visual tokens of ``image`` at ``layers`` (0 = projector output) from one forward pass.
+
+    ``resolution`` (448, "448x336" or (w, h)) fixes the canvas where the
+    architecture allows it (Qwen2-VL); for fixed-size towers (LLaVA) it
+    squashes the whole image to that size first, so nothing is cropped.
+    """
     return vlm.visual_tokens(load_image(image), layers=layers, prompt=prompt or DEFAULT_PROMPT,
-                             resolution=resolution)
+                             resolution=parse_resolution(resolution))
 
 
 def _first_line(e: BaseException) -> str:

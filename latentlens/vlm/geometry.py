@@ -209,3 +209,26 @@ def merged_grid_patches(
 def round_resolution(resolution: int, factor: int) -> int:
     """The nearest multiple of ``factor`` (at least one factor)."""
     return max(factor, int(round(resolution / factor)) * factor)
+
+
+def parse_resolution(value: Any) -> tuple[int, int] | None:
+    """448, "448", "448x336" (width x height) or (w, h) -> (w, h); None stays None."""
+    from latentlens.errors import InputError
+
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, str):
+            parts = value.lower().replace("×", "x").split("x")
+            if len(parts) not in (1, 2):
+                raise ValueError
+            w, h = int(parts[0]), int(parts[-1])
+        elif isinstance(value, (tuple, list)):
+            w, h = (int(v) for v in value)
+        else:
+            w = h = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"bad resolution {value!r}: use e.g. 448 or 448x336") from None
+    if w < 1 or h < 1:
+        raise InputError(f"bad resolution {value!r}: sides must be positive")
+    return w, h

@@ -39,12 +39,12 @@ class LlavaVLM(VisionLanguageModel):
 
         return LlavaForConditionalGeneration
 
-    def prepare_image(self, image: Image.Image, resolution: int | None) -> PreparedImage:
+    def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         original = image.size
         if resolution:
             # the tower's canvas is fixed; --resolution squashes the whole image
-            # to a square first, so nothing is cropped away
-            image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            # to that size first, so (at the tower's square size) nothing is cropped
+            image = image.resize(resolution, Image.Resampling.BICUBIC)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         h, w = pixel_values.shape[-2:]
         transform, canvas = clip_transform(image.size, self.image_processor)

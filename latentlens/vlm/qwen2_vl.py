@@ -7,8 +7,8 @@ one LLM token, ordered row-major over the merged grid. ``image_grid_thw``
 says how many patches the processor made, so the geometry is read from it,
 not recomputed.
 
-``resolution`` fixes the canvas to a square (rounded to a multiple of 28),
-e.g. 448 -> a 16 x 16 token grid, as in the LatentLens reference setup.
+``resolution`` fixes the canvas (sides rounded to multiples of 28), e.g.
+448 -> 448 x 448 -> a 16 x 16 token grid, as in the LatentLens reference setup.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ class Qwen2VLM(VisionLanguageModel):
             v = getattr(self.config.vision_config, key, default)
         return int(v)
 
-    def prepare_image(self, image: Image.Image, resolution: int | None) -> PreparedImage:
+    def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         original = image.size
         patch = self._vision("patch_size", 14)
         merge = self._vision("merge_size", 0) or int(self.config.vision_config.spatial_merge_size)
         kwargs = {}
         if resolution:
-            side = round_resolution(resolution, patch * merge)
-            image = image.resize((side, side), Image.Resampling.BICUBIC)
-            kwargs["size"] = {"shortest_edge": side * side, "longest_edge": side * side}
+            w, h = (round_resolution(v, patch * merge) for v in resolution)
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+            kwargs["size"] = {"shortest_edge": w * h, "longest_edge": w * h}
         out = self.image_processor(images=[image], return_tensors="pt", **kwargs)
         thw = tuple(int(x) for x in out["image_grid_thw"][0])
         # every processor step is a stretch, so composing with the pre-resize is too

@@ -1,0 +1,83 @@
+"""`llens report`: an HTML + PNG report of what each image patch means."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from latentlens.cli._common import database_option, handle_errors, parse_int_list
+
+
+@click.command()
+@click.argument("model")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The image to read (any format Pillow opens).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for report.html and report.png (created if missing).")
+@click.option("--visual-layers", metavar="L[,L...]",
+              help="LLM layers of the visual tokens, 0 = projector output (default: the stored layers).")
+@click.option("--layers", metavar="L[,L...]", help="Stored (contextual) layers to search (default: all).")
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--patches", default="all", show_default=True,
+              help='Patches to query: all, center, or "r,c;r,c".')
+@click.option("--sample", type=click.IntRange(min=1), help="Query N random patches of those.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --sample: random seed.")
+@click.option("--prompt", help='Text around the image (default: "Describe this image in detail.").')
+@click.option("--resolution", help="Fix the input size, e.g. 448 (Qwen2-VL: 16x16 tokens) or 448x336.")
+@click.option("--png-layer", type=int, help="Visual layer drawn in report.png (default: the first).")
+@click.option("--exact", is_flag=True, help="Always exact search (the default already is without ANN indexes).")
+@click.option("--device", help="torch device for the VLM (default: cuda if available, else cpu).")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="VLM weights dtype.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written paths and a summary as JSON.")
+@database_option
+@handle_errors
+def report(model: str, image: str, out_dir: str, visual_layers: str | None, layers: str | None,
+           k: int, patches: str, sample: int | None, seed: int, prompt: str | None,
+           resolution: str | None, png_layer: int | None, exact: bool, device: str | None,
+           dtype: str, as_json: bool, database_url: str | None) -> None:
+    """Write report.html and report.png: each image patch's nearest contextual words.
+
+    MODEL is a vision-language model whose language model was ingested under
+    this name (`llens ingest MODEL corpus.txt`). report.html is one offline
+    file: the patch grid over the image, a visual-layer selector, and per
+    patch its neighbours with their sentences. report.png labels each patch
+    with its top-1 word (a legible subset when the grid is dense).
+
+    \b
+    Examples:
+        llens report Qwen/Qwen2-VL-7B-Instruct --image photo.jpg --out report/
+        llens report Qwen/Qwen2-VL-7B-Instruct --image photo.jpg --out report/ \\
+            --visual-layers 0,8,16 --resolution 448 -k 5
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --sample 64 --seed 1
+    """
+    from latentlens.query import Lens
+    from latentlens.report import write_report
+    from latentlens.vlm.extract import load_image
+    from latentlens.vlm.query import query_image
+
+    img = load_image(image)
+    if png_layer is not None and visual_layers is not None:
+        chosen = parse_int_list(visual_layers, "--visual-layers") or []
+        if png_layer not in chosen:
+            raise click.BadParameter(f"{png_layer} is not one of --visual-layers", param_hint="--png-layer")
+    with Lens.connect(database_url) as lens:
+        result = query_image(
+            lens, model, img, visual_layers=parse_int_list(visual_layers, "--visual-layers"),
+            layers=parse_int_list(layers, "--layers"), k=k, patches=patches, sample=sample, seed=seed,
+            prompt=prompt, resolution=resolution, exact=exact or None, device=device, dtype=dtype,
+        )
+    paths = write_report(result, img, out_dir, png_layer=png_layer)
+    if as_json:
+        summary = {
+            "html": str(paths["html"]), "png": str(paths["png"]), "model": result.model,
+            "grid": list(result.grid), "patches": len(result.layers[0].patches),
+            "visual_layers": result.visual_layers, "searched_layers": result.searched_layers,
+        }
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        rows, cols = result.grid
+        click.echo(f"{rows}x{cols} visual tokens, {len(result.layers[0].patches)} queried, "
+                   f"visual layers {', '.join(map(str, result.visual_layers))}")
+        click.echo(f"Wrote {paths['html']}")
+        click.echo(f"Wrote {paths['png']}")

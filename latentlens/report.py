@@ -1,0 +1,234 @@
+"""A visual report of an image query: an interactive HTML page and a PNG figure.
+
+report.html is one self-contained file (image as base64, CSS, JS and data
+inline; no network): the patch grid over the image, a visual-layer selector,
+and per patch its nearest contextual neighbours with the matched token
+highlighted in its sentence. ``#patch=IDX&layer=V`` in the URL selects a
+patch, so a link (or a headless browser) can open a given view.
+
+report.png is the image with each patch's top-1 word on a dark box, for
+papers and slides; on dense grids the most confident patches are labelled
+first and a label that would overlap one already drawn is skipped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from latentlens.errors import InputError
+from latentlens.vlm.geometry import Patch
+from latentlens.vlm.query import ImageQueryResult, word_of
+
+MAX_PNG_SIDE = 2048
+MIN_LABEL_CELL = 72  # upscale small images so a cell is at least this wide in the PNG
+MAX_WORD_CHARS = 14
+
+
+def write_report(
+    result: ImageQueryResult, image: Any, out_dir: str | Path, *, png_layer: int | None = None,
+    title: str | None = None,
+) -> dict[str, Path]:
+    """Write report.html and report.png into ``out_dir``; return their paths."""
+    from latentlens.vlm.extract import load_image
+
+    img = load_image(image)
+    if img.size != tuple(result.image_size):
+        raise InputError(
+            f"the image is {img.size[0]}x{img.size[1]} but the result was computed on a "
+            f"{result.image_size[0]}x{result.image_size[1]} image"
+        )
+    if not result.layers:
+        raise InputError("the result has no visual layers to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    html_path = out / "report.html"
+    png_path = out / "report.png"
+    html_path.write_text(render_html(result, img, title=title), encoding="utf-8")
+    render_png(result, img, png_layer).save(png_path, format="PNG", optimize=True)
+    return {"html": html_path, "png": png_path}
+
+
+# ---------------------------------------------------------------------------
+# HTML
+
+
+def report_data(result: ImageQueryResult) -> dict:
+    """The compact JSON the page's script reads."""
+    layers = []
+    for vl in result.layers:
+        patches = {
+            str(p.patch_idx): [
+                {"word": word_of(n), "token": n.token, "similarity": round(float(n.similarity), 5),
+                 "layer": n.layer, "sentence": n.sentence, "char_start": n.char_start,
+                 "char_end": n.char_end}
+                for n in p.neighbours
+            ]
+            for p in vl.patches
+        }
+        layers.append({"visual_layer": vl.visual_layer, "patches": patches})
+    return {
+        "model": result.model, "image_size": list(result.image_size), "grid": list(result.grid),
+        "k": result.k, "prompt": result.prompt, "searched_layers": list(result.searched_layers),
+        "grid_patches": [[p.idx, p.row, p.col, *p.box] for p in _grid(result)],
+        "layers": layers,
+    }
+
+
+def _grid(result: ImageQueryResult) -> list[Patch]:
+    """Every patch of the grid; a result built by hand may only know the queried ones."""
+    if result.patches:
+        return list(result.patches)
+    return [Patch(p.patch_idx, p.row, p.col, tuple(p.box)) for p in result.layers[0].patches]
+
+
+def _script_json(obj: Any) -> str:
+    # safe inside <script>: no "</script>", "<!--" or "&" can appear literally
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _image_data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    if img.width * img.height > 256 * 256:
+        img.save(buf, format="JPEG", quality=90)
+        mime = "image/jpeg"
+    else:
+        img.save(buf, format="PNG")
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _asset(name: str) -> str:
+    return resources.files("latentlens").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def render_html(result: ImageQueryResult, img: Image.Image, *, title: str | None = None) -> str:
+    rows, cols = result.grid
+    queried = len(result.layers[0].patches)
+    title = title or f"LatentLens: {result.model}"
+    subtitle = (
+        f"{img.width}x{img.height} image, {rows}x{cols} visual tokens, {queried} queried; "
+        f"visual layers {', '.join(str(v) for v in result.visual_layers)}; "
+        f"top {result.k} neighbours from text layers "
+        f"{', '.join(str(x) for x in result.searched_layers) or '-'}"
+    )
+    prompt = f" Prompt: \u201c{result.prompt}\u201d." if result.prompt else ""
+    e = html.escape
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title>
+<style>
+{_asset("report.css")}
+</style>
+</head>
+<body>
+<header>
+<h1>{e(title)}</h1>
+<p id="summary">{e(subtitle)}.{e(prompt)}</p>
+</header>
+<div class="controls">
+<label>Layer <select id="layer" aria-label="visual layer"></select></label>
+<label><input type="checkbox" id="show-words" checked> show top-1 words</label>
+</div>
+<div class="layout">
+<div class="figure" id="figure">
+<img id="image" alt="input image" src="{_image_data_uri(img)}">
+<div id="overlay" data-rows="{rows}" data-cols="{cols}"></div>
+</div>
+<aside id="panel" aria-live="polite"></aside>
+</div>
+<div class="legend" id="legend">
+<strong>Legend.</strong>
+<ul>
+<li>Each cell is one visual token (the image patch it covers in the original image).
+Its label is its top-1 nearest neighbour among the contextual token embeddings of the
+language model&#8217;s text index.</li>
+<li><span class="swatch"></span> shading: top-1 cosine similarity, from the lowest to the highest
+in this visual layer (visual tokens typically reach only 0.1&ndash;0.3).</li>
+<li>Dashed cells were not queried (see <code>--patches</code> / <code>--sample</code>).</li>
+<li>Visual layer 0 is the projector output as it enters the language model; layer <em>l</em>
+is the language model&#8217;s hidden state after block <em>l</em> at the image-token positions.</li>
+<li>In each neighbour&#8217;s sentence the matched token is <mark>highlighted</mark>.
+Link to a view with <code>#layer=V&amp;patch=IDX</code>.</li>
+</ul>
+</div>
+<script type="application/json" id="llens-data">{_script_json(report_data(result))}</script>
+<script>
+{_asset("report.js")}
+</script>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------------------
+# PNG
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _short(word: str) -> str:
+    word = " ".join(word.split())
+    return word if len(word) <= MAX_WORD_CHARS else word[: MAX_WORD_CHARS - 1] + "\u2026"
+
+
+def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None = None) -> Image.Image:
+    """The image, upscaled so labels are legible, with each patch's top-1 word."""
+    vl = result.layer(png_layer) if png_layer is not None else result.layers[0]
+    w, h = img.size
+    rows, cols = result.grid
+    cell_w = w / max(cols, 1)
+    scale = min(MAX_PNG_SIDE / max(w, h), max(1.0, MIN_LABEL_CELL / cell_w))
+    out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = img.resize((out_w, out_h), Image.Resampling.LANCZOS) if scale != 1 else img.copy()
+    canvas = canvas.convert("RGBA")
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    # faint grid over every visible patch
+    for p in _grid(result):
+        x0, y0, x1, y1 = (v * scale for v in p.box)
+        if x1 > x0 and y1 > y0:
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255, 70), width=1)
+    cell_h_px = out_h / max(rows, 1)
+    size = int(max(10, min(28, 0.3 * min(cell_h_px, cell_w * scale))))
+    font = _font(size)
+    pad = max(2, size // 5)
+    placed: list[tuple[float, float, float, float]] = []
+    ranked = sorted((p for p in vl.patches if p.neighbours), key=lambda p: -p.neighbours[0].similarity)
+    for p in ranked:
+        x0, y0, x1, y1 = (v * scale for v in p.box)
+        if not (x1 > x0 and y1 > y0):
+            continue
+        text = _short(word_of(p.neighbours[0]))
+        if not text:
+            continue
+        bx0, by0, bx1, by1 = draw.textbbox((0, 0), text, font=font)
+        tw, th = bx1 - bx0, by1 - by0
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        box = (cx - tw / 2 - pad, cy - th / 2 - pad, cx + tw / 2 + pad, cy + th / 2 + pad)
+        if any(_overlaps(box, q) for q in placed):
+            continue
+        placed.append(box)
+        draw.rounded_rectangle(box, radius=pad, fill=(0, 0, 0, 178))
+        draw.text((cx - tw / 2 - bx0, cy - th / 2 - by0), text, font=font, fill=(255, 255, 255, 255))
+    return Image.alpha_composite(canvas, layer).convert("RGB")
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...], margin: float = 1.0) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])

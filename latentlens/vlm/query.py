@@ -1,0 +1,237 @@
+"""What each image patch means: visual tokens searched in the contextual index.
+
+The index must come from the SAME vision-language model's language model
+(``llens ingest <vlm> corpus.txt`` stores it under the VLM's name): visual
+tokens live in that LLM's hidden space, nowhere else.
+
+For every visual layer v (0 = projector output, l = hidden_states[l] at the
+image tokens) each selected patch's vector is searched in the chosen stored
+text layers and the per-layer top-k lists merge by cosine, like a text
+query (latentlens.query.Lens.neighbors). All visual layers and patches go in
+one search call: one scan per stored layer, whatever the grid size.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from latentlens.errors import EmptyResult, InputError, ModelMismatch
+from latentlens.vlm.geometry import Patch
+
+if TYPE_CHECKING:
+    from latentlens.query import Lens, Neighbour
+    from latentlens.vlm.base import VisionLanguageModel
+
+
+@dataclass
+class PatchResult:
+    patch_idx: int
+    row: int
+    col: int
+    box: tuple[float, float, float, float]
+    neighbours: list[Neighbour]
+
+    def to_dict(self) -> dict:
+        return {
+            "patch_idx": self.patch_idx, "row": self.row, "col": self.col, "box": list(self.box),
+            "neighbours": [n.to_dict() for n in self.neighbours],
+        }
+
+
+@dataclass
+class VisualLayerResult:
+    visual_layer: int
+    patches: list[PatchResult]
+
+    def to_dict(self) -> dict:
+        return {"visual_layer": self.visual_layer, "patches": [p.to_dict() for p in self.patches]}
+
+
+@dataclass
+class ImageQueryResult:
+    """Neighbours of the selected patches of one image, per visual layer."""
+
+    model: str
+    image_size: tuple[int, int]  # (w, h) of the original image
+    grid: tuple[int, int]  # (rows, cols) of visual tokens
+    layers: list[VisualLayerResult]
+    prompt: str = ""
+    searched_layers: list[int] = field(default_factory=list)
+    k: int = 5
+    canvas_size: tuple[int, int] | None = None  # (w, h) the vision tower saw
+    patches: list[Patch] = field(default_factory=list)  # the whole grid, selected or not
+
+    def layer(self, visual_layer: int) -> VisualLayerResult:
+        for vl in self.layers:
+            if vl.visual_layer == visual_layer:
+                return vl
+        have = ", ".join(str(v.visual_layer) for v in self.layers)
+        raise InputError(f"visual layer {visual_layer} is not in this result (have: {have})")
+
+    @property
+    def visual_layers(self) -> list[int]:
+        return [vl.visual_layer for vl in self.layers]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "image_size": list(self.image_size),
+            "grid": list(self.grid),
+            "canvas_size": list(self.canvas_size) if self.canvas_size else None,
+            "prompt": self.prompt,
+            "k": self.k,
+            "searched_layers": list(self.searched_layers),
+            "layers": [vl.to_dict() for vl in self.layers],
+        }
+
+    def table_rows(self) -> list[dict]:
+        """One row per (visual layer, patch, neighbour), the sentence with the token in [[ ]]."""
+        rows = []
+        for vl in self.layers:
+            for p in vl.patches:
+                for rank, n in enumerate(p.neighbours, 1):
+                    rows.append({
+                        "visual_layer": vl.visual_layer, "patch": p.patch_idx, "row": p.row,
+                        "col": p.col, "rank": rank, "token": word_of(n),
+                        "similarity": n.similarity, "layer": n.layer,
+                        "sentence": n.marked_sentence(),
+                    })
+        return rows
+
+
+TABLE_COLUMNS = ("visual_layer", "patch", "row", "col", "rank", "token", "similarity", "layer", "sentence")
+
+
+def word_of(n: Neighbour) -> str:
+    """The matched token as it reads in its sentence (falls back to the vocab token)."""
+    if n.char_start is not None and n.char_end is not None and n.char_end > n.char_start:
+        text = n.sentence[n.char_start: n.char_end].strip()
+        if text:
+            return text
+    tok = n.token or ""
+    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip() or tok
+
+
+_PAIR = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*$")
+
+
+def select_patches(
+    spec: str | Sequence[int] | None, grid: tuple[int, int], *, sample: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """Patch indices (row-major) for ``spec``: "all", "center", "r,c;r,c" or a list of indices.
+
+    "center" is the patch(es) nearest the canvas centre: 1, 2 or 4 of them.
+    ``sample`` then keeps N of those at random (``seed`` makes it repeatable).
+    """
+    rows, cols = grid
+    n = rows * cols
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+        chosen = list(range(n))
+    elif isinstance(spec, str) and spec.strip().lower() in ("center", "centre"):
+        rs = sorted({(rows - 1) // 2, rows // 2})
+        cs = sorted({(cols - 1) // 2, cols // 2})
+        chosen = [r * cols + c for r in rs for c in cs]
+    elif isinstance(spec, str):
+        chosen = []
+        for part in spec.split(";"):
+            if not part.strip():
+                continue
+            m = _PAIR.match(part)
+            if not m:
+                raise InputError(f"bad patch {part.strip()!r}: use 'all', 'center' or 'row,col;row,col'")
+            r, c = int(m.group(1)), int(m.group(2))
+            if not (0 <= r < rows and 0 <= c < cols):
+                raise InputError(f"patch {r},{c} is outside the {rows}x{cols} grid (rows 0..{rows - 1}, cols 0..{cols - 1})")
+            chosen.append(r * cols + c)
+    else:
+        chosen = [int(i) for i in spec]
+        bad = [i for i in chosen if not 0 <= i < n]
+        if bad:
+            raise InputError(f"patch index {bad[0]} is outside the {rows}x{cols} grid (0..{n - 1})")
+    chosen = sorted(dict.fromkeys(chosen))
+    if not chosen:
+        raise InputError("no patches selected")
+    if sample is not None:
+        if sample < 1:
+            raise InputError("--sample must be at least 1")
+        if sample < len(chosen):
+            chosen = sorted(random.Random(seed).sample(chosen, sample))
+    return chosen
+
+
+def query_image(
+    lens: Lens,
+    model: str,
+    image: Any,
+    *,
+    visual_layers: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    k: int = 5,
+    patches: str | Sequence[int] | None = "all",
+    sample: int | None = None,
+    seed: int = 0,
+    prompt: str | None = None,
+    resolution: int | str | tuple[int, int] | None = None,
+    exact: bool | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    vlm: VisionLanguageModel | None = None,
+) -> ImageQueryResult:
+    """Nearest contextual neighbours of an image's visual tokens.
+
+    ``model`` names both the stored index and the VLM to load (pass ``vlm``
+    to reuse a loaded one). ``visual_layers`` default to the model's stored
+    layers; ``layers`` (the stored layers searched) default to all of them.
+    """
+    from latentlens.vlm.base import DEFAULT_PROMPT
+    from latentlens.vlm.extract import extract_visual_tokens, load_image, load_vlm
+
+    if k < 1:
+        raise InputError("k must be at least 1")
+    info = lens.store.get_model(model)
+    if info.row_count == 0:
+        raise EmptyResult(f"model '{info.name}' has no rows yet: run `llens ingest {info.name} corpus.txt`")
+    from latentlens.query import search_layers
+
+    searched = search_layers(info, layers)  # fail fast, before loading the VLM
+    if visual_layers is None:
+        visual_layers = info.layer_numbers
+    visual_layers = sorted({int(v) for v in visual_layers})
+    if not visual_layers:
+        raise InputError("no visual layers chosen")
+    img = load_image(image)
+    if vlm is None:
+        # load what `llens ingest` recorded (a local dir is stored under its name)
+        params = info.params or {}
+        source = params.get("source") or info.name
+        vlm = load_vlm(source, dtype=dtype, device=device, revision=params.get("revision") or info.revision)
+    if vlm.hidden_size != info.hidden_size or vlm.num_layers != info.num_layers:
+        raise ModelMismatch(
+            f"the stored '{info.name}' has hidden size {info.hidden_size} and {info.num_layers} layers, "
+            f"the loaded VLM's language model {vlm.hidden_size} and {vlm.num_layers}: "
+            "ingest the VLM itself (its text side) under this name"
+        )
+    vt = extract_visual_tokens(vlm, img, layers=visual_layers, prompt=prompt or DEFAULT_PROMPT,
+                               resolution=resolution)
+    chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
+    queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
+    found = lens.neighbors(queries, info.name, layers=searched, k=k, exact=exact)
+    out: list[VisualLayerResult] = []
+    for i, v in enumerate(visual_layers):
+        results = found[i * len(chosen): (i + 1) * len(chosen)]
+        out.append(VisualLayerResult(v, [
+            PatchResult(vt.patches[p].idx, vt.patches[p].row, vt.patches[p].col, vt.patches[p].box,
+                        r.neighbours)
+            for p, r in zip(chosen, results)
+        ]))
+    return ImageQueryResult(
+        model=info.name, image_size=img.size, grid=vt.grid, layers=out, prompt=vt.prompt,
+        searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
+    )
