@@ -54,6 +54,8 @@ def _split_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
     p = Path(source).expanduser()
     if p.exists():
         source = str(p.resolve())
+    elif source.startswith(("/", "./", "../", "~")) or source.count("/") > 1:
+        raise InputError(f"model not found: {source} (give a local model dir, a .gguf file or a hub id)")
     if gguf_file is not None:
         g = Path(gguf_file).expanduser()
         if g.is_absolute() or g.exists():
@@ -134,6 +136,10 @@ def load_language_model(
             load_from = str(cache)
         else:
             kw["gguf_file"] = gguf_file
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per command: ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -146,6 +152,9 @@ def load_language_model(
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model '{source}': {msg}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if cache is not None and load_from != str(cache):
         try:
             _save_gguf_cache(cache, full, tokenizer)

@@ -1,0 +1,609 @@
+"""Run a language model over a corpus and store its contextual token embeddings.
+
+What is stored (the reference method, made exact and resumable):
+
+* for each sentence, the tokenizer's normal encoding is fed (a BOS only if
+  the tokenizer adds one; see latentlens.models.base); ``position`` is the
+  index as fed, positions below ``skip_positions`` (default 2) are skipped
+  and a BOS is never stored;
+* prefix deduplication: in a causal LM equal token prefixes give equal
+  hidden states, so each prefix (hashed with blake2b-64 over its int32 ids,
+  ``prefix_hash`` below) is stored once per model, at its first occurrence
+  in corpus order; prefixes already stored for the model (by any run) are
+  skipped too;
+* at most ``max_contexts_per_token`` contexts per token id, first come first
+  served in corpus order, decided once for all layers and enforced by the
+  store's ``token_quota`` across runs and concurrent writers;
+* one row per kept context and layer, L2-normalised float32 -> halfvec.
+
+How it runs: sentences are tokenized and deduplicated up front (numpy, in
+corpus order), then processed in windows of ``window_batches`` batches,
+sorted by length within a window to cut padding. The main thread runs the
+model; a writer thread with its own connection writes chunks of rows in
+corpus order through a bounded queue. Each chunk commits together with the
+run's progress (``resume_ordinal``), so a killed run resumes exactly: every
+sentence below ``resume_ordinal`` is covered by committed rows, nothing
+above it is. Shards (``--shard i/n``) split sentences by a hash of their
+first stored prefix, so sentences that could share a stored prefix always
+land in the same shard and dedup stays exact across concurrent shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from latentlens.corpus import Corpus
+from latentlens.errors import InputError, LatentLensError, ModelMismatch
+from latentlens.store import CorpusInfo, EmbeddingBatch, ModelInfo, RunInfo, Store
+
+DEFAULT_SKIP_POSITIONS = 2
+DEFAULT_MAX_CONTEXTS = 50
+STALE_HEARTBEAT_S = 600
+Echo = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------
+# small pure helpers (tested on their own)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """The reference's grid: 1, 2, 4, 8, 16, 24 (those below n), n-2, n-1."""
+    base = [x for x in (1, 2, 4, 8, 16, 24) if x < num_layers]
+    top = [x for x in (num_layers - 2, num_layers - 1) if x >= 0]
+    return sorted(set(base + top))
+
+
+def resolve_layers(spec: str | Sequence[int] | None, num_layers: int, model: str = "model") -> list[int]:
+    """None -> default_layers; 'all' -> 0..n; '0,3,7' or a list -> checked, sorted, unique."""
+    if spec is None or (isinstance(spec, str) and spec.strip() == ""):
+        return default_layers(num_layers)
+    if isinstance(spec, str):
+        if spec.strip().lower() == "all":
+            return list(range(num_layers + 1))
+        try:
+            spec = [int(x) for x in spec.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise InputError(f"--layers expects 'all' or comma-separated integers, got {spec!r}") from None
+    layers = sorted({int(x) for x in spec})
+    bad = [x for x in layers if x < 0 or x > num_layers]
+    if bad or not layers:
+        from latentlens.errors import UnknownLayer
+
+        raise UnknownLayer(
+            f"layer {bad[0] if bad else '(none)'} is out of range for '{model}' "
+            f"(0 = input embeddings .. {num_layers} = last block)"
+        )
+    return layers
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """'1/4' -> (1, 4); None -> (0, 1)."""
+    if not spec:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise InputError(f"--shard expects i/n (e.g. 0/2), got {spec!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def prefix_hashes(token_ids: np.ndarray) -> np.ndarray:
+    """int64 hash of every prefix: h[p] = blake2b-64 of token_ids[:p+1] as little-endian int32."""
+    data = np.asarray(token_ids, dtype="<i4").tobytes()
+    h = hashlib.blake2b(digest_size=8)
+    out = bytearray()
+    for i in range(0, len(data), 4):
+        h.update(data[i: i + 4])
+        out += h.copy().digest()
+    return np.frombuffer(bytes(out), dtype="<i8").astype(np.int64)
+
+
+def shard_of(token_ids: np.ndarray, first_stored: int, num_shards: int) -> int:
+    """Shard of a sentence: a hash of its shortest storable prefix (ids[:first_stored+1])."""
+    if num_shards == 1:
+        return 0
+    key = np.asarray(token_ids[: first_stored + 1], dtype="<i4").tobytes()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % num_shards
+
+
+# --------------------------------------------------------------------------
+# options and results
+
+
+@dataclass
+class IngestOptions:
+    layers: str | Sequence[int] | None = None
+    skip_positions: int = DEFAULT_SKIP_POSITIONS
+    max_contexts_per_token: int | None = DEFAULT_MAX_CONTEXTS
+    batch_size: int = 32
+    max_length: int | None = None
+    limit: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    build_index: bool = True
+    window_batches: int = 8
+    queue_chunks: int = 16
+    progress: bool = True
+
+    def run_params(self, layers: list[int], dtype: str) -> dict:
+        """What identifies a run's output (batch size, device, progress don't)."""
+        return {
+            "layers": layers,
+            "skip_positions": self.skip_positions,
+            "max_contexts_per_token": self.max_contexts_per_token,
+            "max_length": self.max_length,
+            "limit": self.limit,
+            "dtype": dtype,
+        }
+
+
+@dataclass
+class IngestResult:
+    run: RunInfo
+    model: str
+    corpus: str
+    resumed: bool = False
+    already_done: bool = False
+    notices: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        r = self.run
+        return {
+            "run": r.id, "model": self.model, "corpus": self.corpus, "status": r.status,
+            "shard": f"{r.shard}/{r.num_shards}", "layers": r.layers,
+            "sentences_done": r.sentences_done, "sentences_total": r.sentences_total,
+            "rows_written": r.rows_written, "tokens_seen": r.tokens_seen,
+            "duration_s": round(r.duration_s, 1), "resumed": self.resumed,
+            "already_done": self.already_done, "counters": r.counters,
+        }
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# entry points
+
+
+def ingest(
+    lm: Any,
+    corpus: Corpus,
+    *,
+    database_url: str | None = None,
+    store: Store | None = None,
+    corpus_name: str | None = None,
+    options: IngestOptions | None = None,
+    echo: Echo = _stderr,
+) -> IngestResult:
+    """Ingest ``corpus`` with the loaded LanguageModel ``lm`` (store name ``lm.name``).
+
+    Finds and continues an unfinished run of the same model, corpus,
+    parameters and shard; returns at once if such a run is already done.
+    """
+    opts = options or IngestOptions()
+    own = store is None
+    store = store or Store.open(database_url)
+    try:
+        layers = resolve_layers(opts.layers, lm.num_layers, lm.name)
+        if opts.skip_positions < 0:
+            raise InputError("--skip-positions must be >= 0")
+        if opts.max_contexts_per_token is not None and opts.max_contexts_per_token < 1:
+            raise InputError("--max-contexts-per-token must be >= 1")
+        info = store.register_model(lm.name, **lm.store_registration())
+        _check_same_model(info, lm, layers)
+        info = store.ensure_layers(info, layers)
+        store.set_vocabulary(info, lm.vocabulary())
+        cinfo, sentence_ids = _register_corpus(store, corpus, corpus_name)
+        params = opts.run_params(layers, lm.store_params().get("dtype") or "float32")
+        shard, nshards = opts.shard
+        runs = store.find_runs(info, cinfo, params=params, shard=shard, num_shards=nshards)
+        run = runs[0] if runs else None
+        if run is not None and run.status == "done":
+            return IngestResult(run, info.name, cinfo.name, already_done=True)
+        texts = corpus.texts[: opts.limit] if opts.limit else corpus.texts
+        return _execute(store, lm, info, cinfo, run, texts, sentence_ids[: len(texts)], layers, params,
+                        opts, echo, counters0={"lines": corpus.lines, "blank_lines": corpus.blank,
+                                               "duplicate_lines": corpus.duplicates})
+    finally:
+        if own:
+            store.close()
+
+
+def resume(
+    run_id: int,
+    *,
+    database_url: str | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    build_index: bool = True,
+    progress: bool = True,
+    echo: Echo = _stderr,
+    lm: Any = None,
+) -> IngestResult:
+    """Continue run ``run_id`` from the store alone (model source and sentences come from there)."""
+    from latentlens.models import load_from_store
+
+    with Store.open(database_url) as store:
+        run = store.get_run(run_id)
+        info = store.get_model(run.model)
+        cinfo = store.get_corpus(run.corpus)
+        if run.status == "done":
+            return IngestResult(run, info.name, cinfo.name, already_done=True)
+        p = run.params
+        opts = IngestOptions(
+            layers=p["layers"], skip_positions=p["skip_positions"],
+            max_contexts_per_token=p["max_contexts_per_token"], max_length=p["max_length"],
+            limit=p["limit"], shard=(run.shard, run.num_shards), batch_size=batch_size,
+            build_index=build_index, progress=progress,
+        )
+        if lm is None:
+            lm = load_from_store(info, dtype=p.get("dtype") or "float32", device=device)
+        ids, _ords, texts = store.corpus_sentences(cinfo)
+        if opts.limit:
+            ids, texts = ids[: opts.limit], texts[: opts.limit]
+        return _execute(store, lm, info, cinfo, run, texts, ids, list(p["layers"]), dict(p), opts, echo,
+                        counters0={})
+
+
+# --------------------------------------------------------------------------
+# internals
+
+
+def _register_corpus(store: Store, corpus: Corpus, name: str | None) -> tuple[CorpusInfo, np.ndarray]:
+    h = corpus.content_hash
+    info = None if name else store.find_corpus_by_hash(h)
+    if info is None:
+        try:
+            info = store.register_corpus(name or corpus.name, content_hash=h, source=corpus.source,
+                                         params={"format": corpus.format, **corpus.params})
+        except InputError:
+            if name:
+                raise
+            raise InputError(
+                f"a different corpus is already registered as '{corpus.name}': "
+                "give this one a name with --corpus-name"
+            ) from None
+    if info.sentence_count == len(corpus):
+        ids, ords, _ = store.corpus_sentences(info)
+        if len(ids) == len(corpus) and np.array_equal(ords, np.arange(len(corpus))):
+            return info, ids
+    parts = []
+    step = 50_000
+    for lo in range(0, len(corpus), step):
+        chunk = corpus.texts[lo: lo + step]
+        parts.append(store.add_sentences(info, chunk, range(lo, lo + len(chunk))))
+    return store.get_corpus(info.name), np.concatenate(parts)
+
+
+def _check_same_model(info: ModelInfo, lm: Any, layers: list[int]) -> None:
+    """Rows of one store name must come from one model, with the same layers for every context."""
+    mine, theirs = lm.store_params(), info.params or {}
+    if theirs.get("source") and (theirs.get("source"), theirs.get("gguf_file")) != (
+            mine.get("source"), mine.get("gguf_file")):
+        src = theirs["source"] + (f" ({theirs['gguf_file']})" if theirs.get("gguf_file") else "")
+        raise ModelMismatch(
+            f"model '{info.name}' is stored from {src}, not from {mine.get('source')}: "
+            "use --name to store this one under another name"
+        )
+    if info.bos_token_id != lm.bos_token_id:
+        raise ModelMismatch(f"model '{info.name}' is stored with another tokenizer (BOS differs): use --name")
+    have = sorted(li.layer for li in info.layers if li.row_count > 0)
+    if have and have != sorted(layers):
+        raise ModelMismatch(
+            f"model '{info.name}' already stores layers {','.join(map(str, have))}; every context "
+            f"must have the same layers: ingest with --layers {','.join(map(str, have))} or use --name"
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child not yet reaped by its parent is a zombie: dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _run_is_live(run: RunInfo) -> bool:
+    if run.status != "running":
+        return False
+    if run.hostname == socket.gethostname() and run.pid:
+        return run.pid != os.getpid() and _pid_alive(run.pid)
+    import datetime as dt
+
+    age = dt.datetime.now(dt.timezone.utc) - run.heartbeat_at
+    return age.total_seconds() < STALE_HEARTBEAT_S
+
+
+@dataclass
+class _Plan:
+    """Every pending sentence of this shard, tokenized, with its kept (deduplicated) rows."""
+
+    sent_ord: np.ndarray  # ordinal of each pending sentence
+    sent_id: np.ndarray
+    seqs: list[np.ndarray]
+    lengths: np.ndarray
+    truncated: np.ndarray  # bool per sentence
+    # kept rows, in (sentence, position) order
+    row_sent: np.ndarray  # index into the pending sentences
+    row_pos: np.ndarray
+    row_tok: np.ndarray
+    row_span: np.ndarray
+    row_hash: np.ndarray
+    candidates: np.ndarray  # candidate positions per sentence (before dedup)
+    total_in_shard: int
+
+
+def _plan(lm: Any, texts: Sequence[str], sentence_ids: np.ndarray, opts: IngestOptions,
+          start_ordinal: int, stored: np.ndarray) -> _Plan:
+    shard, nshards = opts.shard
+    first = max(opts.skip_positions, lm.first_position)
+    encs = lm.encode(texts, opts.max_length)
+    in_shard = np.array([shard_of(e.token_ids, first, nshards) == shard for e in encs], dtype=bool)
+    ords = np.arange(len(texts))
+    pending = np.flatnonzero(in_shard & (ords >= start_ordinal))
+    seqs = [encs[i].token_ids for i in pending]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    cand_n = np.maximum(lengths - first, 0)
+    row_sent = np.repeat(np.arange(len(pending)), cand_n)
+    if len(row_sent):
+        offs = np.repeat(np.cumsum(cand_n) - cand_n, cand_n)
+        row_pos = (np.arange(len(row_sent)) - offs + first).astype(np.int64)
+        row_tok = np.concatenate([s[first:] for s in seqs])
+        row_span = np.concatenate([encs[i].spans[first:] for i in pending]).astype(np.int32)
+        row_hash = np.concatenate([prefix_hashes(s)[first:] for s in seqs])
+    else:
+        row_pos = row_tok = row_hash = np.zeros(0, dtype=np.int64)
+        row_span = np.zeros((0, 2), dtype=np.int32)
+    keep = np.zeros(len(row_hash), dtype=bool)
+    if len(row_hash):
+        _, first_idx = np.unique(row_hash, return_index=True)
+        keep[first_idx] = True
+        if len(stored):
+            keep &= ~np.isin(row_hash, stored)
+    return _Plan(
+        sent_ord=ords[pending], sent_id=sentence_ids[pending], seqs=seqs, lengths=lengths,
+        truncated=np.array([encs[i].truncated for i in pending], dtype=bool),
+        row_sent=row_sent[keep], row_pos=row_pos[keep], row_tok=row_tok[keep],
+        row_span=row_span[keep], row_hash=row_hash[keep], candidates=cand_n,
+        total_in_shard=int(in_shard.sum()),
+    )
+
+
+@dataclass
+class _Chunk:
+    batch: EmbeddingBatch
+    resume_ordinal: int
+    sentences: int
+    tokens: int
+    counters: dict
+
+
+class _Writer(threading.Thread):
+    """Writes chunks in order, each with its run progress, on its own connection."""
+
+    def __init__(self, url: str, info: ModelInfo, run: RunInfo, cap: int | None, counters: dict,
+                 on_progress: Callable[[_Chunk, int], None]):
+        super().__init__(name="llens-writer", daemon=True)
+        self.url, self.info, self.run_id, self.cap = url, info, run.id, cap
+        self.counters = dict(counters)
+        self.queue: queue.Queue[_Chunk | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.on_progress = on_progress
+
+    def run(self) -> None:
+        try:
+            with Store.open(self.url, upgrade=False) as store:
+                while not self.stop.is_set():
+                    chunk = self.queue.get()
+                    if chunk is None:
+                        return
+                    self._write(store, chunk)
+        except psycopg.errors.UniqueViolation:
+            self.error = ModelMismatch(
+                f"another ingest wrote the same contexts of '{self.info.name}' at the same time "
+                "(same model and corpus, other parameters): run them one after the other"
+            )
+            self.stop.set()
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            self.stop.set()
+
+    def _write(self, store: Store, chunk: _Chunk) -> None:
+        totals = dict(self.counters)
+
+        def on_commit(conn: Any, n: int) -> None:
+            for k, v in chunk.counters.items():
+                totals[k] = totals.get(k, 0) + v
+            totals["over_cap"] = totals.get("over_cap", 0) + len(chunk.batch) - n
+            Store.advance_run(conn, self.run_id, resume_ordinal=chunk.resume_ordinal,
+                              sentences=chunk.sentences, tokens=chunk.tokens, rows=n, counters=totals)
+
+        n = store.write_embeddings(self.info, chunk.batch, max_contexts_per_token=self.cap,
+                                   on_commit=on_commit)
+        self.counters = totals
+        self.on_progress(chunk, n)
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        self.t0 = time.monotonic()
+        self.tokens = 0
+        self.rows = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="sent", file=sys.stderr,
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, chunk: _Chunk, n: int) -> None:
+        self.tokens += chunk.tokens
+        self.rows += n
+        if self.bar is not None:
+            dt = max(time.monotonic() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{self.tokens / dt:,.0f} tok/s, {self.rows:,} rows", refresh=False)
+            self.bar.update(chunk.sentences)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: RunInfo | None,
+             texts: Sequence[str], sentence_ids: np.ndarray, layers: list[int], params: dict,
+             opts: IngestOptions, echo: Echo, counters0: dict) -> IngestResult:
+    host, pid = socket.gethostname(), os.getpid()
+    shard, nshards = opts.shard
+    resumed = run is not None
+    if run is not None and _run_is_live(run):
+        raise InputError(
+            f"run {run.id} (same model, corpus, parameters and shard) is still running "
+            f"(pid {run.pid} on {run.hostname}); wait for it or stop it first"
+        )
+    stored = store.prefix_hashes(info)
+    plan = _plan(lm, texts, sentence_ids, opts, run.resume_ordinal if run else 0, stored)
+    if run is None:
+        run = store.create_run(info, cinfo, layers=layers, params=params, shard=shard, num_shards=nshards,
+                               sentences_total=plan.total_in_shard, hostname=host, pid=pid)
+        with store.transaction() as conn:
+            Store.advance_run(conn, run.id, resume_ordinal=0, sentences=0, tokens=0, rows=0,
+                              counters=counters0)
+        run = store.get_run(run.id)
+    elif not store.claim_run(run, hostname=host, pid=pid, sentences_total=plan.total_in_shard):
+        raise InputError(f"run {run.id} was just taken over by another process")
+    else:
+        echo(f"Resuming run {run.id} at sentence {run.sentences_done:,} of {plan.total_in_shard:,}.")
+    progress = _Progress(opts.progress, plan.total_in_shard, run.sentences_done,
+                         f"ingest {info.name}" + (f" [{shard}/{nshards}]" if nshards > 1 else ""))
+    writer = _Writer(store.url, info, run, opts.max_contexts_per_token, run.counters, progress.update)
+    writer.start()
+    try:
+        _compute(lm, plan, layers, opts, writer)
+        writer.queue.put(None)
+        while writer.is_alive():
+            writer.join(0.2)
+        if writer.error is not None:
+            raise writer.error
+        store.finish_run(run.id, "done")
+    except KeyboardInterrupt:
+        _stop_writer(writer)
+        store.finish_run(run.id, "interrupted", "interrupted by the user")
+        raise
+    except BaseException as e:
+        _stop_writer(writer)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        store.finish_run(run.id, "failed", msg)
+        raise
+    finally:
+        progress.close()
+    result = IngestResult(store.get_run(run.id), info.name, cinfo.name, resumed=resumed)
+    if opts.build_index:
+        result.notices.extend(_maybe_build_index(store, info, layers, result.run))
+    for n in result.notices:
+        echo(n)
+    return result
+
+
+def _stop_writer(writer: _Writer) -> None:
+    writer.stop.set()
+    writer.queue.put(None)
+    writer.join(60)
+
+
+def _put(writer: _Writer, chunk: _Chunk, limit: int) -> None:
+    """Bounded hand-off: wait while the writer is behind (backpressure), fail fast if it died."""
+    while writer.queue.qsize() >= limit:
+        if writer.error is not None or not writer.is_alive():
+            break
+        time.sleep(0.01)
+    if writer.error is not None:
+        raise writer.error
+    if not writer.is_alive():
+        raise LatentLensError("the database writer stopped unexpectedly")
+    writer.queue.put(chunk)
+
+
+def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, writer: _Writer) -> None:
+    import torch
+
+    n_sent = len(plan.seqs)
+    bs = max(1, opts.batch_size)
+    window = bs * max(1, opts.window_batches)
+    # kept rows of each sentence are the contiguous range [row_lo[s], row_hi[s])
+    row_lo = np.searchsorted(plan.row_sent, np.arange(n_sent), side="left")
+    row_hi = np.searchsorted(plan.row_sent, np.arange(n_sent), side="right")
+    dim = lm.hidden_size
+    for w0 in range(0, n_sent, window):
+        w1 = min(n_sent, w0 + window)
+        r0, r1 = int(row_lo[w0]) if w0 < n_sent else 0, int(row_hi[w1 - 1])
+        out = {layer: np.empty((r1 - r0, dim), dtype=np.float32) for layer in layers}
+        work = [s for s in range(w0, w1) if row_hi[s] > row_lo[s]]
+        work.sort(key=lambda s: plan.lengths[s])
+        for b0 in range(0, len(work), bs):
+            sents = work[b0: b0 + bs]
+            states, start = lm.forward([plan.seqs[s] for s in sents], layers)
+            bi = np.concatenate([np.full(row_hi[s] - row_lo[s], j) for j, s in enumerate(sents)])
+            dst = np.concatenate([np.arange(row_lo[s], row_hi[s]) for s in sents]) - r0
+            col = plan.row_pos[dst + r0] + start[bi]
+            bi_t, col_t = torch.from_numpy(bi), torch.from_numpy(col)
+            for layer in layers:
+                out[layer][dst] = states[layer][bi_t.to(states[layer].device), col_t.to(states[layer].device)].float().cpu().numpy()
+            del states
+        for c0 in range(w0, w1, bs):
+            c1 = min(w1, c0 + bs)
+            a, b = int(row_lo[c0]) - r0, int(row_hi[c1 - 1]) - r0
+            sl = slice(a + r0, b + r0)
+            batch = EmbeddingBatch(
+                sentence_id=plan.sent_id[plan.row_sent[sl]].astype(np.int64),
+                position=plan.row_pos[sl].astype(np.int32),
+                token_id=plan.row_tok[sl].astype(np.int32),
+                char_start=plan.row_span[sl, 0].astype(np.int32),
+                char_end=plan.row_span[sl, 1].astype(np.int32),
+                prefix_hash=plan.row_hash[sl].astype(np.int64),
+                vectors={layer: out[layer][a:b] for layer in layers},
+            )
+            cand = int(plan.candidates[c0:c1].sum())
+            counters = {
+                "truncated": int(plan.truncated[c0:c1].sum()),
+                "too_short": int((plan.candidates[c0:c1] == 0).sum()),
+                "prefix_duplicates": cand - len(batch),
+                "candidates": cand,
+            }
+            _put(writer, _Chunk(batch, int(plan.sent_ord[c1 - 1]) + 1, c1 - c0,
+                                int(plan.lengths[c0:c1].sum()), counters), opts.queue_chunks)
+
+
+def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo) -> list[str]:
+    if not store.ann_supported():
+        return ["ANN index skipped: this server's pgvector cannot build indexes on this CPU; "
+                "queries use exact search (build later with `llens index build` on a capable server)."]
+    if run.num_shards > 1:
+        siblings = [r for r in store.list_runs(info.name)
+                    if r.corpus_id == run.corpus_id and r.params == run.params
+                    and r.num_shards == run.num_shards and r.shard != run.shard]
+        done = {r.shard for r in siblings if r.status == "done"}
+        if len(done) < run.num_shards - 1:
+            return ["ANN index deferred: other shards are still running; the last shard builds it."]
+    store.build_index(info, layers)
+    return [f"Built ANN indexes for layers {','.join(map(str, layers))}."]
