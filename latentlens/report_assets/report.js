@@ -63,7 +63,7 @@
         c.classList.add("queried"); c.classList.remove("empty");
         word.textContent = list[0].word;
         var a = hi > lo ? (list[0].similarity - lo) / (hi - lo) : 0.5;
-        c.style.setProperty("--a", (0.05 + 0.55 * a).toFixed(3));
+        c.style.setProperty("--a", (0.04 + 0.42 * a).toFixed(3));
         c.title = "patch " + idx + ": " + list[0].word + " (" + list[0].similarity.toFixed(3) + ")";
       } else {
         c.classList.remove("queried"); c.classList.add("empty");
