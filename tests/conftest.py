@@ -72,6 +72,17 @@ def db_url(pg_base_url, request) -> str:
     name = f"t_{request.module.__name__.rsplit('.', 1)[-1]}_{uuid.uuid4().hex[:6]}"[:60]
     url = _create_database(pg_base_url, name)
     migrate.upgrade(url)
+    # This database lives on the embedded server but is reached by URL, so
+    # Store.open does not record whether that pgvector can build ANN indexes:
+    # record it here, or an ingest's index build would crash the server (SIGILL).
+    from latentlens.db import embedded_ann_supported
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO llens_meta (key, value) VALUES ('ann_index', %s) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ("on" if embedded_ann_supported() else "off",),
+        )
     mp = pytest.MonkeyPatch()
     mp.setenv(config.ENV_DATABASE_URL, url)
     yield url
