@@ -1,0 +1,209 @@
+"""llens ingest with tiny random models: exact rows vs an independent computation,
+BOS / padding, prefix dedup, cap, incremental runs, CLI errors, runs listing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psycopg
+import pytest
+from _ingest_ref import compare, expected_rows, stored_rows
+from click.testing import CliRunner
+
+from latentlens.cli.main import cli
+from latentlens.corpus import read_corpus
+from latentlens.errors import ModelMismatch
+from latentlens.ingest import IngestOptions, ingest
+from latentlens.models import load_language_model
+from latentlens.models.tiny import make_tiny_model, sample_corpus_path
+
+N = 120  # sentences of the demo corpus used here
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny_ingest")
+    return {
+        # SmolLM2's convention: no BOS, right padding
+        "llama": make_tiny_model(base / "llama", "llama", bos=False, padding_side="right"),
+        # Gemma-3's convention: BOS, left padding
+        "gemma": make_tiny_model(base / "gemma", "gemma3_text", bos=True, padding_side="left"),
+        "wide": make_tiny_model(base / "wide", "llama", hidden=32, layers=2),
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    lines = sample_corpus_path().read_text(encoding="utf-8").splitlines()[:N]
+    # a blank line, an exact duplicate and a shared prefix, on purpose
+    lines = lines[:10] + ["", lines[3], "The aa lava flowed slowly and then stopped."] + lines[10:]
+    path = tmp_path_factory.mktemp("corpus") / "demo.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _opts(**kw):
+    return IngestOptions(progress=False, build_index=False, **kw)
+
+
+def _count(url, sql, *args):
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, args).fetchone()[0]
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_rows_match_independent_computation(db_url, tiny, corpus_file, which):
+    lm = load_language_model(str(tiny[which]), name=f"exact_{which}")
+    corpus = read_corpus(str(corpus_file))
+    assert (corpus.blank, corpus.duplicates) == (1, 1)
+    layers = [0, 1, 3]
+    res = ingest(lm, corpus, database_url=db_url, options=_opts(layers=layers, max_contexts_per_token=4,
+                                                                 batch_size=7))
+    assert res.run.status == "done" and res.run.sentences_done == len(corpus)
+    exp = expected_rows(lm, corpus.texts, layers, skip=2, cap=4)
+    compare(db_url, lm.name, exp, layers)
+    assert res.run.rows_written == len(exp)
+    c = res.run.counters
+    assert c["blank_lines"] == 1 and c["duplicate_lines"] == 1
+    assert c["prefix_duplicates"] > 0 and c["over_cap"] > 0  # both rules did something
+    if which == "gemma":
+        assert lm.bos_token_id is not None and lm.padding_side == "left"
+        # the BOS is position 0 and never stored; the first stored position is 2
+        assert min(p for _, p in exp) == 2
+    else:
+        assert lm.bos_token_id is None and lm.padding_side == "right"
+
+
+def test_padding_side_does_not_change_rows(db_url, tiny, corpus_file):
+    corpus = read_corpus(str(corpus_file))
+    names = {}
+    for side in ("left", "right"):
+        lm = load_language_model(str(tiny["gemma"]), name=f"pad_{side}")
+        lm.padding_side = side
+        ingest(lm, corpus, database_url=db_url, options=_opts(layers=[2], batch_size=16))
+        names[side] = stored_rows(db_url, lm.name, 2)
+    left, right = names["left"], names["right"]
+    assert set(left) == set(right) and len(left) > 100
+    cos = [float(np.dot(left[k][3], right[k][3]) / np.linalg.norm(left[k][3]) / np.linalg.norm(right[k][3]))
+           for k in left]
+    assert min(cos) > 0.999
+
+
+def test_rerun_is_done_and_limit_then_full_equals_full(db_url, tiny, corpus_file):
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny["llama"]), name="incremental")
+    first = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1], limit=30))
+    assert first.run.sentences_done == 30
+    again = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1], limit=30))
+    assert again.already_done and again.run.id == first.run.id
+    ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1]))
+    exp = expected_rows(lm, corpus.texts, [1])
+    compare(db_url, "incremental", exp, [1])
+    assert _count(db_url, "SELECT count(DISTINCT prefix_hash) = count(*) FROM token_embedding e "
+                  "JOIN model m ON m.id = e.model_id WHERE m.name = 'incremental'")
+
+
+def test_vocabulary_and_model_registration(db_url, tiny, corpus_file):
+    lm = load_language_model(str(tiny["llama"]), name="vocab")
+    ingest(lm, read_corpus(str(corpus_file)), database_url=db_url, options=_opts(layers=[1], limit=5))
+    with psycopg.connect(db_url) as conn:
+        n, t = conn.execute(
+            "SELECT count(*), max(token) FILTER (WHERE token_id = 11) FROM token t JOIN model m "
+            "ON m.id = t.model_id WHERE m.name = 'vocab'").fetchone()
+        params = conn.execute("SELECT params FROM model WHERE name = 'vocab'").fetchone()[0]
+    assert n == len(lm.tokenizer) and t == lm.tokenizer.decode([11])
+    assert params["source"] == str(tiny["llama"]) and params["dtype"] == "float32"
+
+
+def test_hidden_size_mismatch_is_refused(db_url, tiny, corpus_file):
+    corpus = read_corpus(str(corpus_file))
+    ingest(load_language_model(str(tiny["llama"]), name="clash"), corpus, database_url=db_url,
+           options=_opts(layers=[1], limit=3))
+    with pytest.raises(ModelMismatch):
+        ingest(load_language_model(str(tiny["wide"]), name="clash"), corpus, database_url=db_url,
+               options=_opts(layers=[1], limit=3))
+    runs = _count(db_url, "SELECT count(*) FROM ingest_run r JOIN model m ON m.id = r.model_id "
+                  "WHERE m.name = 'clash'")
+    assert runs == 1
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def _one_line_error(result):
+    assert result.exit_code != 0
+    out = result.output.strip()
+    assert "Traceback" not in out and out.startswith("Error:") and len(out.splitlines()) == 1, out
+    return out
+
+
+def test_cli_ingest_runs_and_index(db_url, tiny, corpus_file):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", "cli_model",
+                            "--layers", "0,2", "--limit", "20", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "done" and summary["sentences_done"] == 20 and summary["layers"] == [0, 2]
+    assert "ANN index skipped" in r.stderr or "Built ANN" in r.stderr
+    r = runner.invoke(cli, ["runs", "--json", "--model", "cli_model"])
+    runs = json.loads(r.stdout)
+    assert [x["status"] for x in runs] == ["done"] and runs[0]["rows"] == summary["rows_written"]
+    r = runner.invoke(cli, ["runs"])
+    assert "cli_model" in r.output and "done" in r.output
+    r = runner.invoke(cli, ["index", "drop", "cli_model"])
+    assert r.exit_code == 0, r.output
+    from latentlens.db import embedded_ann_supported
+
+    if not embedded_ann_supported():
+        assert "cannot build ANN indexes" in _one_line_error(runner.invoke(cli, ["index", "build", "cli_model"]))
+
+
+def test_cli_stdin_corpus(db_url, tiny):
+    r = CliRunner().invoke(cli, ["ingest", str(tiny["llama"]), "-", "--name", "stdin_model", "--no-progress",
+                                 "--no-index", "--layers", "1", "--json"],
+                           input="The dog runs in the park.\n\nThe dog runs in the park.\nA cat sleeps.\n")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["corpus"] == "stdin" and s["sentences_done"] == 2 and s["counters"]["blank_lines"] == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{llama}", "/nonexistent/corpus.txt"], "corpus file not found"),
+    (["/nonexistent/model", "{corpus}"], "model not found"),
+    (["{llama}", "{corpus}", "--layers", "9"], "out of range"),
+    (["{llama}", "{corpus}", "--layers", "x"], "--layers"),
+    (["{llama}", "{corpus}", "--shard", "2/2"], "--shard"),
+    (["{llama}", "{empty}"], "no sentences"),
+    (["--resume", "999"], "no ingest run 999"),
+    (["{bert}", "{corpus}"], "unsupported architecture 'bert'"),
+])
+def test_cli_errors_are_one_line(db_url, tiny, corpus_file, tmp_path, args, needle):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    bert = tmp_path / "bert"
+    if "{bert}" in args:
+        import transformers as tf
+
+        tf.BertModel(tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32)).save_pretrained(bert)
+    fill = {"{llama}": str(tiny["llama"]), "{corpus}": str(corpus_file), "{empty}": str(empty),
+            "{bert}": str(bert)}
+    r = CliRunner().invoke(cli, ["ingest", *[fill.get(a, a) for a in args], "--no-progress"])
+    assert needle in _one_line_error(r)
+
+
+def test_cli_model_mismatch_leaves_no_done_run(db_url, tiny, corpus_file):
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", "mm", "--limit", "3",
+                             "--layers", "1", "--no-progress"])
+    assert ok.exit_code == 0, ok.output
+    r = runner.invoke(cli, ["ingest", str(tiny["wide"]), str(corpus_file), "--name", "mm", "--limit", "5",
+                            "--layers", "1", "--no-progress"])
+    assert "hidden size" in _one_line_error(r)
+    r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", "mm", "--limit", "5",
+                            "--layers", "2", "--no-progress"])
+    assert "already stores layers 1" in _one_line_error(r)
+    assert _count(db_url, "SELECT count(*) FROM ingest_run r JOIN model m ON m.id = r.model_id "
+                  "WHERE m.name = 'mm'") == 1
