@@ -201,7 +201,7 @@ def cli_report(qwen_index, tmp_path_factory):
 def test_llens_report_cli_writes_both_files(cli_report):
     r, out = cli_report
     assert r.exit_code == 0, r.output
-    summary = json.loads(r.output[r.output.index("{"):])
+    summary = json.loads(r.stdout)
     assert summary["grid"] == [4, 4] and summary["patches"] == 16
     assert summary["visual_layers"] == [0, 2] and summary["searched_layers"] == [0, 1, 2, 3]
     assert summary["html"] == str(out / "report.html")
