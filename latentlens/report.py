@@ -61,14 +61,15 @@ def write_report(
 
 
 def report_data(result: ImageQueryResult) -> dict:
-    """The compact JSON the page's script reads."""
+    """The compact JSON the page's script reads (each sentence stored once, by index)."""
+    sentences: dict[str, int] = {}
     layers = []
     for vl in result.layers:
         patches = {
             str(p.patch_idx): [
                 {"word": word_of(n), "token": n.token, "similarity": round(float(n.similarity), 5),
-                 "layer": n.layer, "sentence": n.sentence, "char_start": n.char_start,
-                 "char_end": n.char_end}
+                 "layer": n.layer, "s": sentences.setdefault(n.sentence, len(sentences)),
+                 "char_start": n.char_start, "char_end": n.char_end}
                 for n in p.neighbours
             ]
             for p in vl.patches
@@ -78,6 +79,7 @@ def report_data(result: ImageQueryResult) -> dict:
         "model": result.model, "image_size": list(result.image_size), "grid": list(result.grid),
         "k": result.k, "prompt": result.prompt, "searched_layers": list(result.searched_layers),
         "grid_patches": [[p.idx, p.row, p.col, *p.box] for p in _grid(result)],
+        "sentences": list(sentences),
         "layers": layers,
     }
 

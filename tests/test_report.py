@@ -82,7 +82,8 @@ def test_report_files_and_self_contained_html(tmp_path):
     assert data["grid"] == [4, 6] and len(data["grid_patches"]) == 24
     assert [lay["visual_layer"] for lay in data["layers"]] == [0, 8]
     n0 = data["layers"][0]["patches"]["0"][0]
-    assert n0["sentence"][n0["char_start"]:n0["char_end"]] == n0["word"]
+    assert data["sentences"][n0["s"]][n0["char_start"]:n0["char_end"]] == n0["word"]
+    assert len(data["sentences"]) == len(set(data["sentences"])) <= len(CORPUS)
 
 
 def test_report_escapes_corpus_text(tmp_path):
@@ -93,7 +94,7 @@ def test_report_escapes_corpus_text(tmp_path):
     html = write_report(res, sample_image(res.image_size), tmp_path)["html"].read_text()
     assert "alert(1)</script>" not in html
     data = re.search(r'id="llens-data">(.*?)</script>', html, re.S).group(1)
-    assert json.loads(data)["layers"][0]["patches"]["0"][0]["sentence"] == evil
+    assert evil in json.loads(data)["sentences"]
 
 
 def test_png_size_and_words_drawn(tmp_path):

@@ -82,7 +82,7 @@
 
   function sentence(n) {
     var p = el("p", "nb-sentence");
-    var s = n.sentence || "", a = n.char_start, b = n.char_end;
+    var s = data.sentences[n.s] || "", a = n.char_start, b = n.char_end;
     if (a === null || b === null || a === undefined || b === undefined || b <= a) {
       p.textContent = s;
       return p;
