@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from _ingest_ref import compare, expected_rows, stored_rows
 from click.testing import CliRunner
-
 from latentlens.cli.main import cli
+
 from latentlens.corpus import read_corpus
 from latentlens.errors import ModelMismatch
 from latentlens.ingest import IngestOptions, ingest
