@@ -937,12 +937,21 @@ class Store:
             return {}
         rows = self._fetch(
             """
-            SELECT k.layer, e.sentence_id, e.position, e.token_id, t.token, s.text, e.char_start, e.char_end
-              FROM unnest(%(l)s::int[], %(s)s::bigint[], %(p)s::int[]) AS k(layer, sentence_id, position)
-              JOIN token_embedding e ON e.model_id = %(m)s AND e.layer = k.layer
-                                    AND e.sentence_id = k.sentence_id AND e.position = k.position
-              JOIN sentence s ON s.id = e.sentence_id
-              LEFT JOIN token t ON t.model_id = e.model_id AND t.token_id = e.token_id
+            -- LATERAL ... OFFSET 0 keeps this a nested loop of primary-key probes with
+            -- run-time partition pruning; a plain join hashes every leaf of the model
+            -- (a full read of the embeddings: 1.1 s for 8 x 100k rows, vs 0.1 s).
+            WITH hit AS MATERIALIZED (
+                SELECT k.layer, e.model_id, e.sentence_id, e.position, e.token_id, e.char_start, e.char_end
+                  FROM unnest(%(l)s::int[], %(s)s::bigint[], %(p)s::int[]) AS k(layer, sentence_id, position)
+                 CROSS JOIN LATERAL (
+                       SELECT e.* FROM token_embedding e
+                        WHERE e.model_id = %(m)s AND e.layer = k.layer
+                          AND e.sentence_id = k.sentence_id AND e.position = k.position
+                       OFFSET 0) e)
+            SELECT h.layer, h.sentence_id, h.position, h.token_id, t.token, s.text, h.char_start, h.char_end
+              FROM hit h
+              JOIN sentence s ON s.id = h.sentence_id
+              LEFT JOIN token t ON t.model_id = h.model_id AND t.token_id = h.token_id
             """,
             {"m": info.id, "l": [k[0] for k in keys], "s": [k[1] for k in keys], "p": [k[2] for k in keys]},
         )
