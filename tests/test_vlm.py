@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from vlm_tiny import CORPUS, build_llava, build_qwen, ingest_text, sample_image
+from vlm_tiny import CORPUS, build_gemma3, build_llava, build_qwen, ingest_text, sample_image
 
 from latentlens.errors import InputError, ModelMismatch, UnknownLayer, UnsupportedModel
 from latentlens.vlm import extract_visual_tokens, load_vlm, query_image, select_patches
@@ -37,6 +37,7 @@ def model_dirs(tmp_path_factory) -> dict:
         "llava": build_llava(base / "tiny-llava"),
         "qwen2_vl": build_qwen(base / "tiny-qwen2-vl"),
         "qwen2_5_vl": build_qwen(base / "tiny-qwen2.5-vl", v25=True),
+        "gemma3": build_gemma3(base / "tiny-gemma3"),
     }
 
 
@@ -93,6 +94,7 @@ def _reference_forward(vlm, image, kind):
     with torch.no_grad():
         out = vlm.model(**inputs, output_hidden_states=True)
         kw = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
+        assert kind != "gemma3" or "token_type_ids" in inputs  # image tokens attend bidirectionally
         if kind == "llava":
             kw.update(vision_feature_layer=vlm.config.vision_feature_layer,
                       vision_feature_select_strategy=vlm.config.vision_feature_select_strategy)
@@ -105,7 +107,7 @@ def _reference_forward(vlm, image, kind):
 # extraction
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3"])
 def test_visual_tokens_match_the_model(vlms, image, kind):
     vlm = vlms[kind]
     vt = extract_visual_tokens(vlm, image, layers=[0, 1, 3])
@@ -166,6 +168,16 @@ def test_qwen_fixed_resolution_448_gives_16x16(vlms, image):
     assert vt.grid == (1, 2)  # sides rounded to multiples of 28: 56 x 28
 
 
+def test_gemma3_geometry_and_prompt(vlms, image):
+    vlm = vlms["gemma3"]
+    # 32-px canvas (a stretch of the whole image), 4x4 patches pooled to 2x2 tokens
+    vt = extract_visual_tokens(vlm, image, layers=[0])
+    assert vt.grid == (2, 2) and vt.canvas_size == (32, 32)
+    _assert_tiles(vt.patches, (0, 0, *IMAGE_SIZE))
+    text = vlm.expand_placeholder(vlm.chat_text("a dog"), 4)
+    assert "<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>" in text
+
+
 def test_prompt_changes_later_layers_not_layer_0(vlms, image):
     vlm = vlms["qwen2_vl"]
     a = extract_visual_tokens(vlm, image, layers=[0, 3])
@@ -221,7 +233,7 @@ def test_unsupported_model_is_a_clear_error(tmp_path):
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=10).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModel, match=r"'llama'.*LLaVA.*Qwen2-VL.*Qwen2\.5-VL"):
+    with pytest.raises(UnsupportedModel, match=r"'llama'.*LLaVA.*Qwen2-VL.*Qwen2\.5-VL.*Gemma 3"):
         load_vlm(str(tmp_path))
     with pytest.raises(InputError, match="cannot load"):
         load_vlm(str(tmp_path / "missing"))
@@ -255,7 +267,7 @@ def test_select_patches():
 # queries
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "gemma3"])
 def test_query_image_end_to_end(lens, vlms, image, kind):
     vlm = vlms[kind]
     res = query_image(lens, vlm.name, image, visual_layers=[0, 2], k=3, vlm=vlm)

@@ -44,6 +44,13 @@ QWEN_TEMPLATE = (
     "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|> {% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
+GEMMA3_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }} {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+)
+GEMMA3_SPECIALS = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                   "<image_soft_token>"]
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
                  "<|vision_end|>", "<|video_pad|>"]
 
@@ -145,6 +152,32 @@ def build_qwen(out: Path, *, v25: bool = False, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    return out
+
+
+def build_gemma3(out: Path, *, seed: int = 0) -> Path:
+    """SigLIP 32 px / 8 px patches (4x4), pooled to mm_tokens_per_image = 4 (2x2 tokens)."""
+    import transformers as tf
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    tok = make_tokenizer(GEMMA3_SPECIALS, GEMMA3_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    cfg = tf.Gemma3Config(
+        text_config=tf.Gemma3TextConfig(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3,
+        ),
+        vision_config=tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+    )
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out)
     return out
 
 

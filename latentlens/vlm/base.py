@@ -164,6 +164,10 @@ class VisionLanguageModel:
     def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         raise NotImplementedError
 
+    def expand_placeholder(self, text: str, num_tokens: int) -> str:
+        """The prompt with the image placeholder expanded to one token per visual token."""
+        return text.replace(self.image_placeholder, self.image_placeholder * num_tokens)
+
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs beyond ids, mask and the image's (e.g. Qwen2-VL's mm_token_type_ids)."""
         return {}
@@ -197,7 +201,7 @@ class VisionLanguageModel:
                 f"the chat template of '{self.name}' must hold one {self.image_placeholder!r}, "
                 f"got {text.count(self.image_placeholder)}"
             )
-        text = text.replace(self.image_placeholder, self.image_placeholder * prepared.num_tokens)
+        text = self.expand_placeholder(text, prepared.num_tokens)
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and text.startswith(bos))
         enc = self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")

@@ -16,11 +16,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentlens.errors import InputError, UnsupportedModel
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
+from latentlens.vlm.gemma3 import Gemma3VLM
 from latentlens.vlm.geometry import parse_resolution
 from latentlens.vlm.llava import LlavaVLM
 from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
 
-ADAPTERS: tuple[type[VisionLanguageModel], ...] = (LlavaVLM, Qwen2VLM, Qwen25VLM)
+ADAPTERS: tuple[type[VisionLanguageModel], ...] = (LlavaVLM, Qwen2VLM, Qwen25VLM, Gemma3VLM)
 
 
 def supported_models() -> str:
