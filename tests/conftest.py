@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -21,13 +23,28 @@ SESSION_ENV = {
 }
 
 
+def server_tmpdir(prefix: str = "llens-test-") -> Path:
+    """A temp dir for an embedded server's data dir.
+
+    Not under pytest's basetemp: run as root, the server runs as an
+    unprivileged user that must traverse every parent folder, and each
+    pytest session resets /tmp/pytest-of-root to mode 0700 (breaking a
+    concurrently running session's server).
+    """
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 @pytest.fixture(scope="session")
-def llens_dirs(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("llens")
+def llens_dirs() -> dict[str, Path]:
+    base = server_tmpdir()
     dirs = {"data": base / "data", "cache": base / "cache"}
     for d in dirs.values():
         d.mkdir()
-    return dirs
+    yield dirs
+    from latentlens.db import EmbeddedServer
+
+    EmbeddedServer(dirs["data"]).stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

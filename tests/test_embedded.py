@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import server_tmpdir
 
 from latentlens.db import EmbeddedServer
 
@@ -29,10 +31,12 @@ def _llens(*args: str, env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.fixture
-def data_dir(tmp_path):
-    d = tmp_path / "data"
+def data_dir():
+    base = server_tmpdir()
+    d = base / "data"
     yield d
     EmbeddedServer(d).stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_two_processes_share_one_new_server(data_dir):
