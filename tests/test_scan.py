@@ -23,8 +23,8 @@ def test_topk_blocks_matches_full_topk():
     rng = np.random.default_rng(1)
     rows = rng.normal(size=(1000, 16)).astype(np.float16)
     q = torch.nn.functional.normalize(torch.randn(7, 16), dim=1)
-    blocks = ((s, rows[s: s + 128], None) for s in range(0, 1000, 128))
-    v, i = topk_blocks(blocks, q, 10)
+    blocks = ((s, rows[s: s + 128]) for s in range(0, 1000, 128))
+    v, i = topk_blocks(blocks, q, 10, block_rows=128)
     full = q @ torch.from_numpy(rows).float().T
     fv, fi = torch.topk(full, 10, dim=1)
     assert torch.equal(i, fi)

@@ -1,0 +1,295 @@
+"""Query benchmark: llens (exact scan; HNSW where supported) vs the reference ContextualIndex.
+
+For N rows per layer x L layers (synthetic clustered vectors, or a model
+already in the store with --model), a batch of Q query vectors (576 = one
+image's patches) is answered by
+
+* ref:        the reference library's ContextualIndex (index.py loaded from
+              $LLENS_REFERENCE_INDEX_PY or /tmp/ref_latentlens/latentlens/index.py):
+              from_directory (all layers in RAM as float32), then search;
+* llens-cold: Lens.neighbors(exact=True) with an empty scan cache (copies
+              each leaf from PostgreSQL first);
+* llens-warm: the same with the cache filled (the normal case);
+* llens-ann:  Lens.neighbors(exact=None) when the server can build HNSW.
+
+Each side runs in its own subprocess and reports wall time and peak RSS
+(VmHWM). Recall@10 is measured against exact float32 search of the
+same stored (float16) rows, for in-distribution queries (stored rows plus
+noise, best cosine ~0.9) and out-of-distribution ones (random unit vectors,
+best cosine ~0.15-0.25, like visual tokens).
+
+    python bench/query.py --rows 100000 --rows 300000
+    python bench/query.py --model HuggingFaceTB/SmolLM2-135M
+
+Writes into an embedded server under --work (default /tmp/llens-bench),
+reusing stored rows and reference files between runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TOKENS_PER_SENTENCE = 16
+
+
+# --------------------------------------------------------------------------
+# data
+
+
+def synthetic(rows: int, layers: int, dim: int, seed: int = 0):
+    """Per layer: clustered unit-ish vectors (2000 'tokens' with their own centres plus a shared
+    anisotropic offset, as hidden states have)."""
+    rng = np.random.default_rng(seed)
+    n_tok = 2000
+    token_id = rng.integers(0, n_tok, size=rows).astype(np.int32)
+    for layer in range(layers):
+        lr = np.random.default_rng(seed * 1000 + layer)
+        centres = lr.normal(size=(n_tok, dim)).astype(np.float32)
+        offset = lr.normal(size=dim).astype(np.float32) * 2.0
+        out = np.empty((rows, dim), dtype=np.float32)
+        for lo in range(0, rows, 65536):
+            hi = min(lo + 65536, rows)
+            out[lo:hi] = centres[token_id[lo:hi]] + 0.7 * lr.normal(size=(hi - lo, dim)) + offset
+        yield layer, token_id, out
+
+
+def ensure_store(args, name: str) -> dict:
+    """Write the synthetic rows into the store (once) and the reference directory (once)."""
+    from latentlens.interop import export_index
+    from latentlens.store import EmbeddingBatch, Store
+
+    refdir = Path(args.work) / "ref" / name
+    with Store.open() as store:
+        try:
+            info = store.get_model(name)
+            done = info.row_count == args.rows_now * args.layers
+        except Exception:  # noqa: BLE001
+            done = False
+        if not done:
+            with contextlib.suppress(Exception):
+                store.delete_model(name)
+            shutil.rmtree(refdir, ignore_errors=True)
+            print(f"  writing {args.rows_now} x {args.layers} rows of {args.dim} to the store...", flush=True)
+            info = store.register_model(name, hidden_size=args.dim, num_layers=args.layers - 1,
+                                        architecture="synthetic")
+            info = store.ensure_layers(info, list(range(args.layers)))
+            store.set_vocabulary(info, [f"t{i}" for i in range(2000)])
+            n_sent = (args.rows_now + TOKENS_PER_SENTENCE - 1) // TOKENS_PER_SENTENCE
+            corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
+            sids = store.add_sentences(corpus, [f"sentence {i}" for i in range(n_sent)])
+            per_layer = {}
+            token_id = None
+            for layer, tok, vecs in synthetic(args.rows_now, args.layers, args.dim):
+                per_layer[layer] = vecs
+                token_id = tok
+            idx = np.arange(args.rows_now)
+            step = 16384
+            for lo in range(0, args.rows_now, step):
+                sl = slice(lo, lo + step)
+                m = len(idx[sl])
+                store.write_embeddings(info, EmbeddingBatch(
+                    sentence_id=sids[idx[sl] // TOKENS_PER_SENTENCE],
+                    position=(idx[sl] % TOKENS_PER_SENTENCE + 1).astype(np.int32),
+                    token_id=token_id[sl], char_start=np.full(m, -1, np.int32), char_end=np.full(m, -1, np.int32),
+                    prefix_hash=idx[sl].astype(np.int64), vectors={layer: v[sl] for layer, v in per_layer.items()},
+                ))
+            del per_layer
+        if not (refdir / "metadata.json").exists():
+            print("  exporting the reference layout...", flush=True)
+            export_index(store, name, refdir, overwrite=True)
+    return {"refdir": str(refdir)}
+
+
+def make_queries(args, name: str, qdir: Path) -> dict[str, str]:
+    """In-distribution (stored rows + noise) and OOD (random unit) query batches."""
+    from latentlens.store import Store
+
+    qdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(42)
+    with Store.open() as store:
+        info = store.get_model(name)
+        mid = info.layer_numbers[len(info.layer_numbers) // 2]
+        sample = []
+        for _keys, v in store.iter_layer(info, mid, chunk_rows=args.queries * 4):
+            sample.append(v[rng.choice(len(v), size=min(args.queries, len(v)), replace=False)])
+            break
+    ind = np.concatenate(sample).astype(np.float32)[: args.queries]
+    ind = ind + 0.02 * rng.normal(size=ind.shape).astype(np.float32)
+    ood = rng.normal(size=(args.queries, info.hidden_size)).astype(np.float32)
+    paths = {"in-dist": str(qdir / "in.npy"), "ood": str(qdir / "ood.npy")}
+    np.save(paths["in-dist"], ind)
+    np.save(paths["ood"], ood)
+    return paths
+
+
+# --------------------------------------------------------------------------
+# workers (one subprocess each)
+
+
+def reference_module():
+    path = Path(os.environ.get("LLENS_REFERENCE_INDEX_PY", "/tmp/ref_latentlens/latentlens/index.py"))
+    spec = importlib.util.spec_from_file_location("reference_latentlens_index", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def worker(kind: str, spec: dict) -> dict:
+    import torch
+
+    out: dict = {"kind": kind, "results": {}, "times": {}, "cpu": {}}
+    queries = {name: np.load(p) for name, p in spec["queries"].items()}
+    k = spec["k"]
+    if kind == "ref":
+        ref = reference_module()
+        t, c = time.perf_counter(), time.process_time()
+        index = ref.ContextualIndex.from_directory(spec["refdir"])
+        out["times"]["load"], out["cpu"]["load"] = time.perf_counter() - t, time.process_time() - c
+        for name, q in queries.items():
+            t, c = time.perf_counter(), time.process_time()
+            res = index.search(torch.from_numpy(q), top_k=k)
+            out["times"][name], out["cpu"][name] = time.perf_counter() - t, time.process_time() - c
+            out["results"][name] = [[[n.contextual_layer, n.caption, n.position] for n in r] for r in res]
+    else:
+        from latentlens.query import Lens
+
+        lens = Lens.connect()
+        if kind == "llens-cold":
+            lens.scan.cache.clear()
+        exact = None if kind == "llens-ann" else True
+        for name, q in queries.items():
+            kw = {"ef_search": spec.get("ef_search")} if kind == "llens-ann" else {}
+            t, c = time.perf_counter(), time.process_time()
+            res = lens.neighbors(q, spec["model"], k=k, exact=exact, **kw)
+            out["times"][name], out["cpu"][name] = time.perf_counter() - t, time.process_time() - c
+            out["results"][name] = [[[n.layer, n.sentence, n.position] for n in r.neighbours] for r in res]
+            if kind == "llens-cold":
+                break  # the first query pays for the copy; the rest is llens-warm
+        out["scan_dtype"] = str(lens.scan.dtype) if lens._scan is not None else None
+        lens.close()
+    out["maxrss_mb"] = peak_rss_mb()
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: on Linux that survives
+    fork+exec, so a worker would report the (large) parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(kind: str, spec: dict) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------
+
+
+def recall(got: list, truth: list, k: int) -> float:
+    hits = [len({tuple(x) for x in g[:k]} & {tuple(x) for x in t[:k]}) / max(1, min(k, len(t)))
+            for g, t in zip(got, truth, strict=True)]
+    return float(np.mean(hits))
+
+
+def bench_one(args, name: str) -> None:
+    from latentlens.store import Store
+
+    spec = ensure_store(args, name) if args.model is None else {}
+    if args.model is not None:
+        from latentlens.interop import export_index
+
+        refdir = Path(args.work) / "ref" / name.replace("/", "_")
+        if not (refdir / "metadata.json").exists():
+            with Store.open() as store:
+                export_index(store, name, refdir, overwrite=True)
+        spec["refdir"] = str(refdir)
+    with Store.open() as store:
+        info = store.get_model(name)
+        ann = store.ann_supported() and any(li.index_kind for li in info.layers)
+    spec.update(model=name, k=args.k, ef_search=args.ef_search,
+                queries=make_queries(args, name, Path(args.work) / "queries" / name.replace("/", "_")))
+    index_mb = sum(li.row_count for li in info.layers) * info.hidden_size * 2 / 2**20
+    print(f"\n[load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: wall times are only "
+          "comparable when it is low; CPU seconds are steadier]")
+    print(f"\n== {name}: {info.row_count // max(1, len(info.layers))} rows/layer x {len(info.layers)} layers, "
+          f"D={info.hidden_size}, fp16 index {index_mb:.0f} MiB, Q={args.queries}, k={args.k}", flush=True)
+    runs = {kind: run_worker(kind, spec) for kind in ["ref", "llens-cold", "llens-warm"] + (["llens-ann"] if ann else [])}
+    truth = runs["ref"]["results"]
+    ref_t = runs["ref"]["times"]
+    ref_c = runs["ref"]["cpu"]
+    print(f"{'side':<11} {'queries':<8} {'wall s':>7} {'vs ref':>7} {'CPU s':>7} {'vs ref':>7} "
+          f"{'recall@10':>9} {'peak RSS MiB':>12}")
+    print(f"{'ref':<11} {'load':<8} {ref_t['load']:7.2f} {'':>7} {ref_c['load']:7.2f} {'':>7} {'':>9} "
+          f"{runs['ref']['maxrss_mb']:12.0f}")
+    for kind, r in runs.items():
+        for qname in r["results"]:
+            t, c = r["times"][qname], r["cpu"][qname]
+            rec = recall(r["results"][qname], truth[qname], args.k)
+            print(f"{kind:<11} {qname:<8} {t:7.2f} {t / ref_t[qname]:6.2f}x {c:7.2f} {c / ref_c[qname]:6.2f}x "
+                  f"{rec:9.3f} {r['maxrss_mb']:12.0f}")
+    print(f"ref load+search (what a fresh process pays): "
+          f"{ref_t['load'] + ref_t['ood']:.2f}s vs llens-warm {runs['llens-warm']['times']['ood']:.2f}s; "
+          f"llens scan dtype: {runs['llens-warm'].get('scan_dtype')}")
+    if not ann:
+        print("llens-ann: n/a (no HNSW index: this server's pgvector cannot build one on this CPU)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, action="append", help="rows per layer (repeatable); default 100000")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--dim", type=int, default=576)
+    p.add_argument("--queries", type=int, default=576)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--ef-search", type=int, default=None)
+    p.add_argument("--model", help="benchmark a model already in the store instead of synthetic rows")
+    p.add_argument("--work", default="/tmp/llens-bench")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, json.loads(args.spec))))
+        return
+    os.environ.setdefault("LLENS_DATA_DIR", str(Path(args.work) / "data"))
+    os.environ.setdefault("LLENS_CACHE_DIR", str(Path(args.work) / "cache"))
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from latentlens.scan import measure_dtypes
+
+    t = measure_dtypes(dim=args.dim)
+    print(f"fp16 block -> matmul, seconds per 512x{args.dim} @ {args.dim}x16384: "
+          f"float32 {t['float32']:.3f}, bfloat16 {t['bfloat16']:.3f}")
+    if args.model:
+        bench_one(args, args.model)
+        return
+    for rows in args.rows or [100_000]:
+        args.rows_now = rows
+        bench_one(args, f"bench-{rows}x{args.layers}x{args.dim}")
+
+
+if __name__ == "__main__":
+    main()
