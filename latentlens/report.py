@@ -28,6 +28,7 @@ from latentlens.vlm.geometry import Patch
 from latentlens.vlm.query import ImageQueryResult, word_of
 
 MAX_PNG_SIDE = 2048
+MAX_HTML_IMAGE_SIDE = 1600
 MIN_LABEL_CELL = 72  # upscale small images so a cell is at least this wide in the PNG
 MAX_WORD_CHARS = 14
 
@@ -98,6 +99,10 @@ def _script_json(obj: Any) -> str:
 
 
 def _image_data_uri(img: Image.Image) -> str:
+    # the grid is drawn in percentages, so a smaller copy keeps the file small
+    if max(img.size) > MAX_HTML_IMAGE_SIDE:
+        img = img.copy()
+        img.thumbnail((MAX_HTML_IMAGE_SIDE, MAX_HTML_IMAGE_SIDE), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if img.width * img.height > 256 * 256:
         img.save(buf, format="JPEG", quality=90)

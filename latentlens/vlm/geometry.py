@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from latentlens.errors import InputError
+
 
 @dataclass(frozen=True)
 class Affine:
@@ -213,8 +215,6 @@ def round_resolution(resolution: int, factor: int) -> int:
 
 def parse_resolution(value: Any) -> tuple[int, int] | None:
     """448, "448", "448x336" (width x height) or (w, h) -> (w, h); None stays None."""
-    from latentlens.errors import InputError
-
     if value is None or value == "":
         return None
     try:
