@@ -266,7 +266,7 @@ class Lens:
         lm = self._models.get(info.name)
         if lm is None:
             try:
-                from latentlens.models.loading import load_from_store
+                from latentlens.models import load_from_store
             except ImportError as e:
                 raise InputError(f"running models needs the model adapters (latentlens.models): {e}") from e
             lm = self._models[info.name] = load_from_store(info)
