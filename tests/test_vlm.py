@@ -12,7 +12,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from vlm_tiny import CORPUS, build_gemma3, build_llava, build_qwen, ingest_text, sample_image
+from vlm_tiny import (
+    CORPUS,
+    build_gemma3,
+    build_llava,
+    build_llava_next,
+    build_qwen,
+    ingest_text,
+    sample_image,
+)
 
 from latentlens.errors import InputError, ModelMismatch, UnknownLayer, UnsupportedModel
 from latentlens.vlm import extract_visual_tokens, load_vlm, query_image, select_patches
@@ -38,6 +46,7 @@ def model_dirs(tmp_path_factory) -> dict:
         "qwen2_vl": build_qwen(base / "tiny-qwen2-vl"),
         "qwen2_5_vl": build_qwen(base / "tiny-qwen2.5-vl", v25=True),
         "gemma3": build_gemma3(base / "tiny-gemma3"),
+        "llava_next": build_llava_next(base / "tiny-llava-next"),
     }
 
 
@@ -178,6 +187,29 @@ def test_gemma3_geometry_and_prompt(vlms, image):
     assert "<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>" in text
 
 
+@pytest.mark.parametrize("size", [(96, 64), (64, 96), (50, 50), (200, 40)])
+def test_llava_next_anyres_grid(vlms, size):
+    """The hi-res grid's tokens (base view and row-end newlines left out) match the model."""
+    vlm = vlms["llava_next"]
+    img = sample_image(size)
+    vt = extract_visual_tokens(vlm, img, layers=[0, 2])
+    inputs, prep = vlm.encode(img, "Describe this image in detail.", None)
+    rows, cols = vt.grid
+    # base view 4x4, then each grid row + one newline token
+    assert prep.num_tokens == 16 + rows * (cols + 1)
+    with torch.no_grad():
+        out = vlm.model(**inputs, output_hidden_states=True)
+        feats = vlm.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+            vision_feature_layer=-1, vision_feature_select_strategy="default").pooler_output[0]
+    mask = inputs["input_ids"][0] == vlm.image_token_id
+    assert int(mask.sum()) == prep.num_tokens == len(feats)
+    np.testing.assert_allclose(vt.vectors[0], feats[prep.grid_offsets].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(vt.vectors[2], out.hidden_states[2][0][mask][prep.grid_offsets].numpy(),
+                               rtol=1e-5, atol=1e-5)
+    _assert_tiles(vt.patches, (0, 0, *size))
+
+
 def test_prompt_changes_later_layers_not_layer_0(vlms, image):
     vlm = vlms["qwen2_vl"]
     a = extract_visual_tokens(vlm, image, layers=[0, 3])
@@ -233,7 +265,7 @@ def test_unsupported_model_is_a_clear_error(tmp_path):
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=10).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModel, match=r"'llama'.*LLaVA.*Qwen2-VL.*Qwen2\.5-VL.*Gemma 3"):
+    with pytest.raises(UnsupportedModel, match=r"'llama'.*LLaVA.*LLaVA-NeXT.*Qwen2-VL.*Qwen2\.5-VL.*Gemma 3"):
         load_vlm(str(tmp_path))
     with pytest.raises(InputError, match="cannot load"):
         load_vlm(str(tmp_path / "missing"))
@@ -267,7 +299,7 @@ def test_select_patches():
 # queries
 
 
-@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "gemma3", "llava_next"])
 def test_query_image_end_to_end(lens, vlms, image, kind):
     vlm = vlms[kind]
     res = query_image(lens, vlm.name, image, visual_layers=[0, 2], k=3, vlm=vlm)

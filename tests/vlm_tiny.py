@@ -118,6 +118,37 @@ def build_llava(out: Path, *, image_size: int = 32, patch_size: int = 8, seed: i
     return out
 
 
+def build_llava_next(out: Path, *, seed: int = 0) -> Path:
+    """CLIP 32 px / 8 px patches (4x4 per tile), tiles on a 32 or 64 px anyres canvas."""
+    import transformers as tf
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    tok = make_tokenizer(["<image>"], LLAVA_TEMPLATE)
+    cfg = tf.LlavaNextConfig(
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        text_config=tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=len(tok), bos_token_id=1, eos_token_id=2,
+            pad_token_id=3,
+        ),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = tf.LlavaNextForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                               image_grid_pinpoints=pinpoints).save_pretrained(out)
+    return out
+
+
 def build_qwen(out: Path, *, v25: bool = False, seed: int = 0) -> Path:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

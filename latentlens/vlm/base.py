@@ -47,6 +47,9 @@ class PreparedImage:
     grid: tuple[int, int]  # (rows, cols)
     patches: list[Patch]
     canvas_size: tuple[int, int]  # (w, h) the vision tower saw
+    # offsets of the grid's tokens among the image tokens, when they are not one
+    # contiguous run from first_grid_token (e.g. LLaVA-NeXT's row-end newline tokens)
+    grid_offsets: list[int] | None = None
 
 
 @dataclass
@@ -233,7 +236,10 @@ class VisionLanguageModel:
                 f"expected {prep.num_tokens} image tokens in the prompt, found {len(positions)}: "
                 "does the tokenizer split the image token?"
             )
-        positions = positions[prep.first_grid_token: prep.first_grid_token + len(prep.patches)]
+        if prep.grid_offsets is not None:
+            positions = positions[torch.as_tensor(prep.grid_offsets, dtype=torch.long)]
+        else:
+            positions = positions[prep.first_grid_token: prep.first_grid_token + len(prep.patches)]
         dev = self.device
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():

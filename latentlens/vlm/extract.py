@@ -19,9 +19,12 @@ from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualToken
 from latentlens.vlm.gemma3 import Gemma3VLM
 from latentlens.vlm.geometry import parse_resolution
 from latentlens.vlm.llava import LlavaVLM
+from latentlens.vlm.llava_next import LlavaNextVLM
 from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
 
-ADAPTERS: tuple[type[VisionLanguageModel], ...] = (LlavaVLM, Qwen2VLM, Qwen25VLM, Gemma3VLM)
+ADAPTERS: tuple[type[VisionLanguageModel], ...] = (
+    LlavaVLM, LlavaNextVLM, Qwen2VLM, Qwen25VLM, Gemma3VLM,
+)
 
 
 def supported_models() -> str:
