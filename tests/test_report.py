@@ -230,5 +230,9 @@ def test_llens_report_cli_errors(qwen_index, db_url, tmp_path):
     r = runner.invoke(cli, ["report", str(qwen_index), "--image", str(img_path), "--out",
                             str(tmp_path / "o"), "--patches", "9,9"])
     assert r.exit_code != 0 and "outside the" in r.output
+    r = runner.invoke(cli, ["report", str(qwen_index), "--image", str(img_path), "--out",
+                            str(tmp_path / "o"), "--visual-layers", "0,1", "--png-layer", "2"])
+    assert r.exit_code != 0 and "--png-layer" in r.output
+    assert not (tmp_path / "o" / "report.html").exists()  # nothing half-written
     r = runner.invoke(cli, ["report", "--help"])
     assert r.exit_code == 0 and "llens report" in r.output

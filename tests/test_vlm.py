@@ -281,6 +281,21 @@ def test_bad_inputs(vlms, image, tmp_path):
         extract_visual_tokens(vlms["llava"], tmp_path / "x.jpg", layers=[0])
 
 
+def test_load_image_applies_exif_rotation(tmp_path):
+    from PIL import Image
+
+    from latentlens.vlm import load_image
+
+    img = sample_image((96, 64))
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    loaded = load_image(tmp_path / "phone.jpg")
+    assert loaded.size == (64, 96) and loaded.mode == "RGB"
+    assert load_image(np.zeros((5, 7, 3), np.uint8)).size == (7, 5)
+    assert isinstance(load_image(img), Image.Image)
+
+
 def test_select_patches():
     assert select_patches("all", (2, 3)) == list(range(6))
     assert select_patches("center", (3, 3)) == [4]
