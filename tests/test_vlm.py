@@ -308,6 +308,8 @@ def test_select_patches():
         select_patches("2,0", (2, 3))
     with pytest.raises(InputError, match="bad patch"):
         select_patches("middle", (2, 3))
+    with pytest.raises(InputError, match="outside the 2x3 grid"):
+        select_patches([6], (2, 3))
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +357,7 @@ def _brute_force_top1(store, model, queries, layers):
     return best
 
 
-def test_query_image_patch_selection_and_errors(lens, vlms, image):
+def test_query_image_patch_selection_and_errors(lens, vlms, image, monkeypatch):
     vlm = vlms["qwen2_vl"]
     res = query_image(lens, vlm.name, image, visual_layers=[1], layers=[3], k=2, patches="0,0;1,2", vlm=vlm)
     assert [(p.row, p.col) for p in res.layer(1).patches] == [(0, 0), (1, 2)]
@@ -364,6 +366,20 @@ def test_query_image_patch_selection_and_errors(lens, vlms, image):
     assert len(res.layer(1).patches) == 2
     assert len(res.patches) == 6  # the whole grid is still known, for the report
     # a VLM whose language model does not match the stored one
+    # mistakes fail before any model is loaded
+    import latentlens.vlm.extract as extract
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the VLM was loaded")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(extract, "load_vlm", no_loading)
+        with pytest.raises(UnknownLayer, match="visual layer 9"):
+            query_image(lens, vlm.name, image, visual_layers=[9])
+        with pytest.raises(InputError, match="bad patch"):
+            query_image(lens, vlm.name, image, patches="middle")
+        with pytest.raises(UnknownLayer, match="no stored layer 7"):
+            query_image(lens, vlm.name, image, layers=[7])
     _one_row_model(lens.store, "other-shape", hidden=32)
     with pytest.raises(ModelMismatch, match="hidden size 32"):
         query_image(lens, "other-shape", image, vlm=vlm)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "Patch": "latentlens.vlm.geometry",
     "query_image": "latentlens.vlm.query",
     "select_patches": "latentlens.vlm.query",
+    "parse_patches": "latentlens.vlm.query",
     "ImageQueryResult": "latentlens.vlm.query",
     "VisualLayerResult": "latentlens.vlm.query",
     "PatchResult": "latentlens.vlm.query",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlens.errors import EmptyResult, InputError, ModelMismatch
+from latentlens.errors import EmptyResult, InputError, ModelMismatch, UnknownLayer
 from latentlens.vlm.geometry import Patch
 
 if TYPE_CHECKING:
@@ -121,6 +121,30 @@ def word_of(n: Neighbour) -> str:
 _PAIR = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*$")
 
 
+def parse_patches(spec: str | Sequence[int] | None) -> str | list[tuple[int, int]] | list[int]:
+    """Check a --patches value before any model runs: "all", "center", [(r, c)...] or [idx...]."""
+    if spec is None:
+        return "all"
+    if isinstance(spec, str):
+        word = spec.strip().lower()
+        if word in ("", "all"):
+            return "all"
+        if word in ("center", "centre"):
+            return "center"
+        pairs = []
+        for part in spec.split(";"):
+            if not part.strip():
+                continue
+            m = _PAIR.match(part)
+            if not m:
+                raise InputError(f"bad patch {part.strip()!r}: use 'all', 'center' or 'row,col;row,col'")
+            pairs.append((int(m.group(1)), int(m.group(2))))
+        if not pairs:
+            raise InputError("no patches selected")
+        return pairs
+    return [int(i) for i in spec]
+
+
 def select_patches(
     spec: str | Sequence[int] | None, grid: tuple[int, int], *, sample: int | None = None,
     seed: int = 0,
@@ -132,26 +156,21 @@ def select_patches(
     """
     rows, cols = grid
     n = rows * cols
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+    parsed = parse_patches(spec)
+    if parsed == "all":
         chosen = list(range(n))
-    elif isinstance(spec, str) and spec.strip().lower() in ("center", "centre"):
+    elif parsed == "center":
         rs = sorted({(rows - 1) // 2, rows // 2})
         cs = sorted({(cols - 1) // 2, cols // 2})
         chosen = [r * cols + c for r in rs for c in cs]
-    elif isinstance(spec, str):
+    elif parsed and isinstance(parsed[0], tuple):
         chosen = []
-        for part in spec.split(";"):
-            if not part.strip():
-                continue
-            m = _PAIR.match(part)
-            if not m:
-                raise InputError(f"bad patch {part.strip()!r}: use 'all', 'center' or 'row,col;row,col'")
-            r, c = int(m.group(1)), int(m.group(2))
+        for r, c in parsed:
             if not (0 <= r < rows and 0 <= c < cols):
                 raise InputError(f"patch {r},{c} is outside the {rows}x{cols} grid (rows 0..{rows - 1}, cols 0..{cols - 1})")
             chosen.append(r * cols + c)
     else:
-        chosen = [int(i) for i in spec]
+        chosen = list(parsed)
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
             raise InputError(f"patch index {bad[0]} is outside the {rows}x{cols} grid (0..{n - 1})")
@@ -206,6 +225,15 @@ def query_image(
     visual_layers = sorted({int(v) for v in visual_layers})
     if not visual_layers:
         raise InputError("no visual layers chosen")
+    bad = [v for v in visual_layers if not 0 <= v <= info.num_layers]
+    if bad:
+        raise UnknownLayer(
+            f"visual layer {bad[0]} is out of range for '{info.name}' "
+            f"(0 = projector output .. {info.num_layers} = last block)"
+        )
+    parse_patches(patches)  # a typo fails before the model loads
+    if sample is not None and sample < 1:
+        raise InputError("--sample must be at least 1")
     img = load_image(image)
     if vlm is None:
         # load what `llens ingest` recorded (a local dir is stored under its name)
