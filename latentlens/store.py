@@ -957,6 +957,16 @@ class Store:
         )
         return {(r[0], r[1], r[2]): Context(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
 
+    def leaf_bytes(self, model: ModelInfo | str) -> dict[int, int]:
+        """Bytes on disk of each layer's leaf (heap, TOAST and indexes), for sizing."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        rows = self._fetch(
+            "SELECT layer, pg_total_relation_size(to_regclass(llens_leaf_name(%s, layer))) "
+            "FROM model_layer WHERE model_id = %s ORDER BY layer",
+            (info.id, info.id),
+        )
+        return {int(layer): int(size or 0) for layer, size in rows}
+
     def leaf_version(self, model: ModelInfo | str, layer: int) -> tuple[int, int]:
         """(row_count, version) of a leaf, read fresh: changes whenever rows are written."""
         info = self.get_model(model) if isinstance(model, str) else model
