@@ -28,6 +28,7 @@ N = 400
 def setup(tmp_path_factory, db_url):
     base = tmp_path_factory.mktemp("proc")
     model = make_tiny_model(base / "llama", "llama", hidden=64, layers=4)
+    make_tiny_model(base / "gemma", "gemma3_text", bos=True, padding_side="left", hidden=32, layers=3)
     corpus = base / "corpus.txt"
     corpus.write_text("\n".join(sample_corpus_path().read_text(encoding="utf-8").splitlines()[:N]) + "\n")
     return model, corpus
@@ -142,3 +143,19 @@ def test_two_concurrent_shards_equal_one_run(setup, db_url, reference):
     assert len({r[4] for r in got if r[0] == 1}) == len(got) // 2  # each prefix stored once
     uncapped = set(ta[ca < 50])
     assert sorted(r for r in got if r[3] in uncapped) == sorted(r for r in reference if r[3] in uncapped)
+
+
+def test_two_models_at_once(setup, db_url, reference):
+    model, corpus = setup
+    other = model.parent / "gemma"
+    procs = [subprocess.Popen(_cmd(m, corpus, name, "--batch-size", "8"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for m, name in ((model, "together_a"), (other, "together_b"))]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert [s[1:3] for s in _run_state(db_url, "together_a")] == [("done", N)]
+    assert [s[1:3] for s in _run_state(db_url, "together_b")] == [("done", N)]
+    _same_as_reference(db_url, "together_a", reference)  # the other model's quota is its own
+    b = _keys(db_url, "together_b")
+    assert b and len(b) == len({(r[0], r[1], r[2]) for r in b}) and min(r[2] for r in b) == 2
