@@ -482,6 +482,8 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
             f"(pid {run.pid} on {run.hostname}); wait for it or stop it first"
         )
     stored = store.prefix_hashes(info)
+    if opts.progress and len(texts) >= 20_000:
+        echo(f"Tokenizing and deduplicating {len(texts):,} sentences...")
     plan = _plan(lm, texts, sentence_ids, opts, run.resume_ordinal if run else 0, stored)
     if run is None:
         run = store.create_run(info, cinfo, layers=layers, params=params, shard=shard, num_shards=nshards,
