@@ -207,3 +207,31 @@ def test_cli_model_mismatch_leaves_no_done_run(db_url, tiny, corpus_file):
     assert "already stores layers 1" in _one_line_error(r)
     assert _count(db_url, "SELECT count(*) FROM ingest_run r JOIN model m ON m.id = r.model_id "
                   "WHERE m.name = 'mm'") == 1
+
+
+def test_failure_marks_run_failed_then_rerun_completes_exactly(db_url, tiny, corpus_file, monkeypatch):
+    from latentlens.store import Store
+
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny["gemma"]), name="flaky")
+    real = Store.write_embeddings
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("disk full")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Store, "write_embeddings", flaky)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1, 2], batch_size=8))
+    with psycopg.connect(db_url) as conn:
+        status, error, done = conn.execute(
+            "SELECT status, error, sentences_done FROM ingest_run r JOIN model m ON m.id = r.model_id "
+            "WHERE m.name = 'flaky'").fetchone()
+    assert (status, error, done) == ("failed", "disk full", 24)  # three chunks of 8 committed
+    monkeypatch.setattr(Store, "write_embeddings", real)
+    res = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1, 2], batch_size=5))
+    assert res.resumed and res.run.status == "done" and res.run.sentences_done == len(corpus)
+    compare(db_url, "flaky", expected_rows(lm, corpus.texts, [1, 2]), [1, 2])
