@@ -21,6 +21,17 @@ from latentlens.models.tiny import make_tiny_model, sample_corpus_path
 N = 120  # sentences of the demo corpus used here
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are all overhead: one thread is faster, and steady on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_ingest")

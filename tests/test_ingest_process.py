@@ -40,8 +40,13 @@ def _cmd(model, corpus, name, *extra):
             "--layers", LAYERS, "--no-progress", "--no-index", *extra]
 
 
+def _env():
+    """The test's env (database URL, dirs) with one torch thread: tiny models are all overhead."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def _run(args, **kw):
-    p = subprocess.run(args, capture_output=True, text=True, timeout=300, **kw)
+    p = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env(), **kw)
     assert p.returncode == 0, p.stderr[-2000:]
     return p
 
@@ -93,7 +98,7 @@ def test_kill_9_then_rerun_resumes_exactly(setup, db_url, reference):
     model, corpus = setup
     # small batches so the kill lands mid-run, after some chunks committed
     proc = subprocess.Popen(_cmd(model, corpus, "killed", "--batch-size", "4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     run_id, status, done, _ = _wait_for_progress(db_url, "killed", proc, 20)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -109,7 +114,7 @@ def test_kill_9_then_rerun_resumes_exactly(setup, db_url, reference):
 def test_ctrl_c_marks_interrupted_then_resume_by_id(setup, db_url, reference):
     model, corpus = setup
     proc = subprocess.Popen(_cmd(model, corpus, "interrupted", "--batch-size", "4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     _wait_for_progress(db_url, "interrupted", proc, 20)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -126,7 +131,7 @@ def test_ctrl_c_marks_interrupted_then_resume_by_id(setup, db_url, reference):
 def test_two_concurrent_shards_equal_one_run(setup, db_url, reference):
     model, corpus = setup
     procs = [subprocess.Popen(_cmd(model, corpus, "sharded", "--shard", f"{i}/2", "--batch-size", "8"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -149,7 +154,7 @@ def test_two_models_at_once(setup, db_url, reference):
     model, corpus = setup
     other = model.parent / "gemma"
     procs = [subprocess.Popen(_cmd(m, corpus, name, "--batch-size", "8"), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, env=_env())
              for m, name in ((model, "together_a"), (other, "together_b"))]
     for p in procs:
         _, err = p.communicate(timeout=300)

@@ -18,6 +18,17 @@ from latentlens.store import ModelInfo
 TEXTS = ["The dog runs fast in the park.", "A cat.", "The aa lava flowed slowly over the old town."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models are all overhead: one thread is faster, and steady on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny_models")
