@@ -40,10 +40,17 @@ def models(as_json: bool, as_csv: bool, database_url: str | None) -> None:
         rows.append({
             "model": m["model"], "hidden": m["hidden_size"],
             "layers": ",".join(str(li["layer"]) for li in m["layers"]),
-            "rows": m["rows"], "rows/layer": ",".join(str(li["rows"]) for li in m["layers"]),
+            "rows": m["rows"], "rows/layer": _per_layer(m["layers"]),
             "index": ",".join(kinds) if kinds else "none", "corpora": ",".join(m["corpora"]),
         })
     if not rows and fmt == "table":
         click.echo("No models yet: run `llens ingest MODEL CORPUS` or `llens import-index DIR --model NAME`.")
         return
     emit(rows, fmt, ["model", "hidden", "layers", "rows", "rows/layer", "index", "corpora"])
+
+
+def _per_layer(layers: list[dict]) -> str:
+    counts = [li["rows"] for li in layers]
+    if counts and len(set(counts)) == 1:
+        return f"{counts[0]} each"
+    return ",".join(str(c) for c in counts)

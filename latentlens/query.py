@@ -355,16 +355,19 @@ def search_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
 
 
 def select_tokens(tokens: Sequence[str], spans: Sequence[Any], text: str, token: str | None) -> list[int]:
-    """Positions of the query tokens: all, or those whose text is ``token`` (ignoring spaces/case)."""
-    if token is None:
-        return list(range(len(tokens)))
-    want = token.strip().lower()
+    """Positions of the query tokens: those with characters in the text (not BOS or other
+    special tokens, whose states are outliers), or those whose text is ``token``."""
+
+    def has_chars(i: int) -> bool:
+        span = spans[i] if i < len(spans) else None
+        return span is not None and span[0] is not None and span[0] >= 0
 
     def text_of(i: int) -> str:
-        span = spans[i] if i < len(spans) else None
-        if span is not None and span[0] is not None and span[0] >= 0:
-            return text[span[0]: span[1]]
-        return tokens[i]
+        return text[spans[i][0]: spans[i][1]] if has_chars(i) else tokens[i]
+
+    if token is None:
+        return [i for i in range(len(tokens)) if has_chars(i)] or list(range(len(tokens)))
+    want = token.strip().lower()
 
     hits = [i for i in range(len(tokens)) if text_of(i).strip().lower() == want
             or tokens[i].strip().lstrip("Ġ▁").lower() == want]

@@ -189,3 +189,15 @@ def test_load_vectors_formats(tmp_path):
 def test_result_types_are_plain():
     r = QueryResult(index=0, neighbours=[], per_layer=None, query_token=None, query_layer=None)
     assert r.to_dict()["neighbours"] == []
+
+
+def test_select_tokens_skips_special_tokens():
+    from latentlens.errors import InputError
+    from latentlens.query import select_tokens
+
+    text = "a dog"
+    tokens, sp = ["<s>", "a", " dog"], np.array([[-1, -1], [0, 1], [1, 5]])
+    assert select_tokens(tokens, sp, text, None) == [1, 2]
+    assert select_tokens(tokens, sp, text, "dog") == [2]
+    with pytest.raises(InputError, match="' dog'"):
+        select_tokens(tokens, sp, text, "cat")
