@@ -568,9 +568,10 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
             bi = np.concatenate([np.full(row_hi[s] - row_lo[s], j) for j, s in enumerate(sents)])
             dst = np.concatenate([np.arange(row_lo[s], row_hi[s]) for s in sents]) - r0
             col = plan.row_pos[dst + r0] + start[bi]
-            bi_t, col_t = torch.from_numpy(bi), torch.from_numpy(col)
-            for layer in layers:
-                out[layer][dst] = states[layer][bi_t.to(states[layer].device), col_t.to(states[layer].device)].float().cpu().numpy()
+            dev = states[layers[0]].device
+            bi_t, col_t = torch.from_numpy(bi).to(dev), torch.from_numpy(col).to(dev)
+            for layer in layers:  # gather only the kept rows, as float32, on the host
+                out[layer][dst] = states[layer][bi_t, col_t].float().cpu().numpy()
             del states
         for c0 in range(w0, w1, bs):
             c1 = min(w1, c0 + bs)
