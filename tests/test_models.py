@@ -146,3 +146,13 @@ def test_store_params_round_trip(tiny_dirs):
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown tiny arch"):
         build_model("t5", 10)
+
+
+def test_llava_next_text_side(tmp_path):
+    """LLaVA-NeXT (anyres) ingests through its language model like LLaVA."""
+    from vlm_tiny import build_llava_next
+
+    lm = load_language_model(str(build_llava_next(tmp_path / "llava_next")))
+    assert lm.architecture == "LlavaNextForConditionalGeneration"
+    states = lm.hidden_states(["a small dog"], [0, 3])[0]
+    assert states.vectors[3].shape == (len(states.token_ids), 64)

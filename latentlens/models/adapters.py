@@ -104,6 +104,11 @@ class LlavaAdapter(_VisionLanguageAdapter):
     model_class = "LlavaForConditionalGeneration"
 
 
+class LlavaNextAdapter(_VisionLanguageAdapter):
+    model_types = ("llava_next",)
+    model_class = "LlavaNextForConditionalGeneration"
+
+
 class Qwen2VLAdapter(_VisionLanguageAdapter):
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
@@ -120,7 +125,8 @@ class Gemma3VLAdapter(_VisionLanguageAdapter):
 
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    DecoderAdapter, LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Gemma3VLAdapter,
+    DecoderAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter,
+    Gemma3VLAdapter,
 )
 
 
