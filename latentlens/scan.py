@@ -280,6 +280,7 @@ def topk_blocks(
     keep: int,
     dtype: torch.dtype = torch.float32,
     block_rows: int = MAX_BLOCK_ROWS,
+    buffers: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-``keep`` of queries · rows over (start, float16 block) blocks.
 
@@ -292,8 +293,7 @@ def topk_blocks(
     nq, dim = q.shape
     best_v = torch.full((nq, 0), -float("inf"))
     best_i = torch.zeros((nq, 0), dtype=torch.int64)
-    conv = torch.empty((block_rows, dim), dtype=dtype)
-    scores = torch.empty(nq * block_rows, dtype=dtype)
+    conv, scores = _buffers(buffers, dtype, dim, nq, block_rows)
     for start, block in blocks:
         n = len(block)
         if n > block_rows:
@@ -317,6 +317,21 @@ def topk_blocks(
     return best_v, best_i
 
 
+def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block and score buffers, reused across layers and calls when ``cache`` is given
+    (fresh ~100 MiB buffers per layer cost page faults each time)."""
+    if cache is not None:
+        conv, scores = cache.get("conv"), cache.get("scores")
+        if (conv is not None and conv.dtype == dtype and conv.shape[1] == dim and conv.shape[0] >= rows
+                and scores.numel() >= nq * rows):
+            return conv, scores
+    conv = torch.empty((rows, dim), dtype=dtype)
+    scores = torch.empty(nq * rows, dtype=dtype)
+    if cache is not None:
+        cache["conv"], cache["scores"] = conv, scores
+    return conv, scores
+
+
 def normalize_queries(queries: np.ndarray | torch.Tensor, dim: int, model: str = "") -> torch.Tensor:
     """float32 [Q, D] unit rows; checks the size and finiteness."""
     if isinstance(queries, torch.Tensor):
@@ -333,6 +348,10 @@ def normalize_queries(queries: np.ndarray | torch.Tensor, dim: int, model: str =
     if not torch.isfinite(q).all():
         raise InputError("query vectors contain NaN or infinite values")
     return torch.nn.functional.normalize(q, dim=1)
+
+
+def _round_up(rows: int) -> int:
+    return max(MIN_BLOCK_ROWS, -(-rows // MIN_BLOCK_ROWS) * MIN_BLOCK_ROWS)
 
 
 def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,6 +373,7 @@ class ScanEngine:
         self.margin = margin
         self.block_rows = block_rows
         self.use_cache = use_cache
+        self._buffers: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -383,7 +403,8 @@ class ScanEngine:
             return self._search_stream(info, layer, queries, k)
         dtype = self.dtype
         inv = leaf.inv_norms()
-        sims, rows = topk_blocks(leaf.blocks(block), queries, k + self.margin, dtype, block)
+        block = min(block, _round_up(leaf.rows))
+        sims, rows = topk_blocks(leaf.blocks(block), queries, k + self.margin, dtype, block, self._buffers)
         if dtype == torch.float32:
             # float32 dots are exact; cosine = dot / |row| (stored fp16 rows are unit to ~1e-4)
             sims, rows = _by_cosine(sims * torch.from_numpy(inv[rows.numpy()]), rows, k)
@@ -414,7 +435,7 @@ class ScanEngine:
                 yield start, v
                 start += len(kk)
 
-        sims, rows = topk_blocks(blocks(), queries, k + self.margin, torch.float32, block)
+        sims, rows = topk_blocks(blocks(), queries, k + self.margin, torch.float32, block, self._buffers)
         inv = np.concatenate(invs).astype(np.float32)
         sims, rows = _by_cosine(sims * torch.from_numpy(inv[rows.numpy()]), rows, k)
         return self._result(layer, np.concatenate(keys), sims, rows, k)
