@@ -5,7 +5,7 @@ already in the store with --model), a batch of Q query vectors (576 = one
 image's patches) is answered by
 
 * ref:        the reference library's ContextualIndex (index.py loaded from
-              $LLENS_REFERENCE_INDEX_PY or /tmp/ref_latentlens/latentlens/index.py):
+              $LLENS_REFERENCE_INDEX_PY or .cache/reference/latentlens/index.py, which .ci/setup unpacks):
               from_directory (all layers in RAM as float32), then search;
 * llens-cold: Lens.neighbors(exact=True) with an empty scan cache (copies
               each leaf from PostgreSQL first);
@@ -140,7 +140,10 @@ def make_queries(args, name: str, qdir: Path) -> dict[str, str]:
 
 
 def reference_module():
-    path = Path(os.environ.get("LLENS_REFERENCE_INDEX_PY", "/tmp/ref_latentlens/latentlens/index.py"))
+    path = Path(os.environ.get(
+        "LLENS_REFERENCE_INDEX_PY",
+        Path(__file__).resolve().parents[1] / ".cache/reference/latentlens/index.py",  # .ci/setup unpacks it
+    ))
     spec = importlib.util.spec_from_file_location("reference_latentlens_index", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod

@@ -20,7 +20,10 @@ from latentlens.errors import InputError
 from latentlens.interop import export_index, find_span, import_index, prefix_hash
 from latentlens.query import Lens
 
-REF_INDEX = Path(os.environ.get("LLENS_REFERENCE_INDEX_PY", "/tmp/ref_latentlens/latentlens/index.py"))
+REF_INDEX = Path(os.environ.get(
+    "LLENS_REFERENCE_INDEX_PY",
+    Path(__file__).resolve().parents[1] / ".cache/reference/latentlens/index.py",  # .ci/setup unpacks it
+))
 
 
 def reference_module():
