@@ -1,0 +1,95 @@
+"""The connection, transactions and schema check every part of the store shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+
+from latentlens import db
+from latentlens.config import Settings
+from latentlens.errors import SchemaOutOfDate
+
+S = TypeVar("S", bound="StoreBase")
+
+
+class StoreBase:
+    """One psycopg connection to a latentlens schema; not thread-safe."""
+
+    def __init__(self, conn: psycopg.Connection, url: str):
+        self.conn = conn
+        self.url = url
+
+    # ---- lifecycle ------------------------------------------------------
+
+    @classmethod
+    def open(cls: type[S], database_url: str | None = None, *, upgrade: bool | None = None) -> S:
+        """Connect to the configured database and check its schema.
+
+        ``upgrade=None`` migrates the embedded default automatically but only
+        tells a team server's users to run ``llens db upgrade``.
+        """
+        from latentlens import migrate
+
+        settings = Settings.resolve(database_url)
+        url = db.resolve_url(settings)
+        conn = db.connect(url)
+        store = cls(conn, url)
+        current = migrate.current_revision(conn)
+        conn.commit()
+        head = migrate.head_revision()
+        if current != head:
+            do_upgrade = settings.embedded if upgrade is None else upgrade
+            if not do_upgrade:
+                conn.close()
+                state = "has no latentlens schema" if current is None else f"is at schema {current}, this latentlens needs {head}"
+                raise SchemaOutOfDate(f"the database {state}: run `llens db upgrade`")
+            migrate.upgrade(url)
+            db.register_vector_types(conn)
+            conn.commit()
+        if settings.embedded:
+            store._set_meta("ann_index", "on" if db.embedded_ann_supported() else "off")
+        return store
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO llens_meta (key, value) VALUES (%s, %s) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE llens_meta.value <> excluded.value",
+                (key, value),
+            )
+
+    def ann_supported(self) -> bool:
+        """Whether this server can build/scan ANN indexes (see db.embedded_ann_supported)."""
+        rows = self._fetch("SELECT value FROM llens_meta WHERE key = 'ann_index'")
+        return not rows or rows[0][0] != "off"
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self: S) -> S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """Commit on success, roll back on error."""
+        try:
+            with self.conn.transaction():
+                yield self.conn
+        finally:
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self.conn.rollback()
+
+    def _fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
+        with self.transaction() as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def instance_id(self) -> str:
+        """A uuid made when the schema was created: identifies this database in caches."""
+        return self._fetch("SELECT value FROM llens_meta WHERE key = 'instance_id'")[0][0]
+

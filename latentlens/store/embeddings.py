@@ -1,0 +1,265 @@
+"""Writing and reading token embeddings: binary COPY in, quotas, binary COPY out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from latentlens.errors import DimensionMismatch, UnknownLayer
+from latentlens.pgcopy import HEADER, TRAILER, decode_rows, encode_rows, normalize_rows, row_size
+from latentlens.store.base import StoreBase
+from latentlens.store.types import EmbeddingBatch, ModelInfo
+
+HALFVEC_HNSW_MAX_DIM = 4000
+
+EMBEDDING_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("model_id", "int4"),
+    ("layer", "int4"),
+    ("sentence_id", "int8"),
+    ("position", "int4"),
+    ("token_id", "int4"),
+    ("char_start", "int4"),
+    ("char_end", "int4"),
+    ("prefix_hash", "int8"),
+    ("embedding", "halfvec"),
+)
+SCAN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("sentence_id", "int8"),
+    ("position", "int4"),
+    ("token_id", "int4"),
+    ("embedding", "halfvec"),
+)
+
+
+class EmbeddingsMixin(StoreBase):
+    """Bulk writes (one transaction per batch, all layers) and streaming reads of a leaf."""
+
+    # ---- embeddings -----------------------------------------------------
+
+    def write_embeddings(
+        self,
+        model: ModelInfo,
+        batch: EmbeddingBatch,
+        *,
+        max_contexts_per_token: int | None = None,
+        on_commit: Any = None,
+    ) -> int:
+        """Write one batch of contexts for all its layers in one transaction.
+
+        With ``max_contexts_per_token`` the batch's rows are first granted
+        against ``token_quota`` (first come, first served, shared by all
+        layers, across runs and concurrent writers); rows beyond a token's
+        quota are dropped. ``on_commit(conn, rows_written)`` runs inside the
+        same transaction, e.g. to advance an ingest run's progress, so rows and
+        progress commit together. Returns the number of contexts written.
+        """
+        if len(batch) == 0 and on_commit is None:
+            return 0
+        known = set(model.layer_numbers)
+        missing = sorted(set(batch.vectors) - known)
+        if missing:
+            raise UnknownLayer(f"model '{model.name}' has no layer {missing[0]}: register it first")
+        for layer, vecs in batch.vectors.items():
+            if vecs.ndim != 2 or vecs.shape[1] != model.hidden_size:
+                raise DimensionMismatch(
+                    f"layer {layer} vectors have shape {tuple(vecs.shape)}, "
+                    f"model '{model.name}' has hidden size {model.hidden_size}"
+                )
+        with self.transaction() as conn:
+            # Rows and the caller's progress commit atomically, so a commit lost
+            # to a crash is simply redone on resume: no need to wait for the
+            # WAL flush on every batch.
+            conn.execute("SET LOCAL synchronous_commit = off")
+            if max_contexts_per_token is not None and len(batch):
+                batch = self._apply_quota(conn, model, batch, max_contexts_per_token)
+            n = len(batch)
+            if n:
+                self._copy_embeddings(conn, model, batch)
+                conn.execute(
+                    "UPDATE model_layer SET row_count = row_count + %s, version = version + 1 "
+                    "WHERE model_id = %s AND layer = ANY(%s)",
+                    (n, model.id, sorted(batch.vectors)),
+                )
+            if on_commit is not None:
+                on_commit(conn, n)
+        return n
+
+    @staticmethod
+    def _apply_quota(conn: psycopg.Connection, model: ModelInfo, batch: EmbeddingBatch, cap: int) -> EmbeddingBatch:
+        token_ids = np.unique(batch.token_id).tolist()
+        # Create missing quota rows, then lock them in token-id order so that
+        # concurrent writers queue on shared tokens instead of deadlocking.
+        conn.execute(
+            "INSERT INTO token_quota (model_id, token_id) SELECT %s, t FROM unnest(%s::int[]) AS t ORDER BY t "
+            "ON CONFLICT DO NOTHING",
+            (model.id, token_ids),
+        )
+        rows = conn.execute(
+            "SELECT token_id, used FROM token_quota WHERE model_id = %s AND token_id = ANY(%s::int[]) "
+            "ORDER BY token_id FOR UPDATE",
+            (model.id, token_ids),
+        ).fetchall()
+        used = dict(rows)
+        # first come first served within the batch (rows are in corpus order):
+        # the k-th row of a token is kept if used + k < cap, without a Python loop
+        tok = batch.token_id.astype(np.int64)
+        order = np.argsort(tok, kind="stable")
+        st = tok[order]
+        first = np.r_[0, np.flatnonzero(st[1:] != st[:-1]) + 1]
+        rank = np.arange(len(st)) - np.repeat(first, np.diff(np.r_[first, len(st)]))
+        base = np.array([used.get(int(t), 0) for t in st[first]], dtype=np.int64)
+        keep = np.zeros(len(batch), dtype=bool)
+        keep[order] = base.repeat(np.diff(np.r_[first, len(st)])) + rank < cap
+        kept_tok, kept_n = np.unique(tok[keep], return_counts=True)
+        granted = dict(zip(kept_tok.tolist(), kept_n.tolist()))
+        if granted:
+            conn.execute(
+                "UPDATE token_quota q SET used = q.used + g.n FROM unnest(%s::int[], %s::int[]) AS g(token_id, n) "
+                "WHERE q.model_id = %s AND q.token_id = g.token_id",
+                (list(granted), list(granted.values()), model.id),
+            )
+        return batch.select(keep)
+
+    @staticmethod
+    def _copy_embeddings(conn: psycopg.Connection, model: ModelInfo, batch: EmbeddingBatch) -> None:
+        n = len(batch)
+        parts = [HEADER]
+        for layer in sorted(batch.vectors):
+            parts.append(
+                encode_rows(
+                    EMBEDDING_COLUMNS,
+                    {
+                        "model_id": np.full(n, model.id, dtype=np.int32),
+                        "layer": np.full(n, layer, dtype=np.int32),
+                        "sentence_id": batch.sentence_id,
+                        "position": batch.position,
+                        "token_id": batch.token_id,
+                        "char_start": batch.char_start,
+                        "char_end": batch.char_end,
+                        "prefix_hash": batch.prefix_hash,
+                        "embedding": normalize_rows(batch.vectors[layer]),
+                    },
+                    nullable=("char_start", "char_end"),
+                )
+            )
+        parts.append(TRAILER)
+        cols = ", ".join(name for name, _ in EMBEDDING_COLUMNS)
+        # COPY into the parent: tuples are routed to their (model, layer) leaf.
+        with conn.cursor().copy(f"COPY token_embedding ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.write(b"".join(parts))
+
+    def prefix_hashes(self, model: ModelInfo | str) -> np.ndarray:
+        """Every stored prefix hash of a model (rebuilds prefix dedup state on resume)."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        if not info.layers:
+            return np.zeros(0, dtype=np.int64)
+        layer = info.layers[0].layer
+        with self.transaction() as conn:
+            cur = conn.cursor()
+            payload = bytearray()
+            with cur.copy(
+                "COPY (SELECT prefix_hash FROM token_embedding WHERE model_id = %s AND layer = %s) "
+                "TO STDOUT (FORMAT BINARY)",
+                (info.id, layer),
+            ) as copy:
+                for chunk in copy:
+                    payload += chunk
+        body = bytes(payload)[len(HEADER): -len(TRAILER)]
+        return decode_rows((("prefix_hash", "int8"),), body)["prefix_hash"].astype(np.int64)
+
+    def iter_layer(
+        self, model: ModelInfo | str, layer: int, *, chunk_rows: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream a leaf as (keys, vectors) chunks by binary COPY.
+
+        ``keys`` is a structured array (sentence_id, position, token_id);
+        ``vectors`` is float16 [n, D] (the stored unit vectors). Memory is
+        bounded by ``chunk_rows`` whatever the leaf's size.
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        info.layer(layer)
+        dim = info.hidden_size
+        size = row_size(SCAN_COLUMNS, dim)
+        buf = bytearray()
+        started = False
+        with self.transaction() as conn, conn.cursor().copy(
+            "COPY (SELECT sentence_id, position, token_id, embedding FROM token_embedding "
+            "WHERE model_id = %s AND layer = %s) TO STDOUT (FORMAT BINARY)",
+            (info.id, layer),
+        ) as copy:
+            for chunk in copy:
+                buf += chunk
+                if not started and len(buf) >= len(HEADER):
+                    del buf[: len(HEADER)]
+                    started = True
+                while started and len(buf) >= size * chunk_rows:
+                    yield _split_scan(bytes(buf[: size * chunk_rows]), dim)
+                    del buf[: size * chunk_rows]
+        if started:
+            body = bytes(buf[: len(buf) - len(TRAILER)])
+            if body:
+                yield _split_scan(body, dim)
+
+    def layer_keys(self, model: ModelInfo | str, layer: int) -> np.ndarray:
+        """(sentence_id, position) of every row of a leaf, by binary COPY, no vectors.
+
+        Lets an import skip rows already written (re-import is idempotent).
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        info.layer(layer)
+        cols = (("sentence_id", "int8"), ("position", "int4"))
+        payload = bytearray()
+        with self.transaction() as conn, conn.cursor().copy(
+            "COPY (SELECT sentence_id, position FROM token_embedding WHERE model_id = %s AND layer = %s) "
+            "TO STDOUT (FORMAT BINARY)",
+            (info.id, layer),
+        ) as copy:
+            for chunk in copy:
+                payload += chunk
+        body = bytes(payload)[len(HEADER): -len(TRAILER)]
+        rows = decode_rows(cols, body)
+        keys = np.empty(len(rows), dtype=[("sentence_id", "<i8"), ("position", "<i4")])
+        keys["sentence_id"] = rows["sentence_id"]
+        keys["position"] = rows["position"]
+        return keys
+
+    def token_texts(self, model: ModelInfo | str, token_ids: Sequence[int] | None = None) -> dict[int, str]:
+        """Token id -> text from the model's vocabulary (all of it when ``token_ids`` is None)."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        if token_ids is None:
+            rows = self._fetch("SELECT token_id, token FROM token WHERE model_id = %s", (info.id,))
+        else:
+            rows = self._fetch(
+                "SELECT token_id, token FROM token WHERE model_id = %s AND token_id = ANY(%s::int[])",
+                (info.id, sorted({int(t) for t in token_ids})),
+            )
+        return {int(i): t for i, t in rows}
+
+    def add_tokens(self, model: ModelInfo | str, token_ids: Sequence[int], tokens: Sequence[str]) -> int:
+        """Add vocabulary entries one by one (ids already known are kept); return rows added.
+
+        For indexes imported without their tokenizer: only the tokens seen are known.
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO token (model_id, token_id, token) "
+                "SELECT %s, t.i, t.s FROM unnest(%s::int[], %s::text[]) AS t(i, s) ON CONFLICT DO NOTHING",
+                (info.id, [int(t) for t in token_ids], [s.replace("\x00", "") for s in tokens]),
+            )
+            return cur.rowcount
+
+
+
+def _split_scan(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = decode_rows(SCAN_COLUMNS, body, dim)
+    keys = np.empty(len(rows), dtype=[("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
+    keys["sentence_id"] = rows["sentence_id"]
+    keys["position"] = rows["position"]
+    keys["token_id"] = rows["token_id"]
+    return keys, rows["embedding"].astype(np.float16)
+
+
