@@ -17,6 +17,9 @@ from latentlens import config
 
 TEST_URL_ENV = "LLENS_TEST_DATABASE_URL"
 SESSION_ENV = {
+    # skip the query engine's one-time matmul dtype calibration (~10 s on 2 cores);
+    # on CPUs without AVX-512 it picks float32 without measuring anyway
+    "LLENS_SCAN_DTYPE": "float32",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -111,6 +114,17 @@ def empty_db_url(pg_base_url, request) -> str:
     """A fresh database with no schema at all."""
     name = f"e_{request.module.__name__.rsplit('.', 1)[-1]}_{uuid.uuid4().hex[:6]}"[:60]
     return _create_database(pg_base_url, name)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are all overhead: one thread is faster, and steady on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

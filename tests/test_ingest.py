@@ -21,15 +21,7 @@ from latentlens.models.tiny import make_tiny_model, sample_corpus_path
 N = 120  # sentences of the demo corpus used here
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are all overhead: one thread is faster, and steady on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from latentlens.store import ModelInfo
 TEXTS = ["The dog runs fast in the park.", "A cat.", "The aa lava flowed slowly over the old town."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models are all overhead: one thread is faster, and steady on a shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,6 @@ requires_chromium = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fixed_scan_dtype():
-    """Skip the query engine's one-time matmul dtype calibration (~10 s on 2 cores)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLENS_SCAN_DTYPE", "float32")
-    yield
-    mp.undo()
-
-
 def make_result(size=(240, 160), grid=(4, 6), layers=(0, 8), k=3, queried=None, seed=0):
     """A hand-made ImageQueryResult: neighbours drawn from CORPUS with known spans."""
     rows, cols = grid

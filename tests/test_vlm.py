@@ -29,15 +29,6 @@ from latentlens.vlm.geometry import clip_transform, grid_patches, parse_resoluti
 IMAGE_SIZE = (96, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fixed_scan_dtype():
-    """Skip the query engine's one-time matmul dtype calibration (~10 s on 2 cores)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLENS_SCAN_DTYPE", "float32")
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("vlms")

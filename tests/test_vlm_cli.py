@@ -11,15 +11,6 @@ from latentlens.cli.main import cli
 from vlm_tiny import CORPUS, build_llava, sample_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fixed_scan_dtype():
-    """Skip the query engine's one-time matmul dtype calibration (~10 s on 2 cores)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLENS_SCAN_DTYPE", "float32")
-    yield
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
 def ingested(db_url, tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")

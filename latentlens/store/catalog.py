@@ -12,6 +12,17 @@ from latentlens.errors import InputError, ModelMismatch, UnknownCorpus, UnknownL
 from latentlens.store.base import StoreBase
 from latentlens.store.types import CorpusInfo, LayerInfo, ModelInfo, text_hash
 
+# A model with its layers' numbers, row counts, versions and index kinds as arrays.
+_MODEL_SELECT = """
+SELECT m.id, m.name, m.hidden_size, m.num_layers, m.revision, m.architecture, m.dtype,
+       m.tokenizer_class, m.bos_token_id, m.params,
+       coalesce(array_agg(ml.layer ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
+       coalesce(array_agg(ml.row_count ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
+       coalesce(array_agg(ml.version ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
+       coalesce(array_agg(ml.index_kind ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}')
+  FROM model m LEFT JOIN model_layer ml ON ml.model_id = m.id
+"""
+
 
 class CatalogMixin(StoreBase):
     """What is stored: models (and their partitions), vocabularies, corpora, sentences."""
@@ -85,20 +96,7 @@ class CatalogMixin(StoreBase):
     def get_model(self, name: str | ModelInfo) -> ModelInfo:
         if isinstance(name, ModelInfo):
             name = name.name
-        rows = self._fetch(
-            """
-            SELECT m.id, m.name, m.hidden_size, m.num_layers, m.revision, m.architecture, m.dtype,
-                   m.tokenizer_class, m.bos_token_id, m.params,
-                   coalesce(array_agg(ml.layer ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.row_count ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.version ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.index_kind ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}')
-              FROM model m LEFT JOIN model_layer ml ON ml.model_id = m.id
-             WHERE m.name = %s
-             GROUP BY m.id
-            """,
-            (name,),
-        )
+        rows = self._fetch(_MODEL_SELECT + " WHERE m.name = %s GROUP BY m.id", (name,))
         if not rows:
             names = [m.name for m in self.list_models()]
             hint = ", ".join(f"'{n}'" for n in names[:10]) if names else "none yet; run `llens ingest`"
@@ -114,18 +112,7 @@ class CatalogMixin(StoreBase):
         )
 
     def list_models(self) -> list[ModelInfo]:
-        rows = self._fetch(
-            """
-            SELECT m.id, m.name, m.hidden_size, m.num_layers, m.revision, m.architecture, m.dtype,
-                   m.tokenizer_class, m.bos_token_id, m.params,
-                   coalesce(array_agg(ml.layer ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.row_count ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.version ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-                   coalesce(array_agg(ml.index_kind ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}')
-              FROM model m LEFT JOIN model_layer ml ON ml.model_id = m.id
-             GROUP BY m.id ORDER BY m.name
-            """
-        )
+        rows = self._fetch(_MODEL_SELECT + " GROUP BY m.id ORDER BY m.name")
         return [self._model_from_row(r) for r in rows]
 
     def model_corpora(self, model: ModelInfo | str) -> list[str]:

@@ -156,19 +156,26 @@ class EmbeddingsMixin(StoreBase):
         info = self.get_model(model) if isinstance(model, str) else model
         if not info.layers:
             return np.zeros(0, dtype=np.int64)
-        layer = info.layers[0].layer
-        with self.transaction() as conn:
-            cur = conn.cursor()
-            payload = bytearray()
-            with cur.copy(
-                "COPY (SELECT prefix_hash FROM token_embedding WHERE model_id = %s AND layer = %s) "
-                "TO STDOUT (FORMAT BINARY)",
-                (info.id, layer),
-            ) as copy:
-                for chunk in copy:
-                    payload += chunk
-        body = bytes(payload)[len(HEADER): -len(TRAILER)]
-        return decode_rows((("prefix_hash", "int8"),), body)["prefix_hash"].astype(np.int64)
+        rows = self._read_leaf_columns(info, info.layers[0].layer, (("prefix_hash", "int8"),))
+        return rows["prefix_hash"].astype(np.int64)
+
+    def _read_leaf_columns(
+        self, info: ModelInfo, layer: int, columns: tuple[tuple[str, str], ...]
+    ) -> np.ndarray:
+        """Fixed-size, non-NULL columns of every row of a leaf, by one binary COPY.
+
+        ``columns`` are (name, pg type) pairs from this module, never user input.
+        """
+        names = ", ".join(name for name, _ in columns)
+        payload = bytearray()
+        with self.transaction() as conn, conn.cursor().copy(
+            f"COPY (SELECT {names} FROM token_embedding WHERE model_id = %s AND layer = %s) "
+            "TO STDOUT (FORMAT BINARY)",
+            (info.id, layer),
+        ) as copy:
+            for chunk in copy:
+                payload += chunk
+        return decode_rows(columns, bytes(payload)[len(HEADER): -len(TRAILER)])
 
     def iter_layer(
         self, model: ModelInfo | str, layer: int, *, chunk_rows: int = 65536
@@ -210,17 +217,7 @@ class EmbeddingsMixin(StoreBase):
         """
         info = self.get_model(model) if isinstance(model, str) else model
         info.layer(layer)
-        cols = (("sentence_id", "int8"), ("position", "int4"))
-        payload = bytearray()
-        with self.transaction() as conn, conn.cursor().copy(
-            "COPY (SELECT sentence_id, position FROM token_embedding WHERE model_id = %s AND layer = %s) "
-            "TO STDOUT (FORMAT BINARY)",
-            (info.id, layer),
-        ) as copy:
-            for chunk in copy:
-                payload += chunk
-        body = bytes(payload)[len(HEADER): -len(TRAILER)]
-        rows = decode_rows(cols, body)
+        rows = self._read_leaf_columns(info, layer, (("sentence_id", "int8"), ("position", "int4")))
         keys = np.empty(len(rows), dtype=[("sentence_id", "<i8"), ("position", "<i4")])
         keys["sentence_id"] = rows["sentence_id"]
         keys["position"] = rows["position"]
