@@ -161,6 +161,7 @@ def smollm2_gguf() -> Path:
     return path
 
 
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "latentlens" / "data" / "concepts_sample.txt"
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "concepts.txt"
 
 
