@@ -156,11 +156,10 @@ class VisionLanguageModel:
 
     @property
     def language_model(self) -> torch.nn.Module:
-        inner = getattr(self.model, "model", self.model)
-        lm = getattr(inner, "language_model", None) or getattr(self.model, "language_model", None)
-        if lm is None:
-            raise InputError(f"cannot find the language model inside {type(self.model).__name__}")
-        return lm
+        """The decoder stack, found by the one place that knows architectures (latentlens.models)."""
+        from latentlens.models import language_model_of
+
+        return language_model_of(self.model)
 
     # ---- architecture hooks ---------------------------------------------
 
