@@ -21,7 +21,6 @@ from latentlens.errors import LatentLensError
 from latentlens.store.catalog import CatalogMixin
 from latentlens.store.embeddings import (
     EMBEDDING_COLUMNS,
-    HALFVEC_HNSW_MAX_DIM,
     SCAN_COLUMNS,
     EmbeddingsMixin,
 )
@@ -44,7 +43,7 @@ class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin):
 
 
 __all__ = [
-    "EMBEDDING_COLUMNS", "HALFVEC_HNSW_MAX_DIM", "SCAN_COLUMNS",
+    "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
     "Context", "CorpusInfo", "EmbeddingBatch", "KnnResult", "LatentLensError",
     "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
 ]

@@ -13,8 +13,6 @@ from latentlens.pgcopy import HEADER, TRAILER, decode_rows, encode_rows, normali
 from latentlens.store.base import StoreBase
 from latentlens.store.types import EmbeddingBatch, ModelInfo
 
-HALFVEC_HNSW_MAX_DIM = 4000
-
 EMBEDDING_COLUMNS: tuple[tuple[str, str], ...] = (
     ("model_id", "int4"),
     ("layer", "int4"),
