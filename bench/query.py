@@ -1,29 +1,31 @@
-"""Query benchmark: llens (exact scan; HNSW where supported) vs the reference ContextualIndex.
+"""Query benchmark: the default (auto) search vs exact, HNSW-only and the reference.
 
 For N rows per layer x L layers (synthetic clustered vectors, or a model
-already in the store with --model), a batch of Q query vectors (576 = one
-image's patches) is answered by
+already in the store with --model), query batches are answered by
 
-* ref:        the reference library's ContextualIndex (index.py loaded from
-              $LLENS_REFERENCE_INDEX_PY or .cache/reference/latentlens/index.py, which .ci/setup unpacks):
-              from_directory (all layers in RAM as float32), then search;
-* llens-cold: Lens.neighbors(exact=True) with an empty scan cache (copies
-              each leaf from PostgreSQL first);
-* llens-warm: the same with the cache filled (the normal case);
-* llens-ann:  Lens.neighbors(exact=None) when the server can build HNSW.
+* ref:         the reference library's ContextualIndex (index.py loaded from
+               $LLENS_REFERENCE_INDEX_PY or .cache/reference/latentlens/index.py, which
+               .ci/setup unpacks): from_directory (all layers in RAM as float32), then search;
+* llens-cold:  Lens.neighbors(mode="exact") with an empty scan cache: the first query
+               of a fresh machine copies each leaf from PostgreSQL;
+* llens-exact: the same with the cache filled;
+* llens-ann:   mode="ann": HNSW only (ef_search 100 unless --ef-search);
+* llens-auto:  the default: each layer's batch by the cost-based policy (latentlens.search).
 
-Each side runs in its own subprocess and reports the best of --repeat wall
-and CPU times (the machine may be shared) and peak RSS
-(VmHWM). Recall@10 is measured against exact float32 search of the
-same stored (float16) rows, for in-distribution queries (stored rows plus
-noise, best cosine ~0.9) and out-of-distribution ones (random unit vectors,
-best cosine ~0.15-0.25, like visual tokens).
+Query sets: in-distribution (stored rows plus noise, best cosine ~0.9) and
+out-of-distribution (random unit vectors, best cosine ~0.15-0.25, like
+visual tokens), each as a big batch (--queries, 576 = one image's patches)
+and a small one (--small, 8 = a few text tokens). Each side runs in its own
+subprocess and reports the best of --repeat wall times and peak RSS (VmHWM).
+Recall@10 is against the reference's exact float32 search of the same
+stored (float16) rows; "auto/best" is auto's time over the faster of exact
+and HNSW (the policy's goal: <= 1.10), and "paths" what auto chose.
 
-    python bench/query.py --rows 100000 --rows 300000
-    python bench/query.py --model HuggingFaceTB/SmolLM2-135M
+    python bench/query.py --model smol-bench          # real rows, ingested beforehand
+    python bench/query.py --rows 300000 --rows 1000000 --layers 1
 
 Writes into an embedded server under --work (default /tmp/llens-bench),
-reusing stored rows and reference files between runs.
+reusing stored rows, indexes and reference files between runs.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def ensure_store(args, name: str) -> dict:
 
 
 def make_queries(args, name: str, qdir: Path) -> dict[str, str]:
-    """In-distribution (stored rows + noise) and OOD (random unit) query batches."""
+    """In-distribution (stored rows + noise) and OOD (random unit) batches, big and small."""
     from latentlens.store import Store
 
     qdir.mkdir(parents=True, exist_ok=True)
@@ -129,9 +131,11 @@ def make_queries(args, name: str, qdir: Path) -> dict[str, str]:
     ind = np.concatenate(sample).astype(np.float32)[: args.queries]
     ind = ind + 0.02 * rng.normal(size=ind.shape).astype(np.float32)
     ood = rng.normal(size=(args.queries, info.hidden_size)).astype(np.float32)
-    paths = {"in-dist": str(qdir / "in.npy"), "ood": str(qdir / "ood.npy")}
-    np.save(paths["in-dist"], ind)
-    np.save(paths["ood"], ood)
+    sets = {"in-dist": ind, "ood": ood, f"in-{args.small}": ind[: args.small], f"ood-{args.small}": ood[: args.small]}
+    paths = {}
+    for key, arr in sets.items():
+        paths[key] = str(qdir / f"{key}.npy")
+        np.save(paths[key], arr)
     return paths
 
 
@@ -175,18 +179,26 @@ def worker(kind: str, spec: dict) -> dict:
         lens = Lens.connect()
         if kind == "llens-cold":
             lens.scan.cache.clear()
-        exact = None if kind == "llens-ann" else True
+        mode = {"llens-cold": "exact", "llens-exact": "exact", "llens-ann": "ann", "llens-auto": "auto"}[kind]
+        kw = {"ef_search": spec.get("ef_search")} if spec.get("ef_search") else {}
+        if kind == "llens-auto":  # the one-time cost calibration is not part of a query
+            lens.searcher.costs.scan_constants()
+        out["paths"] = {}
         for name, q in queries.items():
-            kw = {"ef_search": spec.get("ef_search")} if kind == "llens-ann" else {}
             for _ in range(1 if kind == "llens-cold" else spec["repeat"]):
                 t, c = time.perf_counter(), time.process_time()
-                res = lens.neighbors(q, spec["model"], k=k, exact=exact, **kw)
+                res = lens.neighbors(q, spec["model"], k=k, mode=mode, **kw)
                 _keep_min(out, name, time.perf_counter() - t, time.process_time() - c)
             out["results"][name] = [[[n.layer, n.sentence, n.position, n.similarity] for n in r.neighbours]
                                     for r in res]
+            counts: dict[str, int] = {}
+            for r in res:
+                for p in r.search.values():
+                    counts[p] = counts.get(p, 0) + 1
+            out["paths"][name] = counts
             if kind == "llens-cold":
-                break  # the first query pays for the copy; the rest is llens-warm
-        out["scan_dtype"] = str(lens.scan.dtype) if lens._scan is not None else None
+                break  # the first query pays for the copy; the rest is llens-exact
+        out["scan_dtype"] = str(lens.scan.dtype) if lens.searcher._scan is not None else None
         lens.close()
     out["maxrss_mb"] = peak_rss_mb()
     return out
@@ -255,34 +267,39 @@ def bench_one(args, name: str) -> None:
         ann = store.ann_supported()
         if ann and not all(li.index_kind for li in info.layers):
             print("  building HNSW indexes (m=16, ef_construction=64)...", flush=True)
+            t = time.perf_counter()
             store.build_index(info)
             info = store.get_model(name)
+            print(f"  built in {time.perf_counter() - t:.0f}s", flush=True)
     spec.update(model=name, k=args.k, ef_search=args.ef_search, repeat=args.repeat,
                 queries=make_queries(args, name, Path(args.work) / "queries" / name.replace("/", "_")))
     index_mb = sum(li.row_count for li in info.layers) * info.hidden_size * 2 / 2**20
     print(f"\n[load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: wall times are only "
-          "comparable when it is low; CPU seconds are steadier]")
+          "comparable when it is low]")
     print(f"\n== {name}: {info.row_count // max(1, len(info.layers))} rows/layer x {len(info.layers)} layers, "
-          f"D={info.hidden_size}, fp16 index {index_mb:.0f} MiB, Q={args.queries}, k={args.k}", flush=True)
-    runs = {kind: run_worker(kind, spec) for kind in ["ref", "llens-cold", "llens-warm"] + (["llens-ann"] if ann else [])}
+          f"D={info.hidden_size}, fp16 index {index_mb:.0f} MiB, k={args.k}", flush=True)
+    kinds = ["ref", "llens-cold", "llens-exact"] + (["llens-ann"] if ann else []) + ["llens-auto"]
+    runs = {kind: run_worker(kind, spec) for kind in kinds}
     truth = runs["ref"]["results"]
-    ref_t = runs["ref"]["times"]
-    ref_c = runs["ref"]["cpu"]
-    print(f"{'side':<11} {'queries':<8} {'wall s':>7} {'vs ref':>7} {'CPU s':>7} {'vs ref':>7} "
-          f"{'recall@10':>9} {'(ties ok)':>9} {'peak RSS MiB':>12}")
-    print(f"{'ref':<11} {'load':<8} {ref_t['load']:7.2f} {'':>7} {ref_c['load']:7.2f} {'':>7} {'':>9} {'':>9} "
-          f"{runs['ref']['maxrss_mb']:12.0f}")
-    for kind, r in runs.items():
-        for qname in r["results"]:
-            t, c = r["times"][qname], r["cpu"][qname]
-            rec, tied = recall(r["results"][qname], truth[qname], args.k)
-            print(f"{kind:<11} {qname:<8} {t:7.2f} {t / ref_t[qname]:6.2f}x {c:7.2f} {c / ref_c[qname]:6.2f}x "
-                  f"{rec:9.3f} {tied:9.3f} {r['maxrss_mb']:12.0f}")
-    print(f"ref load+search (what a fresh process pays): "
-          f"{ref_t['load'] + ref_t['ood']:.2f}s vs llens-warm {runs['llens-warm']['times']['ood']:.2f}s; "
-          f"llens scan dtype: {runs['llens-warm'].get('scan_dtype')}")
+    print(f"{'queries':<9} {'ref s':>7} {'exact s':>8} {'ann s':>7} {'auto s':>7} {'auto/best':>9} "
+          f"{'recall exact':>12} {'ann':>6} {'auto':>6} {'(ties ok: ann, auto)':>20}  auto paths")
+    for qname in truth:
+        t = {kind: r["times"].get(qname) for kind, r in runs.items()}
+        rec = {kind: recall(r["results"][qname], truth[qname], args.k) for kind, r in runs.items()
+               if qname in r["results"] and kind != "ref"}
+        best = min(x for x in (t["llens-exact"], t.get("llens-ann")) if x is not None)
+        ann_t = f"{t['llens-ann']:7.2f}" if t.get("llens-ann") is not None else f"{'n/a':>7}"
+        ann_r = rec.get("llens-ann", (float("nan"),) * 2)
+        print(f"{qname:<9} {t['ref']:7.2f} {t['llens-exact']:8.2f} {ann_t} {t['llens-auto']:7.2f} "
+              f"{t['llens-auto'] / best:8.2f}x {rec['llens-exact'][0]:12.3f} {ann_r[0]:6.3f} "
+              f"{rec['llens-auto'][0]:6.3f} {ann_r[1]:9.3f} {rec['llens-auto'][1]:10.3f}  "
+              f"{runs['llens-auto']['paths'][qname]}")
+    first = next(iter(truth))
+    print(f"first (cold) query, {first}: llens {runs['llens-cold']['times'][first]:.2f}s (copies every leaf); "
+          f"reference load {runs['ref']['times']['load']:.2f}s + search {runs['ref']['times'][first]:.2f}s")
+    print("peak RSS MiB: " + ", ".join(f"{kind} {r['maxrss_mb']:.0f}" for kind, r in runs.items()))
     if not ann:
-        print("llens-ann: n/a (no HNSW index: this server's pgvector cannot build one on this CPU)")
+        print("llens-ann: n/a (this server's pgvector failed the ANN probe: llens.ann_index = off)")
 
 
 def main() -> None:
@@ -290,7 +307,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, action="append", help="rows per layer (repeatable); default 100000")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--dim", type=int, default=576)
-    p.add_argument("--queries", type=int, default=576)
+    p.add_argument("--queries", type=int, default=576, help="the big batch (576 = one image's patches)")
+    p.add_argument("--small", type=int, default=8, help="the small batch (a few text tokens)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--ef-search", type=int, default=None)
     p.add_argument("--repeat", type=int, default=3, help="searches per side; the best time is shown")

@@ -20,6 +20,10 @@ from latentlens.config import ENV_DATABASE_URL
 from latentlens.errors import LatentLensError
 
 
+# what the 'models' extra installs: a SQL-only install lacks them
+MODEL_PACKAGES = {"torch", "transformers", "safetensors", "gguf", "accelerate", "PIL"}
+
+
 class CommandError(click.ClickException):
     """A click error with the library error's exit code."""
 
@@ -47,6 +51,12 @@ def handle_errors(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except LatentLensError as e:
             raise CommandError(str(e), e.exit_code) from e
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in MODEL_PACKAGES:
+                raise
+            raise CommandError(
+                f"this command runs models and needs '{e.name}': pip install torch==2.13.0 "
+                "'latentlens-db[models]' (see the README)", 2) from e
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)

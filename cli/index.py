@@ -10,9 +10,9 @@ from latentlens.cli._common import database_option, handle_errors, open_store, p
 def index():
     """Build or drop the ANN (HNSW) indexes of a model's layers.
 
-    Queries without an index use exact search. Servers whose pgvector cannot
-    build indexes on their CPU (the embedded one on CPUs without AVX-512)
-    refuse with a clear error.
+    Queries without an index use exact search. `llens ingest` builds them at
+    the end of a run; a server whose pgvector failed latentlens' ANN probe
+    (llens.ann_index = off) refuses with a clear error.
 
     \b
     Examples:
@@ -25,23 +25,34 @@ def index():
 @index.command()
 @click.argument("model")
 @click.option("--layers", default=None, metavar="LIST", help="Layers (default: every stored layer).")
-@click.option("--m", "m", default=16, show_default=True, type=int, help="HNSW m (links per node).")
-@click.option("--ef-construction", default=64, show_default=True, type=int, help="HNSW ef_construction.")
+@click.option("--m", "m", type=click.IntRange(2, 100), help="HNSW m (links per node)  [default: 16]")
+@click.option("--ef-construction", type=click.IntRange(4, 1000), help="HNSW ef_construction  [default: 64]")
+@click.option("--maintenance-work-mem", default="1GB", show_default=True, metavar="SIZE",
+              help="PostgreSQL memory for the build (set for the building transaction only).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @database_option
 @handle_errors
-def build(model, layers, m, ef_construction, database_url):
+def build(model, layers, m, ef_construction, maintenance_work_mem, no_progress, database_url):
     """Build (or rebuild) the ANN index of each layer of MODEL.
+
+    Queries keep answering during a rebuild: the new index is built beside
+    the old one and swapped in at the end. Writes to the layer being
+    indexed wait until its build is done.
 
     \b
     Example:
         llens index build HuggingFaceTB/SmolLM2-135M --layers 8,16
     """
+    from latentlens.ingest import IndexBuildProgress
+
     wanted = parse_int_list(layers, "--layers")
     with open_store(database_url) as store:
-        done = store.build_index(
-            model, wanted, m=m, ef_construction=ef_construction,
-            progress=lambda layer: click.echo(f"indexed layer {layer}", err=True),
-        )
+        bar = IndexBuildProgress(enabled=not no_progress, layers=wanted or store.get_model(model).layer_numbers)
+        try:
+            done = store.build_index(model, wanted, m=m, ef_construction=ef_construction,
+                                     maintenance_work_mem=maintenance_work_mem, progress=bar)
+        finally:
+            bar.close()
     click.echo(f"Built ANN indexes of '{model}' layers {','.join(map(str, done))}.")
 
 

@@ -1,8 +1,10 @@
 """latentlens: a shared, PostgreSQL + pgvector backed LatentLens.
 
 Data flows one way: models -> ingest -> store <- query <- vlm/report.
-Importing the package is cheap; torch is imported only by the modules that
-run models (models, ingest, query's hidden-state helpers, vlm).
+Importing the package is cheap. torch (the ``models`` extra) is imported
+only where models run (models, ingest, text and image queries, vlm) and by
+the exact local scan (latentlens.scan); a vector query answered by HNSW, or
+by PostgreSQL where torch is not installed, never imports it.
 """
 
 from __future__ import annotations

@@ -66,19 +66,14 @@ def status(database_url: str | None) -> dict[str, Any]:
             counts = conn.execute(
                 "SELECT (SELECT count(*) FROM model), (SELECT count(*) FROM corpus), "
                 "(SELECT count(*) FROM sentence), (SELECT coalesce(sum(row_count), 0) FROM model_layer), "
-                "(SELECT count(*) FROM ingest_run WHERE status = 'running'), "
-                "(SELECT value FROM llens_meta WHERE key = 'ann_index')"
+                "(SELECT count(*) FROM ingest_run WHERE status = 'running')"
             ).fetchone()
             info["models"], info["corpora"], info["sentences"], info["embeddings"], info["running_ingests"] = (
-                int(x) for x in counts[:5]
+                int(x) for x in counts
             )
-            ann = counts[5]
-        else:
-            ann = None
-    if settings.embedded:
-        ann = "on" if db.embedded_ann_supported() else "off"
+        ann = conn.execute("SELECT current_setting(%s, true)", (db.ANN_SETTING,)).fetchone()[0]
     info["ann_indexes"] = (
-        "unavailable on this CPU (embedded pgvector needs AVX-512): queries use exact search"
-        if ann == "off" else "available"
+        "disabled: this server's pgvector failed latentlens' ANN probe (llens.ann_index = off); "
+        "queries use exact search" if ann == "off" else "available"
     )
     return info

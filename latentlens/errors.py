@@ -2,7 +2,9 @@
 
 Every user mistake (unknown model, wrong dimension, unreachable database, …)
 is a `LatentLensError` subclass with a one-line message; the CLI turns these
-into `Error: …` and a non-zero exit, never a traceback.
+into `Error: …` and a non-zero exit, never a traceback. Exit codes: 2 bad
+input (what the user named or gave cannot be used), 3 database unreachable,
+4 schema out of date, 1 anything else.
 """
 
 from __future__ import annotations
@@ -33,25 +35,37 @@ class SchemaOutOfDate(LatentLensError):
 class UnknownModel(LatentLensError):
     """No model of that name is registered in the store."""
 
+    exit_code = 2
+
 
 class UnknownLayer(LatentLensError):
     """The model has no stored embeddings for that layer."""
+
+    exit_code = 2
 
 
 class UnknownCorpus(LatentLensError):
     """No corpus of that name is registered in the store."""
 
+    exit_code = 2
+
 
 class DimensionMismatch(LatentLensError):
     """A vector's size differs from the model's hidden size."""
+
+    exit_code = 2
 
 
 class ModelMismatch(LatentLensError):
     """A model re-registered under a name with different shape or layers."""
 
+    exit_code = 2
+
 
 class EmptyResult(LatentLensError):
     """The query has nothing to search (e.g. a model with no rows yet)."""
+
+    exit_code = 2
 
 
 class InputError(LatentLensError):

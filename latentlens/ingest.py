@@ -278,7 +278,7 @@ def _register_corpus(store: Store, corpus: Corpus, name: str | None) -> tuple[Co
                 "give this one a name with --corpus-name"
             ) from None
     if info.sentence_count == len(corpus):
-        ids, ords, _ = store.corpus_sentences(info)
+        ids, ords = store.corpus_ids(info)  # ids and ordinals only: the texts are known
         if len(ids) == len(corpus) and np.array_equal(ords, np.arange(len(corpus))):
             return info, ids
     parts = []
@@ -496,6 +496,13 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
         raise InputError(f"run {run.id} was just taken over by another process")
     else:
         echo(f"Resuming run {run.id} at sentence {run.sentences_done:,} of {plan.total_in_shard:,}.")
+    if opts.build_index:
+        # the index is rebuilt at the end: inserting every row into HNSW first is wasted work
+        indexed = [li.layer for li in store.get_model(info.name).layers if li.index_kind and li.layer in layers]
+        if indexed:
+            store.drop_index(info, indexed)
+            echo(f"Dropped the ANN indexes of layers {','.join(map(str, indexed))} while loading; "
+                 "they are rebuilt at the end (queries meanwhile use exact search).")
     progress = _Progress(opts.progress, plan.total_in_shard, run.sentences_done,
                          f"ingest {info.name}" + (f" [{shard}/{nshards}]" if nshards > 1 else ""))
     writer = _Writer(store.url, info, run, opts.max_contexts_per_token, run.counters, progress.update)
@@ -507,21 +514,26 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
             writer.join(0.2)
         if writer.error is not None:
             raise writer.error
-        store.finish_run(run.id, "done")
+        # exactly one shard of a sharded run sees every shard done: that one builds
+        last_shard = store.finish_run(run.id, "done")
     except KeyboardInterrupt:
         _stop_writer(writer)
         store.finish_run(run.id, "interrupted", "interrupted by the user")
+        _tell_shard_stopped(echo, run, "was interrupted")
         raise
     except BaseException as e:
         _stop_writer(writer)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         store.finish_run(run.id, "failed", msg)
+        _tell_shard_stopped(echo, run, "failed")
         raise
     finally:
         progress.close()
     result = IngestResult(store.get_run(run.id), info.name, cinfo.name, resumed=resumed)
+    # planner statistics: without them the planner never picks the HNSW index
+    store.analyze(info, layers)
     if opts.build_index:
-        result.notices.extend(_maybe_build_index(store, info, layers, result.run))
+        result.notices.extend(_maybe_build_index(store, info, layers, result.run, last_shard, opts.progress))
     for n in result.notices:
         echo(n)
     return result
@@ -597,16 +609,53 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
                                 int(plan.lengths[c0:c1].sum()), counters), opts.queue_chunks)
 
 
-def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo) -> list[str]:
+def _tell_shard_stopped(echo: Echo, run: RunInfo, how: str) -> None:
+    if run.num_shards > 1:
+        echo(f"Shard {run.shard}/{run.num_shards} (run {run.id}) {how}: the ANN indexes are built when every "
+             f"shard is done; resume it with `llens ingest --resume {run.id}`.")
+
+
+def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
+                       last_shard: bool, progress: bool) -> list[str]:
     if not store.ann_supported():
         return ["ANN index skipped: this server's pgvector cannot build indexes on this CPU; "
                 "queries use exact search (build later with `llens index build` on a capable server)."]
-    if run.num_shards > 1:
-        siblings = [r for r in store.list_runs(info.name)
-                    if r.corpus_id == run.corpus_id and r.params == run.params
-                    and r.num_shards == run.num_shards and r.shard != run.shard]
-        done = {r.shard for r in siblings if r.status == "done"}
-        if len(done) < run.num_shards - 1:
-            return ["ANN index deferred: other shards are still running; the last shard builds it."]
-    store.build_index(info, layers)
+    if not last_shard:
+        return ["ANN index deferred: other shards are still running; the last shard to finish builds it."]
+    bar = IndexBuildProgress(enabled=progress, layers=layers)
+    try:
+        store.build_index(info, layers, progress=bar)
+    finally:
+        bar.close()
     return [f"Built ANN indexes for layers {','.join(map(str, layers))}."]
+
+
+class IndexBuildProgress:
+    """A progress bar per index build, fed by Store.build_index's IndexProgress events."""
+
+    def __init__(self, *, enabled: bool, layers: Sequence[int]):
+        self.enabled, self.layers = enabled, list(layers)
+        self.bar: Any = None
+        self.layer: int | None = None
+
+    def __call__(self, ev: Any) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if ev.layer != self.layer:
+            self.close()
+            self.layer = ev.layer
+            n = self.layers.index(ev.layer) + 1 if ev.layer in self.layers else 0
+            self.bar = tqdm(desc=f"index layer {ev.layer} ({n}/{len(self.layers)})", total=ev.total or None,
+                            unit="row", file=sys.stderr, dynamic_ncols=True, leave=False)
+        if ev.total and self.bar.total != ev.total:
+            self.bar.total = ev.total
+        self.bar.set_postfix_str(ev.phase, refresh=False)
+        self.bar.n = ev.total if ev.finished else ev.done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

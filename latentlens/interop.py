@@ -189,6 +189,7 @@ def import_index(
                 raise DimensionMismatch(f"layer {layer} has {emb.shape[1]} dimensions, layer {first_layer} has {dim}")
         report.layers[layer] = _import_layer(store, info, corpus, layer, emb, meta, chunk_rows, progress)
         del emb, meta
+        store.analyze(info, [layer])  # planner statistics for the loaded leaf
     report.sentences = store.get_corpus(corpus.name).sentence_count
     return report
 
@@ -280,10 +281,10 @@ def export_index(
     """Write ``model`` in the reference layout; returns {"layers": {layer: rows}, "hidden_dim": D}."""
     import torch
 
-    from latentlens.query import search_layers
+    from latentlens.search import validate_layers
 
     info = store.get_model(model)
-    chosen = search_layers(info, layers)
+    chosen = validate_layers(info, layers)
     directory = Path(directory)
     if (directory / "metadata.json").exists() and not overwrite:
         raise InputError(f"{directory} already holds an index (metadata.json): choose another dir or overwrite")

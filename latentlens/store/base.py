@@ -49,22 +49,16 @@ class StoreBase:
             migrate.upgrade(url)
             db.register_vector_types(conn)
             conn.commit()
-        if settings.embedded:
-            store._set_meta("ann_index", "on" if db.embedded_ann_supported() else "off")
         return store
 
-    def _set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO llens_meta (key, value) VALUES (%s, %s) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE llens_meta.value <> excluded.value",
-                (key, value),
-            )
-
     def ann_supported(self) -> bool:
-        """Whether this server can build/scan ANN indexes (see db.embedded_ann_supported)."""
-        rows = self._fetch("SELECT value FROM llens_meta WHERE key = 'ann_index'")
-        return not rows or rows[0][0] != "off"
+        """Whether this server may build and scan ANN indexes.
+
+        The embedded server records a probe's answer in its configuration
+        (``llens.ann_index``, see db.ensure_ann_probe); a team server says
+        'on' unless its administrator set it 'off'.
+        """
+        return bool(self._fetch("SELECT llens_ann_enabled()")[0][0])
 
     def close(self) -> None:
         self.conn.close()

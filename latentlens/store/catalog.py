@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from latentlens.errors import InputError, ModelMismatch, UnknownCorpus, UnknownLayer, UnknownModel
+from latentlens.errors import InputError, ModelMismatch, UnknownCorpus, UnknownModel
 from latentlens.store.base import StoreBase
 from latentlens.store.types import CorpusInfo, LayerInfo, ModelInfo, text_hash
 
@@ -68,12 +68,7 @@ class CatalogMixin(StoreBase):
     def ensure_layers(self, model: ModelInfo | str, layers: Sequence[int]) -> ModelInfo:
         """Create the leaf partitions (and model_layer rows) of these layers."""
         info = self.get_model(model) if isinstance(model, str) else model
-        bad = [x for x in layers if x < 0 or x > info.num_layers]
-        if bad:
-            raise UnknownLayer(
-                f"layer {bad[0]} is out of range for '{info.name}' "
-                f"(0 = input embeddings .. {info.num_layers} = last block)"
-            )
+        info.check_layer_range(layers)
         with self.transaction() as conn:
             for layer in sorted(set(layers)):
                 conn.execute("SELECT llens_ensure_layer(%s, %s)", (info.id, layer))
@@ -182,10 +177,17 @@ class CatalogMixin(StoreBase):
                 WITH gone AS (
                     DELETE FROM token_embedding e USING sentence s
                      WHERE s.id = e.sentence_id AND s.corpus_id = %(c)s
-                    RETURNING e.model_id, e.layer)
-                UPDATE model_layer ml SET row_count = ml.row_count - g.n, version = ml.version + 1
-                  FROM (SELECT model_id, layer, count(*) AS n FROM gone GROUP BY 1, 2) g
-                 WHERE ml.model_id = g.model_id AND ml.layer = g.layer
+                    RETURNING e.model_id, e.layer, e.sentence_id, e.position, e.token_id),
+                layers AS (
+                    UPDATE model_layer ml SET row_count = ml.row_count - g.n, version = ml.version + 1
+                      FROM (SELECT model_id, layer, count(*) AS n FROM gone GROUP BY 1, 2) g
+                     WHERE ml.model_id = g.model_id AND ml.layer = g.layer)
+                -- give the contexts back to the per-token quota (one context counts once,
+                -- whatever the number of layers it was stored at)
+                UPDATE token_quota q SET used = greatest(q.used - g.n, 0)
+                  FROM (SELECT model_id, token_id, count(DISTINCT (sentence_id, position)) AS n
+                          FROM gone GROUP BY 1, 2) g
+                 WHERE q.model_id = g.model_id AND q.token_id = g.token_id
                 """,
                 {"c": info.id},
             )
@@ -207,7 +209,7 @@ class CatalogMixin(StoreBase):
             with conn.cursor().copy("COPY _llens_new_sentence (ordinal, text, text_hash) FROM STDIN") as copy:
                 for o, t, h in zip(ordinals, texts, hashes):
                     copy.write_row((o, t, h))
-            conn.execute(
+            added = conn.execute(
                 """
                 INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
                 SELECT %(c)s, ordinal, text, text_hash FROM (
@@ -225,9 +227,9 @@ class CatalogMixin(StoreBase):
                 """,
                 {"c": info.id},
             ).fetchall()
+            # counted by what this chunk added: recounting the corpus per chunk is quadratic
             conn.execute(
-                "UPDATE corpus SET sentence_count = (SELECT count(*) FROM sentence WHERE corpus_id = %(c)s) WHERE id = %(c)s",
-                {"c": info.id},
+                "UPDATE corpus SET sentence_count = sentence_count + %s WHERE id = %s", (added.rowcount, info.id)
             )
         by_hash = {bytes(h): i for h, i in rows}
         return np.array([by_hash[h] for h in hashes], dtype=np.int64)

@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from latentlens.errors import DimensionMismatch, UnknownLayer
 from latentlens.pgcopy import HEADER, TRAILER, decode_rows, encode_rows, normalize_rows, row_size
 from latentlens.store.base import StoreBase
-from latentlens.store.types import EmbeddingBatch, ModelInfo
+from latentlens.store.types import KEY_DTYPE, EmbeddingBatch, ModelInfo
 
 EMBEDDING_COLUMNS: tuple[tuple[str, str], ...] = (
     ("model_id", "int4"),
@@ -208,6 +209,31 @@ class EmbeddingsMixin(StoreBase):
             if body:
                 yield _split_scan(body, dim)
 
+    def sample_layer(self, model: ModelInfo | str, layer: int, rows: int = 2048) -> np.ndarray:
+        """About ``rows`` stored vectors of a leaf (float16 [n, D]), drawn by page sampling.
+
+        Cheap whatever the leaf's size (TABLESAMPLE SYSTEM reads only the
+        sampled pages): the search policy's distribution test compares
+        queries against it.
+        """
+        info = self.get_model(model) if isinstance(model, str) else model
+        li = info.layer(layer)
+        pct = min(100.0, 100.0 * 1.5 * rows / max(li.row_count, 1))
+        with self.transaction() as conn:
+            leaf = conn.execute("SELECT llens_leaf_name(%s, %s)", (info.id, layer)).fetchone()[0]
+            sampled = sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(
+                sql.Identifier(leaf), sql.Literal(pct)) if pct < 100 else sql.Identifier(leaf)
+            query = sql.SQL("COPY (SELECT embedding FROM {} LIMIT {}) TO STDOUT (FORMAT BINARY)").format(
+                sampled, sql.Literal(int(rows)))
+            payload = bytearray()
+            with conn.cursor().copy(query) as copy:
+                for chunk in copy:
+                    payload += chunk
+        body = bytes(payload)[len(HEADER): -len(TRAILER)]
+        if not body:
+            return np.zeros((0, info.hidden_size), dtype=np.float16)
+        return decode_rows((("embedding", "halfvec"),), body, info.hidden_size)["embedding"].astype(np.float16)
+
     def layer_keys(self, model: ModelInfo | str, layer: int) -> np.ndarray:
         """(sentence_id, position) of every row of a leaf, by binary COPY, no vectors.
 
@@ -251,7 +277,7 @@ class EmbeddingsMixin(StoreBase):
 
 def _split_scan(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
     rows = decode_rows(SCAN_COLUMNS, body, dim)
-    keys = np.empty(len(rows), dtype=[("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
+    keys = np.empty(len(rows), dtype=KEY_DTYPE)
     keys["sentence_id"] = rows["sentence_id"]
     keys["position"] = rows["position"]
     keys["token_id"] = rows["token_id"]

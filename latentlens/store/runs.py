@@ -90,13 +90,41 @@ class RunsMixin(StoreBase):
             (resume_ordinal, sentences, tokens, rows, Jsonb(dict(counters)), run_id),
         )
 
-    def finish_run(self, run_id: int, status: str, error: str | None = None) -> None:
+    def finish_run(self, run_id: int, status: str, error: str | None = None) -> bool:
+        """Record how a run ended. For 'done', return whether every shard of its run is now done.
+
+        The shards of one sharded run (same model, corpus, parameters and
+        shard count) lock each other's rows in id order here, so finishers
+        are serialised and exactly one of them sees all shards done: that
+        one builds the indexes.
+        """
         with self.transaction() as conn:
+            me = conn.execute(
+                "SELECT model_id, corpus_id, params, num_shards FROM ingest_run WHERE id = %s", (run_id,)
+            ).fetchone()
+            siblings = conn.execute(
+                "SELECT id, shard, status FROM ingest_run WHERE model_id = %s AND corpus_id = %s "
+                "AND params = %s AND num_shards = %s ORDER BY id FOR UPDATE",
+                (me[0], me[1], Jsonb(me[2]), me[3]),
+            ).fetchall() if me else []
             conn.execute(
                 "UPDATE ingest_run SET status = %s, error = %s, heartbeat_at = now(), "
                 "finished_at = CASE WHEN %s = 'done' THEN now() ELSE finished_at END WHERE id = %s",
                 (status, error, status, run_id),
             )
+        if status != "done" or not me:
+            return False
+        done = {shard for rid, shard, st in siblings if st == "done" or rid == run_id}
+        return len(done) == me[3]
+
+    def corpus_ids(self, corpus: CorpusInfo | str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, ordinals) of a corpus in ordinal order, without the texts."""
+        info = self.get_corpus(corpus) if isinstance(corpus, str) else corpus
+        rows = self._fetch(
+            "SELECT coalesce(array_agg(id ORDER BY ordinal), '{}'), coalesce(array_agg(ordinal ORDER BY ordinal), '{}') "
+            "FROM sentence WHERE corpus_id = %s", (info.id,)
+        )
+        return np.array(rows[0][0], dtype=np.int64), np.array(rows[0][1], dtype=np.int64)
 
     def corpus_sentences(self, corpus: CorpusInfo | str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(ids, ordinals, texts) of a corpus in ordinal order (resume needs no corpus file)."""

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
 
-from latentlens.errors import DimensionMismatch, EmptyResult, IndexUnsupported, InputError
-from latentlens.pgcopy import HEADER, TRAILER, encode_rows, normalize_rows
+from latentlens.db import first_line
+from latentlens.errors import EmptyResult, IndexUnsupported, InputError
+from latentlens.pgcopy import HEADER, TRAILER, encode_rows
 from latentlens.store.base import StoreBase
-from latentlens.store.types import Context, KnnResult, ModelInfo
+from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_queries
+
+# maintenance_work_mem of the transaction that builds an index (only there:
+# other sessions keep the server's setting)
+BUILD_MAINTENANCE_WORK_MEM = "1GB"
+
+
+@dataclass(frozen=True)
+class IndexProgress:
+    """A step of an index build, as pg_stat_progress_create_index reports it."""
+
+    layer: int
+    phase: str
+    done: int
+    total: int
+    finished: bool = False
 
 
 class SearchMixin(StoreBase):
@@ -21,23 +38,45 @@ class SearchMixin(StoreBase):
 
     def build_index(
         self, model: ModelInfo | str, layers: Sequence[int] | None = None, *,
-        m: int = 16, ef_construction: int = 64, progress: Any = None,
+        m: int | None = None, ef_construction: int | None = None,
+        maintenance_work_mem: str | None = BUILD_MAINTENANCE_WORK_MEM,
+        progress: Callable[[IndexProgress], None] | None = None,
     ) -> list[int]:
-        """Build (or rebuild) each layer's ANN index; return the layers done."""
+        """Build (or rebuild) each layer's ANN index; return the layers done.
+
+        Readers keep answering during a build (``llens_build_index`` builds
+        under a temporary name and swaps). ``m`` / ``ef_construction`` default
+        to the SQL function's (16 / 64). ``maintenance_work_mem`` is set for
+        the building transaction only (HNSW builds that spill are far slower).
+        ``progress`` gets IndexProgress events polled from
+        pg_stat_progress_create_index on a second connection.
+        """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
         for layer in todo:
             info.layer(layer)
         if not self.ann_supported():
             raise IndexUnsupported(
-                "this server's pgvector cannot build ANN indexes on this CPU (the embedded "
-                "pgvector needs AVX-512); queries use exact search, which needs no index"
+                "this server's pgvector cannot build ANN indexes on this CPU (its ANN probe "
+                "failed, llens.ann_index = off); queries use exact search, which needs no index"
             )
+        args = ["p_model_id => %(m)s", "p_layer => %(l)s"]
+        if m is not None:
+            args.append("p_m => %(hm)s")
+        if ef_construction is not None:
+            args.append("p_ef_construction => %(efc)s")
+        sql = f"SELECT llens_build_index({', '.join(args)})"
         for layer in todo:
-            with self.transaction() as conn:
-                conn.execute("SELECT llens_build_index(%s, %s, %s, %s)", (info.id, layer, m, ef_construction))
+            watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
+            try:
+                with self.transaction() as conn, watcher:
+                    if maintenance_work_mem:
+                        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+                    conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction})
+            except psycopg.errors.InvalidParameterValue as e:
+                raise InputError(first_line(e).removeprefix("llens: ")) from None
             if progress is not None:
-                progress(layer)
+                progress(IndexProgress(layer, "done", 1, 1, finished=True))
         return todo
 
     def drop_index(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> list[int]:
@@ -48,6 +87,14 @@ class SearchMixin(StoreBase):
                 info.layer(layer)
                 conn.execute("SELECT llens_drop_index(%s, %s)", (info.id, layer))
         return todo
+
+    def analyze(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> None:
+        """Refresh the planner statistics of these leaves (after a load: see llens_analyze)."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        todo = list(layers) if layers is not None else info.layer_numbers
+        for layer in todo:
+            with self.transaction() as conn:
+                conn.execute("SELECT llens_analyze(%s, %s)", (info.id, layer))
 
     # ---- search ---------------------------------------------------------
 
@@ -60,66 +107,43 @@ class SearchMixin(StoreBase):
         *,
         exact: bool = False,
         ef_search: int | None = None,
-        rerank: int | None = None,
     ) -> KnnResult:
         """k nearest stored rows by cosine for a batch of queries, in one round trip.
 
-        Without ``exact`` the leaf's ANN index is used if it has one (HNSW
-        over halfvec; over the binary quantization for D > 4000, re-ranking
-        ``rerank`` candidates, default max(10k, 200), by exact cosine).
-        ``exact`` orders by the uncast column, which no index matches, so
-        PostgreSQL scans the leaf: slow, but exact, for checks.
+        Each query runs ``llens_knn`` (sql/0002_search.sql), the one k-NN
+        query of latentlens: the leaf's ANN index where it has one and the
+        server supports it (``ef_search`` raises hnsw.ef_search for this
+        batch), else, or with ``exact``, an exact scan inside PostgreSQL
+        (slow on big leaves: the library's fast exact path is latentlens.scan).
         """
         info = self.get_model(model) if isinstance(model, str) else model
         li = info.layer(layer)
-        q = np.asarray(queries, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != info.hidden_size:
-            raise DimensionMismatch(
-                f"query vectors have {q.shape[-1]} dimensions, model '{info.name}' has {info.hidden_size}"
-            )
-        if k < 1:
-            raise InputError("k must be at least 1")
+        q = unit_queries(queries, info.hidden_size, info.name)
+        k = check_k(k)
         if li.row_count == 0:
             raise EmptyResult(f"model '{info.name}' has no rows in layer {layer} yet")
-        nq, d = q.shape
-        kind = None if exact else li.index_kind
-        ef = max(ef_search or 40, k)
-        if kind == "hnsw_halfvec":
-            order = f"e.embedding::halfvec({d}) <=> q.v::halfvec({d})"
-            inner = f"SELECT e.sentence_id, e.position, e.token_id, {order} AS dist FROM token_embedding e WHERE e.model_id = %(m)s AND e.layer = %(l)s ORDER BY {order} LIMIT %(k)s"
-        elif kind == "hnsw_binary":
-            ncand = rerank or max(10 * k, 200)
-            ef = max(ef, ncand)
-            inner = (
-                "SELECT c.sentence_id, c.position, c.token_id, c.embedding <=> q.v AS dist FROM ("
-                " SELECT e.sentence_id, e.position, e.token_id, e.embedding FROM token_embedding e"
-                " WHERE e.model_id = %(m)s AND e.layer = %(l)s"
-                f" ORDER BY binary_quantize(e.embedding)::bit({d}) <~> binary_quantize(q.v::halfvec({d}))"
-                f" LIMIT {int(ncand)}) c ORDER BY c.embedding <=> q.v LIMIT %(k)s"
-            )
-        else:
-            inner = "SELECT e.sentence_id, e.position, e.token_id, e.embedding <=> q.v AS dist FROM token_embedding e WHERE e.model_id = %(m)s AND e.layer = %(l)s ORDER BY e.embedding <=> q.v LIMIT %(k)s"
-        sim = np.full((nq, k), -np.inf, dtype=np.float32)
-        sid = np.full((nq, k), -1, dtype=np.int64)
-        pos = np.full((nq, k), -1, dtype=np.int32)
-        tok = np.full((nq, k), -1, dtype=np.int32)
+        out = KnnResult.empty(layer, len(q), k)
         with self.transaction() as conn:
-            conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(int(ef)),))
+            if ef_search is not None:
+                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(1, min(int(ef_search), 1000))),))
             _load_queries(conn, q)
             rows = conn.execute(
-                f"SELECT q.i, n.sentence_id, n.position, n.token_id, n.dist FROM _llens_query q "
-                f"CROSS JOIN LATERAL ({inner}) n ORDER BY q.i, n.dist",
-                {"m": info.id, "l": layer, "k": k},
+                "SELECT q.i, n.sentence_id, n.position, n.token_id, n.distance FROM _llens_query q "
+                "CROSS JOIN LATERAL llens_knn(%s, %s, q.v, %s, %s) n",
+                (info.id, layer, k, bool(exact)),
             ).fetchall()
-        fill = np.zeros(nq, dtype=np.int64)
-        for i, s, p, t, dist in rows:
-            j = fill[i]
-            if j < k:
-                sim[i, j], sid[i, j], pos[i, j], tok[i, j] = 1.0 - dist, s, p, t
-                fill[i] = j + 1
-        return KnnResult(layer=layer, similarity=sim, sentence_id=sid, position=pos, token_id=tok)
+        if rows:
+            arr = np.array(rows, dtype=np.float64)
+            qi = arr[:, 0].astype(np.int64)
+            order = np.lexsort((arr[:, 4], qi))
+            arr, qi = arr[order], qi[order]
+            first = np.r_[0, np.flatnonzero(np.diff(qi)) + 1]
+            rank = np.arange(len(qi)) - np.repeat(first, np.diff(np.r_[first, len(qi)]))
+            out.similarity[qi, rank] = 1.0 - arr[:, 4]
+            out.sentence_id[qi, rank] = arr[:, 1].astype(np.int64)
+            out.position[qi, rank] = arr[:, 2].astype(np.int32)
+            out.token_id[qi, rank] = arr[:, 3].astype(np.int32)
+        return out
 
     def contexts(
         self, model: ModelInfo | str, layer_keys: Sequence[tuple[int, int, int]]
@@ -175,13 +199,48 @@ class SearchMixin(StoreBase):
 
 
 def _load_queries(conn: psycopg.Connection, q: np.ndarray) -> None:
-    """Send a batch of query vectors to a temp table by binary COPY (one round trip)."""
+    """Send a batch of unit query vectors to a temp table by binary COPY (one round trip)."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS _llens_query (i integer, v halfvec) ON COMMIT DELETE ROWS")
     payload = HEADER + encode_rows(
         (("i", "int4"), ("v", "halfvec")),
-        {"i": np.arange(len(q), dtype=np.int32), "v": normalize_rows(q)},
+        {"i": np.arange(len(q), dtype=np.int32), "v": q},
     ) + TRAILER
     with conn.cursor().copy("COPY _llens_query (i, v) FROM STDIN (FORMAT BINARY)") as copy:
         copy.write(payload)
 
 
+class _ProgressWatcher:
+    """Polls pg_stat_progress_create_index for one backend while it builds an index."""
+
+    def __init__(self, url: str, pid: int, layer: int, progress: Callable[[IndexProgress], None] | None,
+                 interval: float = 0.5):
+        self.url, self.pid, self.layer, self.progress, self.interval = url, pid, layer, progress, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _ProgressWatcher:
+        if self.progress is not None:
+            self._thread = threading.Thread(target=self._run, name="llens-index-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
+                while not self._stop.wait(self.interval):
+                    row = conn.execute(
+                        "SELECT phase, tuples_done, tuples_total, blocks_done, blocks_total "
+                        "FROM pg_stat_progress_create_index WHERE pid = %s", (self.pid,)
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    phase, td, tt, bd, bt = row
+                    done, total = (td, tt) if tt else (bd, bt)
+                    self.progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0)))
+        except psycopg.Error:
+            return  # progress is best effort: the build itself reports its errors

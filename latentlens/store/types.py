@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from latentlens.errors import UnknownLayer
+from latentlens.errors import DimensionMismatch, InputError, UnknownLayer
+
+# The largest k any search serves: results are Q x layers x k rows with
+# sentences, and HNSW itself stops at 1000 (larger k scan exactly).
+MAX_K = 10_000
+# (sentence_id, position, token_id) of a stored row, as the scan cache keeps them
+KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,15 @@ class ModelInfo:
     @property
     def row_count(self) -> int:
         return sum(li.row_count for li in self.layers)
+
+    def check_layer_range(self, layers: Any) -> None:
+        """Every layer in 0..num_layers (0 = input embeddings), or UnknownLayer naming the range."""
+        bad = [x for x in layers if x < 0 or x > self.num_layers]
+        if bad:
+            raise UnknownLayer(
+                f"layer {bad[0]} is out of range for '{self.name}' "
+                f"(0 = input embeddings .. {self.num_layers} = last block)"
+            )
 
     def layer(self, layer: int) -> LayerInfo:
         for li in self.layers:
@@ -133,6 +148,16 @@ class KnnResult:
     position: np.ndarray
     token_id: np.ndarray
 
+    @classmethod
+    def empty(cls, layer: int, nq: int, k: int) -> KnnResult:
+        return cls(layer, np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64),
+                   np.full((nq, k), -1, dtype=np.int32), np.full((nq, k), -1, dtype=np.int32))
+
+    def take(self, rows: np.ndarray, other: KnnResult) -> None:
+        """Overwrite the results of queries ``rows`` with ``other``'s (answers for those queries)."""
+        for name in ("similarity", "sentence_id", "position", "token_id"):
+            getattr(self, name)[rows] = getattr(other, name)
+
 
 @dataclass(frozen=True)
 class Context:
@@ -151,3 +176,37 @@ def text_hash(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, (int, np.integer)) or k < 1 or k > MAX_K:
+        raise InputError(f"k must be between 1 and {MAX_K:,} (got {k})")
+    return int(k)
+
+
+def unit_queries(vectors: Any, dim: int, model: str = "") -> np.ndarray:
+    """Query vectors as float32 unit rows [Q, D], or a one-line error.
+
+    Normalised in float32 (mid-layer hidden states have norms in the
+    thousands); a zero, NaN or infinite vector has no direction to search by.
+    """
+    if hasattr(vectors, "detach"):  # a torch tensor, without importing torch
+        vectors = vectors.detach().float().cpu().numpy()
+    q = np.asarray(vectors, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2:
+        raise DimensionMismatch(f"query vectors must be [N, D] or [D], got shape {tuple(q.shape)}")
+    if q.shape[1] != dim:
+        who = f"model '{model}'" if model else "the model"
+        raise DimensionMismatch(f"query vectors have {q.shape[1]} dimensions, {who} has hidden size {dim}")
+    if len(q) == 0:
+        raise InputError("no query vectors given")
+    if not np.isfinite(q).all():
+        bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
+        raise InputError(f"query vector {bad} contains NaN or infinite values")
+    norms = np.linalg.norm(q, axis=1)
+    if not (norms > 0).all():
+        bad = int(np.flatnonzero(~(norms > 0))[0])
+        raise InputError(f"query vector {bad} is all zeros: it has no direction to search by")
+    return np.ascontiguousarray(q / norms[:, None])

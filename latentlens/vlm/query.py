@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentlens.errors import EmptyResult, InputError, ModelMismatch, UnknownLayer
+from latentlens.store.types import check_k
 from latentlens.vlm.geometry import Patch
 
 if TYPE_CHECKING:
@@ -36,11 +37,13 @@ class PatchResult:
     col: int
     box: tuple[float, float, float, float]
     neighbours: list[Neighbour]
+    search: dict[int, str] | None = None  # searched layer -> path that answered
 
     def to_dict(self) -> dict:
         return {
             "patch_idx": self.patch_idx, "row": self.row, "col": self.col, "box": list(self.box),
             "neighbours": [n.to_dict() for n in self.neighbours],
+            "search": None if self.search is None else {str(x): p for x, p in self.search.items()},
         }
 
 
@@ -212,14 +215,13 @@ def query_image(
     from latentlens.vlm.base import DEFAULT_PROMPT
     from latentlens.vlm.extract import extract_visual_tokens, load_image, load_vlm
 
-    if k < 1:
-        raise InputError("k must be at least 1")
+    k = check_k(k)
     info = lens.store.get_model(model)
     if info.row_count == 0:
         raise EmptyResult(f"model '{info.name}' has no rows yet: run `llens ingest {info.name} corpus.txt`")
-    from latentlens.query import search_layers
+    from latentlens.search import validate_layers
 
-    searched = search_layers(info, layers)  # fail fast, before loading the VLM
+    searched = validate_layers(info, layers)  # fail fast, before loading the VLM
     if visual_layers is None:
         visual_layers = info.layer_numbers
     visual_layers = sorted({int(v) for v in visual_layers})
@@ -250,13 +252,13 @@ def query_image(
                                resolution=resolution)
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
     queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
-    found = lens.neighbors(queries, info.name, layers=searched, k=k, exact=exact)
+    found = lens.neighbors(queries, info.name, layers=searched, k=k, exact=exact, query_kind="visual")
     out: list[VisualLayerResult] = []
     for i, v in enumerate(visual_layers):
         results = found[i * len(chosen): (i + 1) * len(chosen)]
         out.append(VisualLayerResult(v, [
             PatchResult(vt.patches[p].idx, vt.patches[p].row, vt.patches[p].col, vt.patches[p].box,
-                        r.neighbours)
+                        r.neighbours, r.search)
             for p, r in zip(chosen, results)
         ]))
     return ImageQueryResult(

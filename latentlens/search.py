@@ -1,0 +1,356 @@
+"""Deciding and running a search: the policy, HNSW, the exact scan, the merge.
+
+Two ways answer "the k nearest stored rows of these queries in this layer":
+
+* the exact scan (latentlens.scan): a local fp16 copy of the leaf, scanned by
+  blocks with a float32 matmul. Exact for every query. Its cost is one read
+  of the leaf (N x D) plus the matmul (N x D x Q): the read dominates small
+  batches, so a few queries on a big leaf pay for the whole leaf; a leaf not
+  yet cached is copied from the database first;
+* HNSW in PostgreSQL (``llens_knn``): about a millisecond per query whatever
+  the leaf's size, but approximate, and it misses badly on queries far from
+  every stored row (visual tokens: best cosine ~0.1-0.25), and one round of
+  graph search per query makes it slower than the scan for large batches.
+
+In ``auto`` mode each (layer, batch) goes where it is cheaper by a cost
+model calibrated once per machine (scan) and per leaf (HNSW, measured on the
+first queries it answers), and HNSW only gets queries it can answer well:
+
+1. no index, no ANN support on the server, k > 1000, or visual queries
+   (``query_kind="visual"``) -> scan;
+2. estimated HNSW cost of the batch >= the scan's -> scan;
+3. otherwise a cheap distribution test: each query's best cosine against a
+   sample of the leaf. Queries below ``ood_threshold`` there go to the scan
+   (if the split is still cheaper than scanning all), the rest to HNSW; any
+   HNSW answer whose best similarity is below ``ood_threshold`` is redone by
+   the scan. So out-of-distribution queries are always answered exactly.
+
+Every result records the path that answered it ("scan", "ann", "sql"); the
+``exact`` mode always scans, ``ann`` never falls back. Without torch (a
+SQL-only install) the exact path runs inside PostgreSQL ("sql").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from latentlens import config
+from latentlens.errors import EmptyResult, InputError
+from latentlens.store import KnnResult, ModelInfo, Store
+
+if TYPE_CHECKING:
+    from latentlens.scan import ScanEngine
+
+Mode = Literal["auto", "exact", "ann"]
+QueryKind = Literal["auto", "text", "visual"]
+MODES = ("auto", "exact", "ann")
+QUERY_KINDS = ("auto", "text", "visual")
+
+# Best cosine below which a query counts as out-of-distribution: text tokens'
+# nearest contexts score ~0.9, visual tokens' ~0.1-0.3.
+DEFAULT_OOD_THRESHOLD = 0.5
+# hnsw.ef_search in auto mode: recall@10 >= 0.95 on in-distribution queries
+# at 300k rows per layer needs well above pgvector's default of 40
+# (bench/query.py measures it).
+AUTO_EF_SEARCH = 100
+HNSW_MAX_K = 1000
+SAMPLE_ROWS = 2048
+
+# Prior costs (seconds), replaced by measurements: per HNSW query
+# (a + b * ef * log2 N), and per element (row x dimension) to copy a leaf
+# into the scan cache. Measured on a 2-core AVX2 machine.
+ANN_PRIOR = (4e-4, 2e-6)
+COPY_PRIOR = 3.5e-8
+
+
+def validate_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
+    """The stored layers to search (default: all with rows), or a clear error naming what exists."""
+    have = ", ".join(f"{li.layer} ({li.row_count} rows)" for li in info.layers) or "none"
+    if info.row_count == 0:
+        raise EmptyResult(f"model '{info.name}' has no rows yet (stored layers: {have}): run `llens ingest`")
+    if layers is None:
+        return [li.layer for li in info.layers if li.row_count > 0]
+    chosen = sorted(set(int(x) for x in layers))
+    if not chosen:
+        raise InputError("no layers chosen")
+    for layer in chosen:
+        if info.layer(layer).row_count == 0:
+            raise EmptyResult(f"layer {layer} of model '{info.name}' has no rows (stored layers: {have})")
+    return chosen
+
+
+def check_mode(mode: str, query_kind: str = "auto") -> None:
+    if mode not in MODES:
+        raise InputError(f"unknown search mode '{mode}' (use {', '.join(MODES)})")
+    if query_kind not in QUERY_KINDS:
+        raise InputError(f"unknown query kind '{query_kind}' (use {', '.join(QUERY_KINDS)})")
+
+
+@dataclass
+class LayerSearch:
+    """One layer's answers, the path each query took, and why."""
+
+    result: KnnResult
+    paths: list[str]
+    reason: str
+    seconds: float = 0.0
+    estimates: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# costs
+
+
+def _cost_path() -> Path:
+    return config.cache_dir() / "scan" / "costs.json"
+
+
+class CostModel:
+    """Seconds a scan or an HNSW batch will take, from one-time measurements.
+
+    scan(N, D, Q) = N * D * (read + Q * mul) [+ N * D * copy when not cached];
+    the two scan constants are measured once per machine and torch build
+    (~0.3 s) and kept in the cache dir; copy and HNSW costs start from priors
+    and follow what this process observes.
+    """
+
+    def __init__(self) -> None:
+        self._scan: tuple[float, float] | None = None
+        self.copy = COPY_PRIOR
+        self._ann: dict[tuple[int, int], float] = {}  # (model id, layer) -> s per query at AUTO_EF_SEARCH
+
+    def scan_constants(self) -> tuple[float, float]:
+        if self._scan is None:
+            self._scan = _load_or_measure_scan()
+        return self._scan
+
+    def scan(self, rows: int, dim: int, nq: int, cached: bool) -> float:
+        read, mul = self.scan_constants()
+        t = rows * dim * (read + nq * mul)
+        return t if cached else t + rows * dim * self.copy
+
+    def ann(self, key: tuple[int, int], rows: int, nq: int, ef: int) -> float:
+        per = self._ann.get(key)
+        if per is None:
+            per = ANN_PRIOR[0] + ANN_PRIOR[1] * AUTO_EF_SEARCH * math.log2(max(rows, 2))
+        return nq * per * max(ef, 1) / AUTO_EF_SEARCH
+
+    def observe_ann(self, key: tuple[int, int], nq: int, ef: int, seconds: float) -> None:
+        per = seconds / max(nq, 1) * AUTO_EF_SEARCH / max(ef, 1)
+        old = self._ann.get(key)
+        self._ann[key] = per if old is None else 0.5 * (old + per)
+
+    def observe_copy(self, elements: int, seconds: float) -> None:
+        if elements > 1_000_000:
+            self.copy = 0.5 * (self.copy + seconds / elements)
+
+
+def _load_or_measure_scan() -> tuple[float, float]:
+    from latentlens.scan import calibration_key, measure_scan
+
+    path, key = _cost_path(), calibration_key()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_scan()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    c = cached[key]
+    return float(c["read"]), float(c["mul"])
+
+
+# --------------------------------------------------------------------------
+# the searcher
+
+
+class Searcher:
+    """Runs searches for a Lens: owns the scan engine, the cost model and leaf samples."""
+
+    def __init__(self, store: Store, *, scan_args: dict[str, Any] | None = None,
+                 ood_threshold: float = DEFAULT_OOD_THRESHOLD):
+        self.store = store
+        self.ood_threshold = ood_threshold
+        self.costs = CostModel()
+        self._scan_args = scan_args or {}
+        self._scan: ScanEngine | None = None
+        self._torch: bool | None = None
+        self._samples: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    # ---- engines ------------------------------------------------------------
+
+    @property
+    def has_torch(self) -> bool:
+        if self._torch is None:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                self._torch = False
+            else:
+                self._torch = True
+        return self._torch
+
+    @property
+    def scan(self) -> ScanEngine:
+        if self._scan is None:
+            from latentlens.scan import ScanEngine
+
+            self._scan = ScanEngine(self.store, **self._scan_args)
+        return self._scan
+
+    def _exact(self, info: ModelInfo, layer: int, q: np.ndarray, k: int) -> tuple[KnnResult, str]:
+        li = info.layer(layer)
+        if not self.has_torch:
+            return self.store.knn(info, layer, q, k, exact=True), "sql"
+        cached = self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
+        t = time.perf_counter()
+        res = self.scan.search(info, layer, q, k, version=(li.row_count, li.version))
+        if not cached:
+            self.costs.observe_copy(li.row_count * info.hidden_size, time.perf_counter() - t)
+        return res, "scan"
+
+    def _ann(self, info: ModelInfo, layer: int, q: np.ndarray, k: int, ef: int) -> KnnResult:
+        t = time.perf_counter()
+        res = self.store.knn(info, layer, q, k, ef_search=ef)
+        self.costs.observe_ann((info.id, layer), len(q), ef, time.perf_counter() - t)
+        return res
+
+    # ---- policy ---------------------------------------------------------------
+
+    def search(
+        self, info: ModelInfo, layers: Sequence[int], q: np.ndarray, k: int, *,
+        mode: Mode = "auto", query_kind: QueryKind = "auto", ef_search: int | None = None,
+    ) -> dict[int, LayerSearch]:
+        """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan."""
+        check_mode(mode, query_kind)
+        out = {}
+        for layer in layers:
+            t = time.perf_counter()
+            ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search)
+            ls.seconds = time.perf_counter() - t
+            out[layer] = ls
+        return out
+
+    def _search_layer(
+        self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,
+        ef_search: int | None,
+    ) -> LayerSearch:
+        li = info.layer(layer)
+        nq = len(q)
+        ann_ok = li.index_kind is not None and k <= HNSW_MAX_K and self.store.ann_supported()
+
+        def exact(reason: str) -> LayerSearch:
+            res, path = self._exact(info, layer, q, k)
+            return LayerSearch(res, [path] * nq, reason)
+
+        if mode == "exact":
+            return exact("exact search requested")
+        if not ann_ok:
+            why = ("no ANN index on this layer" if li.index_kind is None
+                   else f"k > {HNSW_MAX_K}" if k > HNSW_MAX_K else "ANN disabled on this server")
+            return exact(why)
+        ef = min(HNSW_MAX_K, max(ef_search or AUTO_EF_SEARCH, k))
+        if mode == "ann":
+            return LayerSearch(self._ann(info, layer, q, k, ef), ["ann"] * nq, "ANN search requested")
+        if query_kind == "visual":
+            return exact("visual queries are out of distribution: exact scan")
+
+        cached = self.has_torch and self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
+        key = (info.id, layer)
+        est_scan = self.costs.scan(li.row_count, info.hidden_size, nq, cached) if self.has_torch else math.inf
+        est_ann = self.costs.ann(key, li.row_count, nq, ef)
+        estimates = {"scan_s": est_scan, "ann_s": est_ann}
+        if est_ann >= est_scan:
+            ls = exact("exact scan estimated cheaper than HNSW for this batch")
+            ls.estimates = estimates
+            return ls
+
+        # distribution test: queries far from a sample of the leaf go to the scan
+        near = self._sample_max(info, layer, q) >= self.ood_threshold
+        if query_kind == "text":
+            near[:] = True
+        n_far = int((~near).sum())
+        est_split = (self.costs.scan(li.row_count, info.hidden_size, n_far, cached) if n_far else 0.0) \
+            + self.costs.ann(key, li.row_count, nq - n_far, ef)
+        estimates["split_s"] = est_split
+        if n_far == nq or est_split >= est_scan:
+            ls = exact(f"{n_far} of {nq} queries out of distribution: exact scan")
+            ls.estimates = estimates
+            return ls
+
+        res = KnnResult.empty(layer, nq, k)
+        paths = ["ann"] * nq
+        idx = np.flatnonzero(near)
+        res.take(idx, self._ann(info, layer, q[idx], k, ef))
+        # HNSW answers far from everything are not trusted: redo them exactly
+        weak = np.flatnonzero(~(res.similarity[:, 0] >= self.ood_threshold))
+        if len(weak):
+            fix, path = self._exact(info, layer, q[weak], k)
+            res.take(weak, fix)
+            for i in weak:
+                paths[i] = path
+        reason = f"HNSW for {nq - len(weak)} in-distribution queries"
+        if len(weak):
+            reason += f", exact for {len(weak)} out-of-distribution"
+        return LayerSearch(res, paths, reason, estimates=estimates)
+
+    def _sample_max(self, info: ModelInfo, layer: int, q: np.ndarray) -> np.ndarray:
+        """Each query's best cosine against a fixed sample of the leaf (a lower bound of its top-1)."""
+        li = info.layer(layer)
+        key = (info.id, layer, li.row_count, li.version)
+        sample = self._samples.get(key)
+        if sample is None:
+            sample = self.store.sample_layer(info, layer, SAMPLE_ROWS).astype(np.float32)
+            norms = np.linalg.norm(sample, axis=1, keepdims=True)
+            sample = sample / np.maximum(norms, 1e-12)
+            self._samples = {k: v for k, v in self._samples.items() if k[:2] != key[:2]}
+            self._samples[key] = sample
+        if len(sample) == 0:
+            return np.full(len(q), -1.0, dtype=np.float32)
+        return (q @ sample.T).max(axis=1)
+
+
+# --------------------------------------------------------------------------
+# merging layers
+
+
+def merge_layers(by_layer: dict[int, KnnResult], k: int) -> list[list[tuple[int, int]]]:
+    """For each query, its global top-k across layers by cosine, as (layer, rank in layer) pairs.
+
+    Like the reference's ContextualIndex.search: every layer's top-k, merged.
+    """
+    layers = sorted(by_layer)
+    sims = np.stack([by_layer[x].similarity for x in layers])  # [L, Q, k]
+    nq = sims.shape[1]
+    flat = sims.transpose(1, 0, 2).reshape(nq, -1)  # [Q, L*k]
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    picks = []
+    for qi in range(nq):
+        row = []
+        for j in order[qi]:
+            if np.isfinite(flat[qi, j]):
+                li, r = divmod(int(j), k)
+                row.append((layers[li], r))
+        picks.append(row)
+    return picks
+
+
+__all__ = [
+    "AUTO_EF_SEARCH", "DEFAULT_OOD_THRESHOLD", "CostModel", "LayerSearch", "Mode", "QueryKind", "Searcher",
+    "check_mode", "merge_layers", "validate_layers",
+]
