@@ -19,7 +19,6 @@ import click
 from latentlens.config import ENV_DATABASE_URL
 from latentlens.errors import LatentLensError
 
-
 # what the 'models' extra installs: a SQL-only install lacks them
 MODEL_PACKAGES = {"torch", "transformers", "safetensors", "gguf", "accelerate", "PIL"}
 

@@ -18,6 +18,7 @@ def index():
     Examples:
         llens index build HuggingFaceTB/SmolLM2-135M
         llens index build HuggingFaceTB/SmolLM2-135M --layers 8,16 --m 32
+        llens index calibrate HuggingFaceTB/SmolLM2-135M
         llens index drop HuggingFaceTB/SmolLM2-135M
     """
 
@@ -54,6 +55,44 @@ def build(model, layers, m, ef_construction, maintenance_work_mem, no_progress, 
         finally:
             bar.close()
     click.echo(f"Built ANN indexes of '{model}' layers {','.join(map(str, done))}.")
+
+
+@index.command()
+@click.argument("model")
+@click.option("--layers", default=None, metavar="LIST", help="Layers (default: every indexed layer).")
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as JSON.")
+@database_option
+@handle_errors
+def calibrate(model, layers, as_json, database_url):
+    """Measure each index's recall@10 against exact search and record the ef_search it needs.
+
+    `llens index build` (and ingest) do this after every build; run it for
+    indexes built by an older latentlens. Queries are stored rows moved by
+    noise (in-distribution: where HNSW is meant to be used); the smallest
+    ef_search reaching recall 0.97 is stored with the index and used by every
+    client. An index that cannot reach it is never used by the default search.
+
+    \b
+    Example:
+        llens index calibrate HuggingFaceTB/SmolLM2-135M --json
+    """
+    import json
+
+    wanted = parse_int_list(layers, "--layers")
+    with open_store(database_url) as store:
+        info = store.get_model(model)
+        todo = wanted or [li.layer for li in info.layers if li.index_kind]
+        out = {}
+        for layer in todo:
+            if not info.layer(layer).index_kind:
+                raise click.UsageError(f"layer {layer} of '{model}' has no ANN index: build it first")
+            out[layer] = store.calibrate_index(info, layer)
+    if as_json:
+        click.echo(json.dumps({str(k): v for k, v in out.items()}, indent=2))
+    else:
+        for layer, r in out.items():
+            ok = "ok" if r.get("recall_ok") else "below target: the default search will not use it"
+            click.echo(f"layer {layer}: recall@10 {r.get('recall_at_10')} at ef_search {r.get('ef_search')} ({ok})")
 
 
 @index.command()

@@ -43,23 +43,28 @@ SENTENCE_WIDTH = 90
 @click.option("--layers", metavar="L[,L...]", help="Stored (contextual) layers to search (default: all).")
 @click.option("--per-layer", is_flag=True, help="Show each searched layer's own top-k instead of the merge.")
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--exact", is_flag=True,
-              help="Always exact (scan); default: exact scan unless an ANN index exists and the query is in-distribution.")
-@click.option("--ef-search", type=click.IntRange(min=1), help="HNSW ef_search where an ANN index is used.")
+@click.option("--mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True,
+              help="auto: per layer, the cheaper of the exact scan and HNSW, HNSW only for in-distribution "
+                   "queries; exact: always exact; ann: HNSW wherever an index exists (approximate).")
+@click.option("--exact", is_flag=True, help="Same as --mode exact.")
+@click.option("--ef-search", type=click.IntRange(min=1, max=1000), help="HNSW ef_search where HNSW answers (default 100).")
 @output_options
 @database_option
 @handle_errors
 def query(model: str, text: str | None, token: str | None, query_layer: str | None,
           vectors_path: str | None, key: str | None, image: str | None, visual_layers: str | None,
           patches: str, sample: int | None, seed: int, prompt: str | None, resolution: str | None,
-          layers: str | None, per_layer: bool, k: int, exact: bool, ef_search: int | None,
+          layers: str | None, per_layer: bool, k: int, mode: str, exact: bool, ef_search: int | None,
           as_json: bool, as_csv: bool, database_url: str | None) -> None:
     """Nearest contextual neighbours of a text's tokens, raw vectors, or an image's patches.
 
     Each query vector is searched in every chosen stored layer and the hits
     are merged by cosine (each neighbour shows its layer), as the reference
-    LatentLens does. Search is exact by default here (a scan of a local fp16
-    copy of each layer, made once); see docs/query.md.
+    LatentLens does. By default each layer's batch goes to the cheaper of an
+    exact scan (a local fp16 copy of the layer, made once) and the layer's
+    HNSW index, and only queries near the stored rows may use HNSW: visual
+    tokens are always answered exactly. --json says which path answered
+    each result ("search"); see docs/query.md.
 
     \b
     Examples:
@@ -68,6 +73,7 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         llens query SmolLM2 --vectors patches.npy --layers 8,16 --per-layer --json
         llens query llava-1.5-7b --image dog.jpg --visual-layers 0,8,16 --patches center
         llens query SmolLM2 --vectors q.safetensors --key hidden --csv > hits.csv
+        llens query SmolLM2 --vectors q.npy --mode exact --json | jq '.[0].search'
     """
     fmt = output_format(as_json, as_csv)
     given = [name for name, v in (("--text", text), ("--vectors", vectors_path), ("--image", image)) if v]
@@ -78,23 +84,24 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
     if query_layer and not text:
         raise click.UsageError("--query-layer needs --text (with --image use --visual-layers)")
     search = parse_int_list(layers, "--layers")
+    mode = "exact" if exact else mode
     from latentlens.query import Lens
 
     with Lens.connect(database_url) as lens:
         if image:
             _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                         search, k, exact, fmt)
+                         search, k, mode, fmt)
             return
         if text:
             results = lens.query_text(
                 model, text, token=token, query_layers=parse_int_list(query_layer, "--query-layer"),
-                layers=search, k=k, per_layer=per_layer, exact=exact or None, ef_search=ef_search,
+                layers=search, k=k, per_layer=per_layer, mode=mode, ef_search=ef_search,
             )
         else:
             from latentlens.query import load_vectors
 
             results = lens.neighbors(load_vectors(vectors_path, key), model, layers=search, k=k,
-                                     per_layer=per_layer, exact=exact or None, ef_search=ef_search)
+                                     per_layer=per_layer, mode=mode, ef_search=ef_search)
     if fmt == "json":
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
     elif fmt == "csv":
@@ -106,13 +113,13 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
 
 
 def _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                 search, k, exact, fmt) -> None:
+                 search, k, mode, fmt) -> None:
     from latentlens.vlm.query import query_image
 
     result = query_image(
         lens, model, image, visual_layers=parse_int_list(visual_layers, "--visual-layers"), layers=search,
         k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
-        exact=exact or None,
+        mode=mode,
     )
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))

@@ -25,7 +25,7 @@ from latentlens.cli._common import database_option, handle_errors, parse_int_lis
 @click.option("--prompt", help='Text around the image (default: "Describe this image in detail.").')
 @click.option("--resolution", help="Fix the input size, e.g. 448 (Qwen2-VL: 16x16 tokens) or 448x336.")
 @click.option("--png-layer", type=int, help="Visual layer drawn in report.png (default: the first).")
-@click.option("--exact", is_flag=True, help="Always exact search (the default already is without ANN indexes).")
+@click.option("--exact", is_flag=True, help="Always exact search (the default already is for visual tokens).")
 @click.option("--device", help="torch device for the VLM (default: cuda if available, else cpu).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="VLM weights dtype.")

@@ -47,6 +47,7 @@ import psycopg
 from latentlens.corpus import Corpus
 from latentlens.errors import InputError, LatentLensError, ModelMismatch
 from latentlens.store import CorpusInfo, EmbeddingBatch, ModelInfo, RunInfo, Store
+from latentlens.store.types import check_layer_range
 
 DEFAULT_SKIP_POSITIONS = 2
 DEFAULT_MAX_CONTEXTS = 50
@@ -76,16 +77,7 @@ def resolve_layers(spec: str | Sequence[int] | None, num_layers: int, model: str
             spec = [int(x) for x in spec.replace(" ", "").split(",") if x]
         except ValueError:
             raise InputError(f"--layers expects 'all' or comma-separated integers, got {spec!r}") from None
-    layers = sorted({int(x) for x in spec})
-    bad = [x for x in layers if x < 0 or x > num_layers]
-    if bad or not layers:
-        from latentlens.errors import UnknownLayer
-
-        raise UnknownLayer(
-            f"layer {bad[0] if bad else '(none)'} is out of range for '{model}' "
-            f"(0 = input embeddings .. {num_layers} = last block)"
-        )
-    return layers
+    return check_layer_range(spec, num_layers, model)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

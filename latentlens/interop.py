@@ -34,6 +34,7 @@ import numpy as np
 
 from latentlens.errors import DimensionMismatch, InputError, ModelMismatch, UnknownModel
 from latentlens.store import EmbeddingBatch, ModelInfo, Store
+from latentlens.store.types import KEY_DTYPE
 
 CACHE_FILE = "embeddings_cache.pt"
 LAYER_DIR = re.compile(r"^layer_(\d+)$")
@@ -304,8 +305,7 @@ def export_index(
             filled += m
             if progress is not None:
                 progress(f"layer {layer}", filled, n)
-        kk = np.concatenate(keys) if keys else np.zeros(0, dtype=[("sentence_id", "<i8"), ("position", "<i4"),
-                                                                     ("token_id", "<i4")])
+        kk = np.concatenate(keys) if keys else np.zeros(0, dtype=KEY_DTYPE)
         sentences = _sentences(store, np.unique(kk["sentence_id"]))
         vocab = store.token_texts(info, np.unique(kk["token_id"]).tolist())
         meta = [

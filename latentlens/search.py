@@ -58,9 +58,8 @@ QUERY_KINDS = ("auto", "text", "visual")
 # Best cosine below which a query counts as out-of-distribution: text tokens'
 # nearest contexts score ~0.9, visual tokens' ~0.1-0.3.
 DEFAULT_OOD_THRESHOLD = 0.5
-# hnsw.ef_search in auto mode: recall@10 >= 0.95 on in-distribution queries
-# at 300k rows per layer needs well above pgvector's default of 40
-# (bench/query.py measures it).
+# hnsw.ef_search where the index has no measured value (Store.calibrate_index
+# records the one each index needs for its recall target when it is built)
 AUTO_EF_SEARCH = 100
 HNSW_MAX_K = 1000
 SAMPLE_ROWS = 2048
@@ -68,7 +67,7 @@ SAMPLE_ROWS = 2048
 # Prior costs (seconds), replaced by measurements: per HNSW query
 # (a + b * ef * log2 N), and per element (row x dimension) to copy a leaf
 # into the scan cache. Measured on a 2-core AVX2 machine.
-ANN_PRIOR = (4e-4, 2e-6)
+ANN_PRIOR = (3e-4, 6e-7)
 COPY_PRIOR = 3.5e-8
 
 
@@ -126,6 +125,7 @@ class CostModel:
     def __init__(self) -> None:
         self._scan: tuple[float, float] | None = None
         self.copy = COPY_PRIOR
+        self.scan_factor = 1.0
         self._ann: dict[tuple[int, int], float] = {}  # (model id, layer) -> s per query at AUTO_EF_SEARCH
 
     def scan_constants(self) -> tuple[float, float]:
@@ -135,7 +135,7 @@ class CostModel:
 
     def scan(self, rows: int, dim: int, nq: int, cached: bool) -> float:
         read, mul = self.scan_constants()
-        t = rows * dim * (read + nq * mul)
+        t = rows * dim * (read + nq * mul) * self.scan_factor
         return t if cached else t + rows * dim * self.copy
 
     def ann(self, key: tuple[int, int], rows: int, nq: int, ef: int) -> float:
@@ -145,9 +145,15 @@ class CostModel:
         return nq * per * max(ef, 1) / AUTO_EF_SEARCH
 
     def observe_ann(self, key: tuple[int, int], nq: int, ef: int, seconds: float) -> None:
+        # weighted to the latest: a leaf's first batch also pays for reading its index from disk
         per = seconds / max(nq, 1) * AUTO_EF_SEARCH / max(ef, 1)
         old = self._ann.get(key)
-        self._ann[key] = per if old is None else 0.5 * (old + per)
+        self._ann[key] = per if old is None else 0.25 * old + 0.75 * per
+
+    def observe_scan(self, rows: int, dim: int, nq: int, seconds: float) -> None:
+        """Correct the calibrated scan model by what warm scans take in this process."""
+        ratio = seconds / max(self.scan(rows, dim, nq, cached=True) / self.scan_factor, 1e-9)
+        self.scan_factor = 0.25 * self.scan_factor + 0.75 * min(max(ratio, 0.2), 5.0)
 
     def observe_copy(self, elements: int, seconds: float) -> None:
         if elements > 1_000_000:
@@ -220,8 +226,11 @@ class Searcher:
         cached = self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
         t = time.perf_counter()
         res = self.scan.search(info, layer, q, k, version=(li.row_count, li.version))
-        if not cached:
-            self.costs.observe_copy(li.row_count * info.hidden_size, time.perf_counter() - t)
+        took = time.perf_counter() - t
+        if cached:
+            self.costs.observe_scan(li.row_count, info.hidden_size, len(q), took)
+        else:
+            self.costs.observe_copy(li.row_count * info.hidden_size, took)
         return res, "scan"
 
     def _ann(self, info: ModelInfo, layer: int, q: np.ndarray, k: int, ef: int) -> KnnResult:
@@ -253,6 +262,7 @@ class Searcher:
         li = info.layer(layer)
         nq = len(q)
         ann_ok = li.index_kind is not None and k <= HNSW_MAX_K and self.store.ann_supported()
+        ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 
         def exact(reason: str) -> LayerSearch:
             res, path = self._exact(info, layer, q, k)
@@ -264,11 +274,12 @@ class Searcher:
             why = ("no ANN index on this layer" if li.index_kind is None
                    else f"k > {HNSW_MAX_K}" if k > HNSW_MAX_K else "ANN disabled on this server")
             return exact(why)
-        ef = min(HNSW_MAX_K, max(ef_search or AUTO_EF_SEARCH, k))
         if mode == "ann":
             return LayerSearch(self._ann(info, layer, q, k, ef), ["ann"] * nq, "ANN search requested")
         if query_kind == "visual":
             return exact("visual queries are out of distribution: exact scan")
+        if not li.index_recall_ok:
+            return exact("the index missed its recall target when it was built: exact scan")
 
         cached = self.has_torch and self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
         key = (info.id, layer)
@@ -322,6 +333,12 @@ class Searcher:
             self._samples[key] = sample
         if len(sample) == 0:
             return np.full(len(q), -1.0, dtype=np.float32)
+        if self.has_torch:
+            # torch's thread pool, as the scan that may follow: a numpy (OpenBLAS) matmul
+            # here leaves its threads spinning and slowed the next scan's matmul 1.4x
+            import torch
+
+            return torch.from_numpy(q).matmul(torch.from_numpy(sample).T).amax(dim=1).numpy()
         return (q @ sample.T).max(axis=1)
 
 

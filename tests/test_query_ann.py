@@ -180,3 +180,39 @@ def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):
     with Lens.connect(db_url, cache_dir=tmp_path / "s") as lens:
         scan = lens.neighbors(q, "ann-model", layers=[4], k=3, mode="exact")
     assert ids == [[n.sentence_id for n in r.neighbours] for r in scan]
+
+
+def test_builds_record_the_ef_search_their_recall_needs(indexed):
+    for li in indexed["info"].layers:
+        p = li.index_params
+        assert p["recall_ok"] is True and p["recall_at_10"] >= 0.97 and p["ef_search"] in (
+            40, 64, 100, 160, 250, 400, 640, 1000), p
+        assert li.index_ef_search == p["ef_search"]
+
+
+def test_an_index_below_its_recall_target_is_not_used_by_auto(ann_cheap, indexed, db_url):
+    import psycopg
+
+    mid = indexed["info"].id
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE model_layer SET index_params = index_params || '{\"recall_ok\": false}' "
+                     "WHERE model_id = %s AND layer = 4", (mid,))
+    try:
+        got = ann_cheap.search_layer("ann-model", 4, in_distribution(indexed, 4), k=5)
+        assert got.paths == ["scan"] * 4 and "recall target" in got.reason
+        assert ann_cheap.search_layer("ann-model", 4, in_distribution(indexed, 4), k=5, mode="ann").paths == ["ann"] * 4
+    finally:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("UPDATE model_layer SET index_params = index_params || '{\"recall_ok\": true}' "
+                         "WHERE model_id = %s AND layer = 4", (mid,))
+
+
+def test_cli_index_calibrate(db_url, indexed):
+    import json
+
+    from click.testing import CliRunner
+    from latentlens.cli.main import cli
+
+    r = CliRunner().invoke(cli, ["index", "calibrate", "ann-model", "--layers", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["4"]["recall_ok"] is True

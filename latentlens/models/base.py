@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentlens.errors import UnknownLayer
+from latentlens.store.types import check_layer_range
 
 
 @dataclass
@@ -130,13 +130,7 @@ class LanguageModel:
     # ---- forward ---------------------------------------------------------
 
     def check_layers(self, layers: Sequence[int]) -> list[int]:
-        bad = [x for x in layers if x < 0 or x > self.num_layers]
-        if bad:
-            raise UnknownLayer(
-                f"layer {bad[0]} is out of range for '{self.name}' "
-                f"(0 = input embeddings .. {self.num_layers} = last block)"
-            )
-        return sorted(set(int(x) for x in layers))
+        return check_layer_range(layers, self.num_layers, self.name)
 
     @torch.inference_mode()
     def forward(self, seqs: Sequence[np.ndarray], layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], np.ndarray]:

@@ -19,7 +19,8 @@ SELECT m.id, m.name, m.hidden_size, m.num_layers, m.revision, m.architecture, m.
        coalesce(array_agg(ml.layer ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
        coalesce(array_agg(ml.row_count ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
        coalesce(array_agg(ml.version ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
-       coalesce(array_agg(ml.index_kind ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}')
+       coalesce(array_agg(ml.index_kind ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}'),
+       coalesce(array_agg(ml.index_params ORDER BY ml.layer) FILTER (WHERE ml.layer IS NOT NULL), '{}')
   FROM model m LEFT JOIN model_layer ml ON ml.model_id = m.id
 """
 
@@ -100,7 +101,8 @@ class CatalogMixin(StoreBase):
 
     @staticmethod
     def _model_from_row(r: tuple) -> ModelInfo:
-        layers = tuple(LayerInfo(int(a), int(b), int(c), d) for a, b, c, d in zip(r[10], r[11], r[12], r[13]))
+        layers = tuple(LayerInfo(int(a), int(b), int(c), d, e or {})
+                       for a, b, c, d, e in zip(r[10], r[11], r[12], r[13], r[14]))
         return ModelInfo(
             id=r[0], name=r[1], hidden_size=r[2], num_layers=r[3], revision=r[4], architecture=r[5],
             dtype=r[6], tokenizer_class=r[7], bos_token_id=r[8], params=r[9] or {}, layers=layers,

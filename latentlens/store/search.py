@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
+from psycopg.types.json import Jsonb
 
 from latentlens.db import first_line
 from latentlens.errors import EmptyResult, IndexUnsupported, InputError
@@ -18,6 +19,12 @@ from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_
 # maintenance_work_mem of the transaction that builds an index (only there:
 # other sessions keep the server's setting)
 BUILD_MAINTENANCE_WORK_MEM = "1GB"
+# Recall calibration of a new index (calibrate_index): the recall@10 HNSW must
+# reach on in-distribution queries, and the ef_search values tried for it.
+RECALL_TARGET = 0.97
+EF_LADDER = (40, 64, 100, 160, 250, 400, 640, 1000)
+CALIBRATION_QUERIES = 32
+CALIBRATION_NOISE = 0.35  # norm of the noise added to a unit stored row: cosine ~0.94
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,50 @@ class SearchMixin(StoreBase):
             except psycopg.errors.InvalidParameterValue as e:
                 raise InputError(first_line(e).removeprefix("llens: ")) from None
             if progress is not None:
+                progress(IndexProgress(layer, "measuring recall", 0, 1))
+            self.calibrate_index(info, layer)
+            if progress is not None:
                 progress(IndexProgress(layer, "done", 1, 1, finished=True))
         return todo
+
+    def calibrate_index(
+        self, model: ModelInfo | str, layer: int, *, queries: int = CALIBRATION_QUERIES, k: int = 10,
+        target: float = RECALL_TARGET,
+    ) -> dict:
+        """Measure the index's recall@k against exact search and record the ef_search it needs.
+
+        Queries are in-distribution (stored rows drawn by page sampling, moved
+        to cosine ~0.94 by random noise): where HNSW is meant to be used. The
+        smallest ef_search of EF_LADDER with recall >= ``target`` goes into
+        model_layer.index_params (``ef_search``, ``recall_at_10``,
+        ``recall_ok``), so every client and llens_knn use it; if none reaches
+        it, ``recall_ok`` is false and the search policy never uses this index.
+        """
+        info = self.get_model(model)  # fresh: the caller's may predate the rows just loaded
+        sample = self.sample_layer(info, layer, 8 * queries).astype(np.float32)
+        if len(sample) < 2 * k:
+            return {}
+        rng = np.random.default_rng(0)
+        q = sample[rng.choice(len(sample), min(queries, len(sample)), replace=False)]
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        noise = rng.normal(size=q.shape).astype(np.float32)
+        q = q + CALIBRATION_NOISE * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        truth = self.knn(info, layer, q, k, exact=True)
+        kth = truth.similarity[:, k - 1:k] - 1e-4
+        found: dict = {"recall_ok": False, "ef_search": None, "recall_at_10": None}
+        for ef in EF_LADDER:
+            got = self.knn(info, layer, q, k, ef_search=ef)
+            # tie-aware: a hit is any row as similar as the true k-th (stored rows repeat)
+            recall = float(np.mean((got.similarity >= kth).sum(axis=1) / k))
+            found.update(ef_search=ef, recall_at_10=round(recall, 4))
+            if recall >= target:
+                found["recall_ok"] = True
+                break
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE model_layer SET index_params = coalesce(index_params, '{}'::jsonb) || %s "
+                "WHERE model_id = %s AND layer = %s", (Jsonb(found), info.id, layer))
+        return found
 
     def drop_index(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> list[int]:
         info = self.get_model(model) if isinstance(model, str) else model
@@ -112,9 +161,10 @@ class SearchMixin(StoreBase):
 
         Each query runs ``llens_knn`` (sql/0002_search.sql), the one k-NN
         query of latentlens: the leaf's ANN index where it has one and the
-        server supports it (``ef_search`` raises hnsw.ef_search for this
-        batch), else, or with ``exact``, an exact scan inside PostgreSQL
-        (slow on big leaves: the library's fast exact path is latentlens.scan).
+        server supports it (at ``ef_search``; default: what the index needs
+        for its recall target, see calibrate_index), else, or with ``exact``,
+        an exact scan inside PostgreSQL (slow on big leaves: the library's
+        fast exact path is latentlens.scan).
         """
         info = self.get_model(model) if isinstance(model, str) else model
         li = info.layer(layer)
@@ -123,14 +173,13 @@ class SearchMixin(StoreBase):
         if li.row_count == 0:
             raise EmptyResult(f"model '{info.name}' has no rows in layer {layer} yet")
         out = KnnResult.empty(layer, len(q), k)
+        ef = None if ef_search is None else max(1, min(int(ef_search), 1000))
         with self.transaction() as conn:
-            if ef_search is not None:
-                conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(max(1, min(int(ef_search), 1000))),))
             _load_queries(conn, q)
             rows = conn.execute(
                 "SELECT q.i, n.sentence_id, n.position, n.token_id, n.distance FROM _llens_query q "
-                "CROSS JOIN LATERAL llens_knn(%s, %s, q.v, %s, %s) n",
-                (info.id, layer, k, bool(exact)),
+                "CROSS JOIN LATERAL llens_knn(%s::int, %s::int, q.v, %s::int, %s::bool, %s::int) n",
+                (info.id, layer, k, bool(exact), ef),
             ).fetchall()
         if rows:
             arr = np.array(rows, dtype=np.float64)

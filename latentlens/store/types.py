@@ -18,12 +18,40 @@ MAX_K = 10_000
 KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
 
 
+def check_layer_range(layers: Any, num_layers: int, model: str, *, visual: bool = False) -> list[int]:
+    """Sorted unique layers, each in 0..num_layers, or UnknownLayer naming the range.
+
+    hidden_states has num_layers + 1 entries: 0 is the input embeddings (for
+    visual tokens, the projector's output), num_layers the last block's output.
+    """
+    chosen = sorted({int(x) for x in layers})
+    bad = [x for x in chosen if x < 0 or x > num_layers]
+    if bad or not chosen:
+        what, zero = ("visual layer", "projector output") if visual else ("layer", "input embeddings")
+        raise UnknownLayer(f"{what} {bad[0] if bad else '(none)'} is out of range for '{model}' "
+                           f"(0 = {zero} .. {num_layers} = last block)")
+    return chosen
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     layer: int
     row_count: int
     version: int
     index_kind: str | None
+    index_params: dict = field(default_factory=dict)
+
+    @property
+    def index_ef_search(self) -> int | None:
+        """The hnsw.ef_search this leaf's index needs for recall@10 >= 0.97 on in-distribution
+        queries, measured when it was built (None: unmeasured, or no ef_search reaches it)."""
+        ef = self.index_params.get("ef_search")
+        return int(ef) if ef else None
+
+    @property
+    def index_recall_ok(self) -> bool:
+        """False where the build-time calibration found HNSW unable to reach the recall target."""
+        return self.index_params.get("recall_ok", True) is not False
 
 
 @dataclass(frozen=True)
@@ -49,13 +77,7 @@ class ModelInfo:
         return sum(li.row_count for li in self.layers)
 
     def check_layer_range(self, layers: Any) -> None:
-        """Every layer in 0..num_layers (0 = input embeddings), or UnknownLayer naming the range."""
-        bad = [x for x in layers if x < 0 or x > self.num_layers]
-        if bad:
-            raise UnknownLayer(
-                f"layer {bad[0]} is out of range for '{self.name}' "
-                f"(0 = input embeddings .. {self.num_layers} = last block)"
-            )
+        check_layer_range(layers, self.num_layers, self.name)
 
     def layer(self, layer: int) -> LayerInfo:
         for li in self.layers:

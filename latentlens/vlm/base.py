@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentlens.errors import InputError, UnknownLayer
+from latentlens.errors import InputError
+from latentlens.store.types import check_layer_range
 from latentlens.vlm.geometry import Patch
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -219,13 +220,7 @@ class VisionLanguageModel:
         self, image: Image.Image, *, layers: Sequence[int], prompt: str = DEFAULT_PROMPT,
         resolution: tuple[int, int] | None = None,
     ) -> VisualTokens:
-        layers = sorted({int(x) for x in layers})
-        bad = [x for x in layers if x < 0 or x > self.num_layers]
-        if bad:
-            raise UnknownLayer(
-                f"visual layer {bad[0]} is out of range for '{self.name}' "
-                f"(0 = projector output .. {self.num_layers} = last block)"
-            )
+        layers = check_layer_range(layers, self.num_layers, self.name, visual=True)
         image = image.convert("RGB")
         inputs, prep = self.encode(image, prompt, resolution)
         ids = inputs["input_ids"][0]

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlens.errors import EmptyResult, InputError, ModelMismatch, UnknownLayer
-from latentlens.store.types import check_k
+from latentlens.errors import EmptyResult, InputError, ModelMismatch
+from latentlens.store.types import check_k, check_layer_range
 from latentlens.vlm.geometry import Patch
 
 if TYPE_CHECKING:
@@ -201,6 +201,7 @@ def query_image(
     seed: int = 0,
     prompt: str | None = None,
     resolution: int | str | tuple[int, int] | None = None,
+    mode: str = "auto",
     exact: bool | None = None,
     device: str | None = None,
     dtype: str = "float32",
@@ -224,15 +225,9 @@ def query_image(
     searched = validate_layers(info, layers)  # fail fast, before loading the VLM
     if visual_layers is None:
         visual_layers = info.layer_numbers
-    visual_layers = sorted({int(v) for v in visual_layers})
-    if not visual_layers:
+    if not list(visual_layers):
         raise InputError("no visual layers chosen")
-    bad = [v for v in visual_layers if not 0 <= v <= info.num_layers]
-    if bad:
-        raise UnknownLayer(
-            f"visual layer {bad[0]} is out of range for '{info.name}' "
-            f"(0 = projector output .. {info.num_layers} = last block)"
-        )
+    visual_layers = check_layer_range(visual_layers, info.num_layers, info.name, visual=True)
     parse_patches(patches)  # a typo fails before the model loads
     if sample is not None and sample < 1:
         raise InputError("--sample must be at least 1")
@@ -252,7 +247,8 @@ def query_image(
                                resolution=resolution)
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
     queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
-    found = lens.neighbors(queries, info.name, layers=searched, k=k, exact=exact, query_kind="visual")
+    # visual tokens are out of distribution for HNSW: auto sends them to the exact scan
+    found = lens.neighbors(queries, info.name, layers=searched, k=k, mode=mode, exact=exact, query_kind="visual")
     out: list[VisualLayerResult] = []
     for i, v in enumerate(visual_layers):
         results = found[i * len(chosen): (i + 1) * len(chosen)]
