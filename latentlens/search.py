@@ -32,9 +32,7 @@ SQL-only install) the exact path runs inside PostgreSQL ("sql").
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +61,8 @@ DEFAULT_OOD_THRESHOLD = 0.5
 AUTO_EF_SEARCH = 100
 HNSW_MAX_K = 1000
 SAMPLE_ROWS = 2048
+# queries HNSW answers first on a leaf whose HNSW cost this process has not measured
+ANN_PROBE = 16
 
 # Prior costs (seconds), replaced by measurements: per HNSW query
 # (a + b * ef * log2 N), and per element (row x dimension) to copy a leaf
@@ -110,7 +110,7 @@ class LayerSearch:
 
 
 def _cost_path() -> Path:
-    return config.cache_dir() / "scan" / "costs.json"
+    return config.cache_dir() / "scan" / "costs-v2.json"  # v2: measured at Q = 1 and 512
 
 
 class CostModel:
@@ -138,6 +138,11 @@ class CostModel:
         t = rows * dim * (read + nq * mul) * self.scan_factor
         return t if cached else t + rows * dim * self.copy
 
+    @property
+    def measured_ann(self) -> set[tuple[int, int]]:
+        """The leaves whose HNSW cost has been observed (the others use the prior)."""
+        return set(self._ann)
+
     def ann(self, key: tuple[int, int], rows: int, nq: int, ef: int) -> float:
         per = self._ann.get(key)
         if per is None:
@@ -161,23 +166,9 @@ class CostModel:
 
 
 def _load_or_measure_scan() -> tuple[float, float]:
-    from latentlens.scan import calibration_key, measure_scan
+    from latentlens.scan import measure_scan, measured_once
 
-    path, key = _cost_path(), calibration_key()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key not in cached:
-        cached[key] = measure_scan()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    c = cached[key]
+    c = measured_once(_cost_path(), measure_scan)
     return float(c["read"]), float(c["mul"])
 
 
@@ -248,20 +239,22 @@ class Searcher:
         """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan."""
         check_mode(mode, query_kind)
         out = {}
+        # one round trip for the batch, not one per layer
+        server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and self.store.ann_supported()
         for layer in layers:
             t = time.perf_counter()
-            ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search)
+            ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann)
             ls.seconds = time.perf_counter() - t
             out[layer] = ls
         return out
 
     def _search_layer(
         self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,
-        ef_search: int | None,
+        ef_search: int | None, server_ann: bool,
     ) -> LayerSearch:
         li = info.layer(layer)
         nq = len(q)
-        ann_ok = li.index_kind is not None and k <= HNSW_MAX_K and self.store.ann_supported()
+        ann_ok = li.index_kind is not None and k <= HNSW_MAX_K and server_ann
         ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 
         def exact(reason: str) -> LayerSearch:
@@ -307,17 +300,30 @@ class Searcher:
         res = KnnResult.empty(layer, nq, k)
         paths = ["ann"] * nq
         idx = np.flatnonzero(near)
-        res.take(idx, self._ann(info, layer, q[idx], k, ef))
-        # HNSW answers far from everything are not trusted: redo them exactly
+        if key not in self.costs.measured_ann and len(idx) > 2 * ANN_PROBE:
+            # HNSW's cost on this leaf is a prior until measured: answer a few queries
+            # with it first, then decide for the rest on what they cost
+            head, idx = idx[:ANN_PROBE], idx[ANN_PROBE:]
+            res.take(head, self._ann(info, layer, q[head], k, ef))
+            n_far = nq - len(idx)
+            if self.costs.scan(li.row_count, info.hidden_size, n_far, cached) + \
+                    self.costs.ann(key, li.row_count, len(idx), ef) >= est_scan:
+                near[idx] = False
+                idx = idx[:0]
+        if len(idx):
+            res.take(idx, self._ann(info, layer, q[idx], k, ef))
+        # one exact pass for the far queries (no answer yet) and for HNSW answers far
+        # from everything, which are not trusted
         weak = np.flatnonzero(~(res.similarity[:, 0] >= self.ood_threshold))
         if len(weak):
             fix, path = self._exact(info, layer, q[weak], k)
             res.take(weak, fix)
             for i in weak:
                 paths[i] = path
-        reason = f"HNSW for {nq - len(weak)} in-distribution queries"
+        n_ann = paths.count("ann")
+        reason = f"HNSW for {n_ann} in-distribution queries"
         if len(weak):
-            reason += f", exact for {len(weak)} out-of-distribution"
+            reason += f", exact for {len(weak)}"
         return LayerSearch(res, paths, reason, estimates=estimates)
 
     def _sample_max(self, info: ModelInfo, layer: int, q: np.ndarray) -> np.ndarray:
