@@ -118,7 +118,7 @@ class CostModel:
 
     scan(N, D, Q) = N * D * (read + Q * mul) [+ N * D * copy when not cached];
     the two scan constants are measured once per machine and torch build
-    (~0.3 s) and kept in the cache dir; copy and HNSW costs start from priors
+    (~1.5 s) and kept in the cache dir; copy and HNSW costs start from priors
     and follow what this process observes.
     """
 
@@ -156,8 +156,15 @@ class CostModel:
         self._ann[key] = per if old is None else 0.25 * old + 0.75 * per
 
     def observe_scan(self, rows: int, dim: int, nq: int, seconds: float) -> None:
-        """Correct the calibrated scan model by what warm scans take in this process."""
-        ratio = seconds / max(self.scan(rows, dim, nq, cached=True) / self.scan_factor, 1e-9)
+        """Correct the calibrated scan model by what warm scans take in this process.
+
+        Only scans long enough for the model's terms to dominate count: a
+        tiny leaf's scan is Python overhead and would skew big leaves' estimates.
+        """
+        model = self.scan(rows, dim, nq, cached=True) / self.scan_factor
+        if model < 0.05:
+            return
+        ratio = seconds / model
         self.scan_factor = 0.25 * self.scan_factor + 0.75 * min(max(ratio, 0.2), 5.0)
 
     def observe_copy(self, elements: int, seconds: float) -> None:
