@@ -151,6 +151,11 @@ def test_cost_model_prefers_hnsw_for_few_queries_on_big_leaves(monkeypatch):
     assert costs.scan(36_000, 576, 1, cached=False) > costs.scan(36_000, 576, 1, cached=True)
     costs.observe_ann((1, 1), 100, 100, 0.01)  # measured: 0.1 ms a query
     assert costs.ann((1, 1), 36_000, 10, 100) == pytest.approx(1e-3)
+    # a tiny leaf's scan is overhead, not the model's terms: it must not skew big leaves
+    costs.observe_scan(500, 32, 1, 0.01)
+    assert costs.scan_factor == 1.0
+    costs.observe_scan(1_000_000, 576, 576, 2 * costs.scan(1_000_000, 576, 576, cached=True))
+    assert costs.scan_factor == pytest.approx(1.75)  # moves most of the way to the measured 2x
 
 
 def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):
