@@ -280,10 +280,20 @@ def probe_ann(url: str) -> bool:
 
 def record_ann_support(url: str, supported: bool, key: str) -> None:
     """Record the probe's answer in the server's configuration (postgresql.auto.conf)."""
+    import time
+
+    value = "on" if supported else "off"
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f"ALTER SYSTEM SET {ANN_SETTING} = '{'on' if supported else 'off'}'")
+        conn.execute(f"ALTER SYSTEM SET {ANN_SETTING} = '{value}'")
         conn.execute(f"ALTER SYSTEM SET {ANN_PROBE_SETTING} = '{key}'")
         conn.execute("SELECT pg_reload_conf()")
+    # the reload is a signal: wait until new connections see the value
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            if conn.execute("SELECT current_setting(%s, true)", (ANN_SETTING,)).fetchone()[0] == value:
+                return
+        time.sleep(0.05)
 
 
 def _wait_until_up(url: str, timeout: float = 30.0) -> None:

@@ -488,6 +488,7 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
         raise InputError(f"run {run.id} was just taken over by another process")
     else:
         echo(f"Resuming run {run.id} at sentence {run.sentences_done:,} of {plan.total_in_shard:,}.")
+    indexed: list[int] = []
     if opts.build_index:
         # the index is rebuilt at the end: inserting every row into HNSW first is wasted work
         indexed = [li.layer for li in store.get_model(info.name).layers if li.index_kind and li.layer in layers]
@@ -511,13 +512,13 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     except KeyboardInterrupt:
         _stop_writer(writer)
         store.finish_run(run.id, "interrupted", "interrupted by the user")
-        _tell_shard_stopped(echo, run, "was interrupted")
+        _tell_stopped(echo, run, "was interrupted", indexed)
         raise
     except BaseException as e:
         _stop_writer(writer)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         store.finish_run(run.id, "failed", msg)
-        _tell_shard_stopped(echo, run, "failed")
+        _tell_stopped(echo, run, "failed", indexed)
         raise
     finally:
         progress.close()
@@ -601,10 +602,14 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
                                 int(plan.lengths[c0:c1].sum()), counters), opts.queue_chunks)
 
 
-def _tell_shard_stopped(echo: Echo, run: RunInfo, how: str) -> None:
+def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> None:
+    """Say what a stopped run leaves undone about indexes, and how to finish it."""
     if run.num_shards > 1:
         echo(f"Shard {run.shard}/{run.num_shards} (run {run.id}) {how}: the ANN indexes are built when every "
              f"shard is done; resume it with `llens ingest --resume {run.id}`.")
+    elif dropped:
+        echo(f"Run {run.id} {how}: the ANN indexes of layers {','.join(map(str, dropped))} (dropped for "
+             f"loading) are rebuilt when it finishes; resume it with `llens ingest --resume {run.id}`.")
 
 
 def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
@@ -617,6 +622,11 @@ def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: Ru
     bar = IndexBuildProgress(enabled=progress, layers=layers)
     try:
         store.build_index(info, layers, progress=bar)
+    except BaseException:
+        bar.close()
+        print(f"The rows of run {run.id} are stored, but its ANN index build did not finish: "
+              f"run `llens index build {info.name}`.", file=sys.stderr, flush=True)
+        raise
     finally:
         bar.close()
     return [f"Built ANN indexes for layers {','.join(map(str, layers))}."]

@@ -69,6 +69,7 @@ ANN_PROBE = 16
 # into the scan cache. Measured on a 2-core AVX2 machine.
 ANN_PRIOR = (3e-4, 6e-7)
 COPY_PRIOR = 3.5e-8
+SQL_EXACT_PRIOR = 2e-9  # per element and query: llens_knn's exact scan, where torch is missing
 
 
 def validate_layers(info: ModelInfo, layers: Sequence[int] | None) -> list[int]:
@@ -261,7 +262,9 @@ class Searcher:
     ) -> LayerSearch:
         li = info.layer(layer)
         nq = len(q)
-        ann_ok = li.index_kind is not None and k <= HNSW_MAX_K and server_ann
+        # binary-quantized indexes re-rank 10k candidates, and HNSW returns at most 1000
+        max_k = HNSW_MAX_K if li.index_kind != "hnsw_binary" else HNSW_MAX_K // 10
+        ann_ok = li.index_kind is not None and k <= max_k and server_ann
         ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 
         def exact(reason: str) -> LayerSearch:
@@ -272,7 +275,7 @@ class Searcher:
             return exact("exact search requested")
         if not ann_ok:
             why = ("no ANN index on this layer" if li.index_kind is None
-                   else f"k > {HNSW_MAX_K}" if k > HNSW_MAX_K else "ANN disabled on this server")
+                   else f"k > {max_k}" if k > max_k else "ANN disabled on this server")
             return exact(why)
         if mode == "ann":
             return LayerSearch(self._ann(info, layer, q, k, ef), ["ann"] * nq, "ANN search requested")
@@ -283,7 +286,15 @@ class Searcher:
 
         cached = self.has_torch and self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
         key = (info.id, layer)
-        est_scan = self.costs.scan(li.row_count, info.hidden_size, nq, cached) if self.has_torch else math.inf
+
+        def scan_cost(n: int) -> float:
+            if n == 0:
+                return 0.0
+            if not self.has_torch:  # exact search runs in PostgreSQL: one leaf scan per query
+                return n * li.row_count * info.hidden_size * SQL_EXACT_PRIOR
+            return self.costs.scan(li.row_count, info.hidden_size, n, cached)
+
+        est_scan = scan_cost(nq)
         est_ann = self.costs.ann(key, li.row_count, nq, ef)
         estimates = {"scan_s": est_scan, "ann_s": est_ann}
         if est_ann >= est_scan:
@@ -296,8 +307,7 @@ class Searcher:
         if query_kind == "text":
             near[:] = True
         n_far = int((~near).sum())
-        est_split = (self.costs.scan(li.row_count, info.hidden_size, n_far, cached) if n_far else 0.0) \
-            + self.costs.ann(key, li.row_count, nq - n_far, ef)
+        est_split = scan_cost(n_far) + self.costs.ann(key, li.row_count, nq - n_far, ef)
         estimates["split_s"] = est_split
         if n_far == nq or est_split >= est_scan:
             ls = exact(f"{n_far} of {nq} queries out of distribution: exact scan")
@@ -312,10 +322,8 @@ class Searcher:
             # with it first, then decide for the rest on what they cost
             head, idx = idx[:ANN_PROBE], idx[ANN_PROBE:]
             res.take(head, self._ann(info, layer, q[head], k, ef))
-            n_far = nq - len(idx)
-            if self.costs.scan(li.row_count, info.hidden_size, n_far, cached) + \
-                    self.costs.ann(key, li.row_count, len(idx), ef) >= est_scan:
-                near[idx] = False
+            # the rest: HNSW for the near ones and a scan for the far ones, or one scan for all
+            if scan_cost(n_far) + self.costs.ann(key, li.row_count, len(idx), ef) >= scan_cost(n_far + len(idx)):
                 idx = idx[:0]
         if len(idx):
             res.take(idx, self._ann(info, layer, q[idx], k, ef))

@@ -194,6 +194,8 @@ BEGIN
         RAISE EXCEPTION 'llens: m must be 2..100 and ef_construction 4..1000'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- one build per leaf at a time (two would deadlock upgrading their locks at the swap)
+    PERFORM pg_advisory_xact_lock(hashtext('llens_index'), hashtext(leaf));
     EXECUTE format('DROP INDEX IF EXISTS %I', tmp);
     IF d <= 4000 THEN
         kind := 'hnsw_halfvec';
@@ -206,6 +208,9 @@ BEGIN
             'CREATE INDEX %I ON %I USING hnsw ((binary_quantize(embedding)::bit(%s)) bit_hamming_ops) '
             'WITH (m = %s, ef_construction = %s)', tmp, leaf, d, p_m, p_ef_construction);
     END IF;
+    -- statistics before the swap: ANALYZE does not block readers, the swap below does
+    -- (its exclusive lock lasts until commit)
+    PERFORM llens_analyze(p_model_id, p_layer);
     EXECUTE format('DROP INDEX IF EXISTS %I', idx);
     EXECUTE format('ALTER INDEX %I RENAME TO %I', tmp, idx);
     UPDATE model_layer
@@ -213,7 +218,6 @@ BEGIN
            index_params = jsonb_build_object('m', p_m, 'ef_construction', p_ef_construction),
            indexed_at = now()
      WHERE model_id = p_model_id AND layer = p_layer;
-    PERFORM llens_analyze(p_model_id, p_layer);
     RETURN idx;
 END;
 $$;

@@ -212,3 +212,19 @@ def test_a_failed_shard_says_the_index_waits_for_it(db_url, tiny, corpus_file, m
         ingest(lm, corpus, database_url=db_url, echo=said.append,
                options=IngestOptions(layers=[1], progress=False, shard=(1, 3)))
     assert any("Shard 1/3" in m and "failed" in m and "llens ingest --resume" in m for m in said), said
+
+
+def test_a_failed_load_says_its_dropped_indexes_wait_for_it(db_url, tiny, corpus_file, monkeypatch):
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny), name="failing-append")
+    opts = dict(layers=[1], progress=False)
+    ingest(lm, corpus, database_url=db_url, options=IngestOptions(limit=50, **opts), echo=lambda m: None)
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Store, "write_embeddings", broken)
+    said: list[str] = []
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest(lm, corpus, database_url=db_url, echo=said.append, options=IngestOptions(**opts))
+    assert any("dropped for loading" in m and "llens ingest --resume" in m for m in said), said

@@ -165,6 +165,7 @@ def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):
 
     q = in_distribution(indexed, 3)
     np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "mixed.npy", np.concatenate([in_distribution(indexed, 40), ood_queries(indexed, 4)]))
     code = (
         "import sys, json, numpy as np\n"
         "sys.modules['torch'] = None  # import torch fails, as without the models extra\n"
@@ -173,15 +174,21 @@ def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):
         f"q = np.load({str(tmp_path / 'q.npy')!r})\n"
         "a = lens.neighbors(q, 'ann-model', layers=[4], k=3, mode='ann')\n"
         "e = lens.neighbors(q, 'ann-model', layers=[4], k=3, mode='exact')\n"
+        "import latentlens.search; latentlens.search.SQL_EXACT_PRIOR = 1e-3  # as on a big leaf\n"
+        f"m = Lens.connect({db_url!r}).neighbors(np.load({str(tmp_path / 'mixed.npy')!r}), 'ann-model',"
+        " layers=[4], k=3)  # a fresh cost model: the first batch probes HNSW's cost\n"
         "print(json.dumps([[r.search for r in a], [r.search for r in e],"
-        " [[n.sentence_id for n in r.neighbours] for r in e]]))\n"
+        " [[n.sentence_id for n in r.neighbours] for r in e], [r.search['4'] if '4' in r.search"
+        " else r.search[4] for r in m]]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     import json
 
-    ann, exact, ids = json.loads(out.stdout)
+    ann, exact, ids, mixed = json.loads(out.stdout)
     assert ann == [{"4": "ann"}] * 3 and exact == [{"4": "sql"}] * 3
+    # auto without torch: HNSW for the near queries, PostgreSQL's exact search for the far ones
+    assert mixed[:40] == ["ann"] * 40 and mixed[40:] == ["sql"] * 4
     with Lens.connect(db_url, cache_dir=tmp_path / "s") as lens:
         scan = lens.neighbors(q, "ann-model", layers=[4], k=3, mode="exact")
     assert ids == [[n.sentence_id for n in r.neighbours] for r in scan]
