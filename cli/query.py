@@ -47,7 +47,7 @@ SENTENCE_WIDTH = 90
               help="auto: per layer, the cheaper of the exact scan and HNSW, HNSW only for in-distribution "
                    "queries; exact: always exact; ann: HNSW wherever an index exists (approximate).")
 @click.option("--exact", is_flag=True, help="Same as --mode exact.")
-@click.option("--ef-search", type=click.IntRange(min=1, max=1000), help="HNSW ef_search where HNSW answers (default 100).")
+@click.option("--ef-search", type=click.IntRange(min=1, max=1000), help="HNSW ef_search where HNSW answers (default: what the index measured at build time).")
 @output_options
 @database_option
 @handle_errors

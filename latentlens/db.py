@@ -280,36 +280,37 @@ def probe_ann(url: str) -> bool:
 
 def record_ann_support(url: str, supported: bool, key: str) -> None:
     """Record the probe's answer in the server's configuration (postgresql.auto.conf)."""
-    import time
-
     value = "on" if supported else "off"
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         conn.execute(f"ALTER SYSTEM SET {ANN_SETTING} = '{value}'")
         conn.execute(f"ALTER SYSTEM SET {ANN_PROBE_SETTING} = '{key}'")
         conn.execute("SELECT pg_reload_conf()")
     # the reload is a signal: wait until new connections see the value
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-            if conn.execute("SELECT current_setting(%s, true)", (ANN_SETTING,)).fetchone()[0] == value:
-                return
-        time.sleep(0.05)
+    _wait_until(url, lambda conn: conn.execute(
+        "SELECT current_setting(%s, true)", (ANN_SETTING,)).fetchone()[0] == value, timeout=5, must=False)
 
 
-def _wait_until_up(url: str, timeout: float = 30.0) -> None:
-    """After a crashed backend the postmaster restarts all others: wait for it."""
+def _wait_until(url: str, ready, *, timeout: float, must: bool = True) -> None:
+    """Poll a fresh connection until ``ready(conn)``; connection errors count as not ready.
+
+    After a crashed backend the postmaster restarts all others; after a reload
+    new backends read the new configuration only once it has been signalled.
+    ``must``: raise when the time is up, else just return.
+    """
     import time
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with psycopg.connect(url, connect_timeout=5) as conn:
-                conn.execute("SELECT 1")
-            return
+            with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                if ready(conn):
+                    return
         except psycopg.OperationalError:
-            if time.monotonic() > deadline:
+            if must and time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def ensure_ann_probe(url: str) -> bool:
@@ -324,7 +325,7 @@ def ensure_ann_probe(url: str) -> bool:
         return recorded == "on"
     ok = probe_ann(url)
     if not ok:
-        _wait_until_up(url)
+        _wait_until(url, lambda conn: conn.execute("SELECT 1").fetchone() is not None, timeout=30)
     record_ann_support(url, ok, key)
     return ok
 

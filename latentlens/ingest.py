@@ -523,10 +523,19 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     finally:
         progress.close()
     result = IngestResult(store.get_run(run.id), info.name, cinfo.name, resumed=resumed)
-    # planner statistics: without them the planner never picks the HNSW index
-    store.analyze(info, layers)
-    if opts.build_index:
-        result.notices.extend(_maybe_build_index(store, info, layers, result.run, last_shard, opts.progress))
+    ann = opts.build_index and store.ann_supported()
+    if ann and last_shard:
+        # the build analyzes each leaf too (llens_build_index), before its swap
+        result.notices.extend(_build_index(store, info, layers, result.run, opts.progress, echo))
+    else:
+        # planner statistics: without them the planner never picks the HNSW index
+        store.analyze(info, layers)
+        if opts.build_index:
+            result.notices.append(
+                "ANN index deferred: other shards are still running; the last shard to finish builds it."
+                if ann else
+                "ANN index skipped: this server's pgvector cannot build indexes on this CPU; queries use "
+                "exact search (build later with `llens index build` on a capable server).")
     for n in result.notices:
         echo(n)
     return result
@@ -612,23 +621,17 @@ def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> Non
              f"loading) are rebuilt when it finishes; resume it with `llens ingest --resume {run.id}`.")
 
 
-def _maybe_build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
-                       last_shard: bool, progress: bool) -> list[str]:
-    if not store.ann_supported():
-        return ["ANN index skipped: this server's pgvector cannot build indexes on this CPU; "
-                "queries use exact search (build later with `llens index build` on a capable server)."]
-    if not last_shard:
-        return ["ANN index deferred: other shards are still running; the last shard to finish builds it."]
+def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo, progress: bool,
+                 echo: Echo) -> list[str]:
     bar = IndexBuildProgress(enabled=progress, layers=layers)
     try:
         store.build_index(info, layers, progress=bar)
     except BaseException:
         bar.close()
-        print(f"The rows of run {run.id} are stored, but its ANN index build did not finish: "
-              f"run `llens index build {info.name}`.", file=sys.stderr, flush=True)
+        echo(f"The rows of run {run.id} are stored, but its ANN index build did not finish: "
+             f"run `llens index build {info.name}`.")
         raise
-    finally:
-        bar.close()
+    bar.close()
     return [f"Built ANN indexes for layers {','.join(map(str, layers))}."]
 
 

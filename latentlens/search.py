@@ -303,9 +303,10 @@ class Searcher:
             return ls
 
         # distribution test: queries far from a sample of the leaf go to the scan
-        near = self._sample_max(info, layer, q) >= self.ood_threshold
         if query_kind == "text":
-            near[:] = True
+            near = np.ones(nq, dtype=bool)
+        else:
+            near = self._sample_max(info, layer, q) >= self.ood_threshold
         n_far = int((~near).sum())
         est_split = scan_cost(n_far) + self.costs.ann(key, li.row_count, nq - n_far, ef)
         estimates["split_s"] = est_split
