@@ -653,9 +653,10 @@ class IndexBuildProgress:
             self.layer = ev.layer
             n = self.layers.index(ev.layer) + 1 if ev.layer in self.layers else 0
             self.bar = tqdm(desc=f"index layer {ev.layer} ({n}/{len(self.layers)})", total=ev.total or None,
-                            unit="row", file=sys.stderr, dynamic_ncols=True, leave=False)
+                            unit=ev.unit, file=sys.stderr, dynamic_ncols=True, leave=False)
         if ev.total and self.bar.total != ev.total:
             self.bar.total = ev.total
+        self.bar.unit = ev.unit
         self.bar.set_postfix_str(ev.phase, refresh=False)
         self.bar.n = ev.total if ev.finished else ev.done
         self.bar.refresh()

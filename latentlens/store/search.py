@@ -36,6 +36,7 @@ class IndexProgress:
     done: int
     total: int
     finished: bool = False
+    unit: str = "step"  # what done/total count: pgvector reports heap blocks while loading
 
 
 class SearchMixin(StoreBase):
@@ -305,7 +306,7 @@ class _ProgressWatcher:
                     if row is None:
                         continue
                     phase, td, tt, bd, bt = row
-                    done, total = (td, tt) if tt else (bd, bt)
-                    self.progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0)))
+                    done, total, unit = (td, tt, "row") if tt else (bd, bt, "block")
+                    self.progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0), unit=unit))
         except psycopg.Error:
             return  # progress is best effort: the build itself reports its errors
