@@ -89,7 +89,7 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
         if limit is not None and limit < 1:
             raise click.BadParameter("must be >= 1", param_hint="--limit")
         lm = load_language_model(model, gguf_file=gguf_file, dtype=dtype, device=device,
-                                 revision=revision, name=name)
+                                 revision=revision, name=name, lens_heads=False)
         ing.resolve_layers(layers, lm.num_layers, lm.name)  # fail before touching the store
         result = ing.ingest(lm, texts, database_url=database_url, corpus_name=corpus_name,
                             options=opts, echo=_err)

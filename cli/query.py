@@ -16,8 +16,8 @@ from latentlens.cli._common import (
 )
 
 CSV_COLUMNS = [
-    "query_index", "query_token", "query_layer", "searched_layer", "rank", "token", "token_id",
-    "similarity", "layer", "sentence_id", "position", "char_start", "char_end", "sentence",
+    "method", "query_index", "query_token", "query_layer", "searched_layer", "rank", "token", "word",
+    "token_id", "similarity", "layer", "sentence_id", "position", "char_start", "char_end", "sentence",
 ]
 SENTENCE_WIDTH = 90
 
@@ -27,7 +27,8 @@ SENTENCE_WIDTH = 90
 @click.option("--text", help="Run MODEL on this text and query each of its tokens.")
 @click.option("--token", help="With --text: query only this token (e.g. dog).")
 @click.option("--query-layer", "query_layer", metavar="L[,L...]",
-              help="With --text: which hidden state(s) of the text to query (default: every stored layer).")
+              help="With --text: which hidden state(s) of the text to query (default: every stored layer). "
+                   "With --vectors: the one layer the vectors come from (LogitLens needs it).")
 @click.option("--vectors", "vectors_path", type=click.Path(exists=True, dir_okay=False),
               help="Query raw vectors [N, D] or [D] from .npy, .npz, .pt (weights only) or .safetensors.")
 @click.option("--key", help="With --vectors: the array to use in a file that holds several.")
@@ -42,6 +43,10 @@ SENTENCE_WIDTH = 90
 @click.option("--resolution", help="With --image: resize to this (e.g. 336 or 448x448).")
 @click.option("--layers", metavar="L[,L...]", help="Stored (contextual) layers to search (default: all).")
 @click.option("--per-layer", is_flag=True, help="Show each searched layer's own top-k instead of the merge.")
+@click.option("--method", "method", default="latentlens", show_default=True, metavar="M[,M...]",
+              help="latentlens (contextual neighbours from the store), logitlens (final norm + LM head: "
+                   "top tokens with probability), embeddinglens (cosine with the input embeddings), "
+                   "or all. The baselines need only the model, not the database.")
 @click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--mode", type=click.Choice(["auto", "exact", "ann"]), default="auto", show_default=True,
               help="auto: per layer, the cheaper of the exact scan and HNSW, HNSW only for in-distribution "
@@ -54,8 +59,8 @@ SENTENCE_WIDTH = 90
 def query(model: str, text: str | None, token: str | None, query_layer: str | None,
           vectors_path: str | None, key: str | None, image: str | None, visual_layers: str | None,
           patches: str, sample: int | None, seed: int, prompt: str | None, resolution: str | None,
-          layers: str | None, per_layer: bool, k: int, mode: str, exact: bool, ef_search: int | None,
-          as_json: bool, as_csv: bool, database_url: str | None) -> None:
+          layers: str | None, per_layer: bool, method: str, k: int, mode: str, exact: bool,
+          ef_search: int | None, as_json: bool, as_csv: bool, database_url: str | None) -> None:
     """Nearest contextual neighbours of a text's tokens, raw vectors, or an image's patches.
 
     Each query vector is searched in every chosen stored layer and the hits
@@ -66,6 +71,11 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
     tokens are always answered exactly. --json says which path answered
     each result ("search"); see docs/query.md.
 
+    --method adds the baselines LatentLens is compared with: LogitLens and
+    EmbeddingLens read each hidden state through the model's own
+    vocabulary. Without latentlens, MODEL may be any loadable model (a
+    local dir, a .gguf, a hub id) and no database is needed.
+
     \b
     Examples:
         llens query SmolLM2 --text "a brown dog on the grass"
@@ -74,6 +84,8 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         llens query llava-1.5-7b --image dog.jpg --visual-layers 0,8,16 --patches center
         llens query SmolLM2 --vectors q.safetensors --key hidden --csv > hits.csv
         llens query SmolLM2 --vectors q.npy --mode exact --json | jq '.[0].search'
+        llens query SmolLM2 --text "a brown dog" --token dog --query-layer 8 --method all
+        llens query ./tiny-llava --image dog.jpg --visual-layers 2 --method logitlens,embeddinglens
     """
     fmt = output_format(as_json, as_csv)
     given = [name for name, v in (("--text", text), ("--vectors", vectors_path), ("--image", image)) if v]
@@ -81,27 +93,42 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         raise click.UsageError("give exactly one of --text, --vectors or --image")
     if token and not text:
         raise click.UsageError("--token needs --text")
-    if query_layer and not text:
-        raise click.UsageError("--query-layer needs --text (with --image use --visual-layers)")
+    if query_layer and image:
+        raise click.UsageError("--query-layer is for --text and --vectors (with --image use --visual-layers)")
+    from latentlens.lenses import parse_methods
+
+    methods = parse_methods(method)
     search = parse_int_list(layers, "--layers")
+    query_layers = parse_int_list(query_layer, "--query-layer")
+    if vectors_path and query_layers and len(query_layers) != 1:
+        raise click.UsageError("with --vectors, --query-layer is the one layer the vectors come from")
     mode = "exact" if exact else mode
-    from latentlens.query import Lens
+    if "latentlens" not in methods:
+        results = _baselines_only(model, text, token, query_layers, vectors_path, key, image, visual_layers,
+                                  patches, sample, seed, prompt, resolution, k, methods, fmt, database_url)
+    else:
+        from latentlens.query import Lens
 
-    with Lens.connect(database_url) as lens:
-        if image:
-            _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                         search, k, mode, fmt)
-            return
-        if text:
-            results = lens.query_text(
-                model, text, token=token, query_layers=parse_int_list(query_layer, "--query-layer"),
-                layers=search, k=k, per_layer=per_layer, mode=mode, ef_search=ef_search,
-            )
-        else:
-            from latentlens.query import load_vectors
+        with Lens.connect(database_url) as lens:
+            if image:
+                _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
+                             search, k, mode, fmt, methods)
+                return
+            if text:
+                results = lens.query_text(
+                    model, text, token=token, query_layers=query_layers, layers=search, k=k,
+                    per_layer=per_layer, mode=mode, ef_search=ef_search, methods=methods,
+                )
+            else:
+                from latentlens.query import load_vectors
 
-            results = lens.neighbors(load_vectors(vectors_path, key), model, layers=search, k=k,
-                                     per_layer=per_layer, mode=mode, ef_search=ef_search)
+                results = lens.query_vectors(
+                    load_vectors(vectors_path, key), model, methods=methods,
+                    query_layer=query_layers[0] if query_layers else None, layers=search, k=k,
+                    per_layer=per_layer, mode=mode, ef_search=ef_search,
+                )
+    if results is None:
+        return
     if fmt == "json":
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
     elif fmt == "csv":
@@ -112,15 +139,71 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         click.echo(render(results))
 
 
+def _baselines_only(model, text, token, query_layers, vectors_path, key, image, visual_layers, patches,
+                    sample, seed, prompt, resolution, k, methods, fmt, database_url):
+    """LogitLens / EmbeddingLens: the model only. The store is asked (if it answers) for
+    the source `llens ingest` recorded under MODEL; a path or an unknown name loads as given."""
+    from pathlib import Path
+
+    from latentlens.query import load_vectors, text_lenses, vector_lenses
+
+    stored = None if Path(model).expanduser().exists() else _stored_model(model, database_url)
+    if image:
+        from latentlens.vlm.query import query_image
+
+        vls = parse_int_list(visual_layers, "--visual-layers")
+        if vls is None and stored is not None:
+            vls = stored.layer_numbers
+        if not vls:
+            raise click.UsageError("choose --visual-layers (MODEL is not in the store)")
+        source = ((stored.params or {}).get("source") or stored.name) if stored is not None else model
+        result = query_image(None, source, image, visual_layers=vls, k=k, patches=patches, sample=sample,
+                             seed=seed, prompt=prompt, resolution=resolution, methods=methods)
+        _emit_image(result, fmt)
+        return None
+    if stored is not None:
+        from latentlens.models import load_from_store
+
+        lm = load_from_store(stored)
+    else:
+        from latentlens.models import load_language_model
+
+        lm = load_language_model(model)
+    if text:
+        if query_layers is None:
+            if stored is None or not stored.layer_numbers:
+                raise click.UsageError("choose --query-layer (MODEL has no stored layers to default to)")
+            query_layers = stored.layer_numbers
+        return text_lenses(lm, text, query_layers=query_layers, token=token, k=k, methods=methods)
+    return vector_lenses(lm, load_vectors(vectors_path, key), k=k, methods=methods,
+                         query_layer=query_layers[0] if query_layers else None)
+
+
+def _stored_model(model, database_url):
+    """The store's record of MODEL, or None when the store does not know it or cannot be reached."""
+    from latentlens.errors import DatabaseUnavailable, SchemaOutOfDate, UnknownModel
+    from latentlens.store import Store
+
+    try:
+        with Store.open(database_url) as store:
+            return store.get_model(model)
+    except (UnknownModel, DatabaseUnavailable, SchemaOutOfDate):
+        return None
+
+
 def _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                 search, k, mode, fmt) -> None:
+                 search, k, mode, fmt, methods) -> None:
     from latentlens.vlm.query import query_image
 
     result = query_image(
         lens, model, image, visual_layers=parse_int_list(visual_layers, "--visual-layers"), layers=search,
         k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
-        mode=mode,
+        mode=mode, methods=methods,
     )
+    _emit_image(result, fmt)
+
+
+def _emit_image(result, fmt) -> None:
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
@@ -131,16 +214,23 @@ def render(results) -> str:
     """Readable blocks: one per query, neighbours with their sentence and the token marked."""
     from latentlens.cli._common import table
 
+    from latentlens.lenses import SCORES
+
     out = []
     for r in results:
         who = f"token {r.query_token!r} (position {r.index})" if r.query_token is not None else f"vector {r.index}"
         at = f" at layer {r.query_layer}" if r.query_layer is not None else ""
         groups = [(None, r.neighbours)] if r.per_layer is None else sorted(r.per_layer.items())
-        for searched, ns in groups:
+        for searched, ns in groups if (r.neighbours or r.per_layer or not r.lenses) else []:
             head = f"{who}{at}" + (f" -> searched layer {searched}" if searched is not None else "")
-            rows = [{"#": i, "neighbour": n.token, "similarity": n.similarity, "layer": n.layer,
-                     "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
-            out.append(head + "\n" + table(rows, ["#", "neighbour", "similarity", "layer", "sentence"]))
+            rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
+                     "layer": n.layer, "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
+            out.append(head + "\n" + table(rows, ["#", "neighbour", "word", "similarity", "layer", "sentence"]))
+        for method, hits in (r.lenses or {}).items():
+            score = SCORES[method]
+            rows = [{"#": i, "token": h.token, "token_id": h.token_id, score: h.score}
+                    for i, h in enumerate(hits, 1)]
+            out.append(f"{who}{at} -- {method}\n" + table(rows, ["#", "token", "token_id", score]))
     return "\n\n".join(out) if out else "(no results)"
 
 

@@ -243,7 +243,7 @@ def resume(
             build_index=build_index, progress=progress,
         )
         if lm is None:
-            lm = load_from_store(info, dtype=p.get("dtype") or "float32", device=device)
+            lm = load_from_store(info, dtype=p.get("dtype") or "float32", device=device, lens_heads=False)
         ids, _ords, texts = store.corpus_sentences(cinfo)
         if opts.limit:
             ids, texts = ids[: opts.limit], texts[: opts.limit]

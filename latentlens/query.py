@@ -18,6 +18,11 @@ Search modes (``mode``; see latentlens.search for the policy and its costs):
 * ``"ann"``: HNSW wherever a layer has an index, no fallback (``exact=False``).
 
 Every result says which path answered it, per searched layer (``search``).
+
+Baselines (``methods``): ``query_text`` and ``query_vectors`` can also read
+each hidden state through LogitLens and EmbeddingLens (latentlens.lenses);
+those need only the model, and ``text_lenses`` / ``vector_lenses`` run them
+without any database.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentlens.errors import EmptyResult, InputError
+from latentlens.lenses import VOCAB_METHODS, VocabHit, VocabularyLens, expand_word, parse_methods
 from latentlens.search import (
     DEFAULT_OOD_THRESHOLD,
     LayerSearch,
@@ -59,8 +65,17 @@ class Neighbour:
     char_start: int | None
     char_end: int | None
 
+    @property
+    def word(self) -> str:
+        """The whole word this token sits in within its sentence (``h«iker»`` -> ``hiker``)."""
+        w = expand_word(self.sentence, self.char_start, self.char_end)
+        if w:
+            return w
+        tok = self.token or ""
+        return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip() or tok
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "word": self.word}
 
     def marked_sentence(self, left: str = "[[", right: str = "]]") -> str:
         """The sentence with this token marked, where its span is known."""
@@ -80,9 +95,10 @@ class QueryResult:
     query_token: str | None = None
     query_layer: int | None = None
     search: dict[int, str] | None = None  # searched layer -> path that answered ("scan", "ann", "sql")
+    lenses: dict[str, list[VocabHit]] | None = None  # baseline method -> its top-k vocabulary tokens
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "index": self.index,
             "query_token": self.query_token,
             "query_layer": self.query_layer,
@@ -92,6 +108,9 @@ class QueryResult:
                 str(layer): [n.to_dict() for n in ns] for layer, ns in self.per_layer.items()
             },
         }
+        if self.lenses is not None:
+            d["lenses"] = {m: [h.to_dict() for h in hits] for m, hits in self.lenses.items()}
+        return d
 
 
 # --------------------------------------------------------------------------
@@ -275,32 +294,56 @@ class Lens:
         mode: Mode = "auto",
         exact: bool | None = None,
         ef_search: int | None = None,
+        methods: str | Sequence[str] = ("latentlens",),
     ) -> list[QueryResult]:
         """Neighbours of each token of ``text`` (or those matching ``token``), at each query layer.
 
         ``query_layers`` picks which hidden states of the text are used (default:
         every stored layer); results come grouped by query layer, then token.
+        ``methods`` adds the baselines (``"all"``, or any of latentlens,
+        logitlens, embeddinglens): their top-k tokens land in ``result.lenses``.
         """
         info = self._model(model)
         if query_layers is None:
             query_layers = info.layer_numbers
             if not query_layers:
                 raise EmptyResult(f"model '{info.name}' has no stored layers yet: run `llens ingest`")
-        st = self.hidden_states(info, text, query_layers)
-        positions = select_tokens(st.tokens, st.spans, text, token)
-        results: list[QueryResult] = []
-        # one search per stored layer for all (query layer, token) vectors
-        qvecs = np.concatenate([np.asarray(st.vectors[ql], dtype=np.float32)[positions] for ql in query_layers])
-        found = self.neighbors(qvecs, info, layers=layers, k=k, per_layer=per_layer, mode=mode, exact=exact,
-                               ef_search=ef_search)
-        i = 0
-        for ql in query_layers:
-            for p in positions:
-                r = found[i]
-                r.index, r.query_token, r.query_layer = int(p), st.tokens[p], int(ql)
-                results.append(r)
-                i += 1
-        return results
+        methods = parse_methods(methods)
+        k = check_k(k)
+
+        def search(qvecs: np.ndarray) -> list[QueryResult]:
+            return self.neighbors(qvecs, info, layers=layers, k=k, per_layer=per_layer, mode=mode,
+                                  exact=exact, ef_search=ef_search)
+
+        info.check_layer_range(query_layers)
+        return text_lenses(self.language_model(info), text, query_layers=query_layers, token=token, k=k,
+                           methods=methods, search=search if "latentlens" in methods else None)
+
+    def query_vectors(
+        self,
+        vectors: Any,
+        model: str | ModelInfo,
+        *,
+        methods: str | Sequence[str] = ("latentlens",),
+        query_layer: int | None = None,
+        layers: Sequence[int] | None = None,
+        k: int = 5,
+        per_layer: bool = False,
+        mode: Mode = "auto",
+        exact: bool | None = None,
+        ef_search: int | None = None,
+    ) -> list[QueryResult]:
+        """``neighbors`` plus the baselines: ``query_layer`` says which layer the vectors come from
+        (LogitLens applies the final norm below the last layer)."""
+        methods = parse_methods(methods)
+        info = self._model(model)
+        found = (self.neighbors(vectors, info, layers=layers, k=k, per_layer=per_layer, mode=mode,
+                                exact=exact, ef_search=ef_search)
+                 if "latentlens" in methods else None)
+        if not any(m in VOCAB_METHODS for m in methods):
+            return found or []
+        return vector_lenses(self.language_model(info), vectors, query_layer=query_layer, k=k,
+                             methods=methods, found=found)
 
     # ---- output -------------------------------------------------------------
 
@@ -312,6 +355,55 @@ class Lens:
         except ImportError as e:
             raise InputError("to_dataframe needs pandas: pip install pandas") from e
         return pd.DataFrame(flat_rows(results))
+
+
+def text_lenses(
+    lm: Any, text: str, *, query_layers: Sequence[int], token: str | None = None, k: int = 5,
+    methods: Sequence[str] = ("latentlens",), search: Any = None,
+) -> list[QueryResult]:
+    """Each selected token of ``text`` at each query layer, through ``methods``.
+
+    ``lm`` is a loaded LanguageModel; ``search`` (query vectors -> QueryResults)
+    answers LatentLens and is None when only the baselines run (no store).
+    """
+    query_layers = [int(x) for x in query_layers]
+    st = lm.hidden_states([text], query_layers)[0]
+    positions = select_tokens(st.tokens, st.spans, text, token)
+    vocab = [m for m in methods if m in VOCAB_METHODS]
+    blocks = [np.asarray(st.vectors[ql], dtype=np.float32)[positions] for ql in query_layers]
+    # one search per stored layer for all (query layer, token) vectors
+    found = search(np.concatenate(blocks)) if search is not None else None
+    results: list[QueryResult] = []
+    i = 0
+    for ql, block in zip(query_layers, blocks):
+        extra = VocabularyLens.of(lm).methods(vocab, block, ql, k) if vocab else [None] * len(positions)
+        for p, lens_hits in zip(positions, extra):
+            r = found[i] if found is not None else QueryResult(index=int(p), neighbours=[])
+            r.index, r.query_token, r.query_layer = int(p), st.tokens[p], int(ql)
+            r.lenses = lens_hits
+            results.append(r)
+            i += 1
+    return results
+
+
+def vector_lenses(
+    lm: Any, vectors: Any, *, query_layer: int | None, k: int = 5,
+    methods: Sequence[str] = ("logitlens", "embeddinglens"), found: list[QueryResult] | None = None,
+) -> list[QueryResult]:
+    """The baselines of raw vectors (attached to ``found``, LatentLens results, when given)."""
+    vocab = [m for m in methods if m in VOCAB_METHODS]
+    if "logitlens" in vocab and query_layer is None:
+        raise InputError(
+            "LogitLens needs the layer the vectors come from (--query-layer L): below the last "
+            "layer it applies the model's final norm first"
+        )
+    layer = lm.num_layers if query_layer is None else int(query_layer)
+    hits = VocabularyLens.of(lm).methods(vocab, vectors, layer, k)
+    out = found if found is not None else [QueryResult(index=i, neighbours=[]) for i in range(len(hits))]
+    for r, h in zip(out, hits):
+        r.lenses = h
+        r.query_layer = query_layer if query_layer is not None else r.query_layer
+    return out
 
 
 def _mode(mode: Mode, exact: bool | None) -> Mode:
@@ -345,18 +437,26 @@ def select_tokens(tokens: Sequence[str], spans: Sequence[Any], text: str, token:
 
 
 def flat_rows(results: Sequence[QueryResult]) -> list[dict]:
-    """(query, neighbour) rows: the CSV / DataFrame form."""
+    """(query, method, neighbour) rows: the CSV / DataFrame form.
+
+    Baseline rows carry the vocabulary token and its score in ``similarity``
+    (a probability for logitlens, a cosine for embeddinglens) and no sentence.
+    """
     rows = []
     for r in results:
+        head = {"query_index": r.index, "query_token": r.query_token, "query_layer": r.query_layer}
         groups = [(None, r.neighbours)]
         if r.per_layer is not None:
             groups = list(r.per_layer.items())
         for searched, ns in groups:
             for rank, n in enumerate(ns, 1):
-                rows.append({
-                    "query_index": r.index, "query_token": r.query_token, "query_layer": r.query_layer,
-                    "searched_layer": searched, "rank": rank, **n.to_dict(),
-                })
+                rows.append({"method": "latentlens", **head, "searched_layer": searched, "rank": rank,
+                             **n.to_dict()})
+        for method, hits in (r.lenses or {}).items():
+            for rank, h in enumerate(hits, 1):
+                rows.append({"method": method, **head, "searched_layer": None, "rank": rank,
+                             "token": h.token, "word": h.word, "token_id": h.token_id,
+                             "similarity": h.score})
     return rows
 
 
@@ -409,5 +509,6 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
 
 
 __all__ = [
-    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "select_tokens", "validate_layers",
+    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "select_tokens", "text_lenses",
+    "validate_layers", "vector_lenses",
 ]

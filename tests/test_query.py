@@ -146,7 +146,8 @@ def test_cli_query_vectors_json_csv_table(db_url, data, tmp_path):
     assert n["layer"] == 8 and n["similarity"] > 0.999
     r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.npy"), "-k", "2", "--csv")
     lines = r.output.strip().splitlines()
-    assert lines[0].startswith("query_index,") and len(lines) == 1 + 3 * 2
+    assert lines[0].startswith("method,query_index,") and len(lines) == 1 + 3 * 2
+    assert all(line.startswith("latentlens,") for line in lines[1:])
     torch.save(torch.from_numpy(q[0]), tmp_path / "q.pt")
     r = _cli(db_url, "query", "qm", "--vectors", str(tmp_path / "q.pt"), "--layers", "8")
     assert r.exit_code == 0, r.output

@@ -44,7 +44,7 @@ def test_query_image_cli_table_with_sample(ingested):
                                  "--visual-layers", "1", "-k", "1", "--sample", "3", "--seed", "2"])
     assert r.exit_code == 0, r.output
     lines = [x for x in r.stdout.splitlines() if x.strip()]
-    assert lines[0].split()[:5] == ["visual_layer", "patch", "row", "col", "rank"]
+    assert lines[0].split()[:6] == ["visual_layer", "patch", "row", "col", "method", "rank"]
     assert len(lines) == 2 + 3  # header, rule, one row per sampled patch
     assert "[[" in lines[2]
 

@@ -13,9 +13,27 @@ so ingesting a VLM runs its language model on text and nothing else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from latentlens.errors import InputError
+
+
+@dataclass
+class LensHeads:
+    """What the vocabulary lenses (LogitLens, EmbeddingLens) read from a model.
+
+    ``unembedding`` is the LM head's weight, which is the input embedding
+    itself when the model ties them; logits are ``scale * norm(h) @ W.T``,
+    soft-capped where the model caps its own (Gemma 2/3).
+    """
+
+    norm: Any  # the final norm module (hidden_states[num_layers] is already after it)
+    unembedding: Any  # torch.Tensor [V, D]
+    embedding: Any  # torch.Tensor [V, D], the input embedding matrix
+    tied: bool
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
 
 
 class Adapter:
@@ -65,15 +83,47 @@ class Adapter:
     def layers(self, model):
         return self.language_model(model).layers
 
+    def heads(self, model) -> LensHeads:
+        """Final norm, LM head and input embedding of a loaded model (LLM or VLM), tied or not."""
+        lm = self.language_model(model)
+        norm = next((getattr(lm, n) for n in ("norm", "final_layernorm", "ln_f") if hasattr(lm, n)), None)
+        if norm is None:
+            raise InputError(f"cannot find the final norm of {type(model).__name__}")
+        embedding = lm.embed_tokens.weight
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        cfg = self.text_config(model.config)
+        tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False))
+        if out is None:
+            if not tied:
+                raise InputError(
+                    f"{type(model).__name__} was loaded without its LM head and does not tie it to "
+                    "the input embedding: LogitLens cannot run on it"
+                )
+            unembedding = embedding
+        else:
+            unembedding = out.weight
+            tied = unembedding.data_ptr() == embedding.data_ptr()
+        scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere
+        if getattr(cfg, "logits_scaling", None):  # Granite divides
+            scale /= float(cfg.logits_scaling)
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        return LensHeads(norm=norm, unembedding=unembedding, embedding=embedding, tied=tied,
+                         logit_scale=scale, logit_softcap=float(cap) if cap else None)
+
 
 class DecoderAdapter(Adapter):
-    """Text-only decoder LMs: loads the base model (no LM head) with AutoModel."""
+    """Text-only decoder LMs, loaded with their LM head (LogitLens needs it; tied heads cost nothing)."""
 
     model_types = (
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
         "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "smollm3",
         "stablelm", "starcoder2", "cohere", "nemotron",
     )
+
+    def _load(self, source: str, config, *, dtype, **kw: Any):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kw)
 
 
 class _VisionLanguageAdapter(Adapter):
@@ -149,3 +199,8 @@ def adapter_for_config(config) -> Adapter:
 def language_model_of(model):
     """The decoder stack of a loaded transformers model (LLM or supported VLM)."""
     return adapter_for_config(model.config).language_model(model)
+
+
+def heads_of(model) -> LensHeads:
+    """The vocabulary-lens heads of a loaded transformers model (LLM or supported VLM)."""
+    return adapter_for_config(model.config).heads(model)

@@ -64,6 +64,7 @@ class LanguageModel:
         device: torch.device,
         dtype: torch.dtype,
         adapter: Any = None,
+        heads: Any = None,
     ):
         self.name = name
         self.model = model.eval()
@@ -73,6 +74,8 @@ class LanguageModel:
         self.device = device
         self.dtype = dtype
         self.adapter = adapter
+        #: LensHeads (final norm, LM head, input embedding) for the vocabulary lenses; None if not loaded
+        self.heads = heads
         self._params = dict(params)
         self.num_layers = int(config.num_hidden_layers)
         self.hidden_size = int(config.hidden_size)

@@ -81,9 +81,10 @@ def _gguf_cache_dir(source: str, gguf_file: str, dtype: str) -> Path:
     path = Path(source) / gguf_file
     try:
         st = path.stat()
-        key_src = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
+        # v2: the cache holds the LM head too (earlier caches kept only the decoder stack)
+        key_src = f"v2|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{dtype}"
     except OSError:  # a hub id: key by name only
-        key_src = f"{source}|{gguf_file}|{dtype}"
+        key_src = f"v2|{source}|{gguf_file}|{dtype}"
     key = hashlib.blake2b(key_src.encode(), digest_size=10).hexdigest()
     return llens_config.cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{key}"
 
@@ -114,12 +115,16 @@ def load_language_model(
     device: str | None = None,
     revision: str | None = None,
     name: str | None = None,
+    lens_heads: bool = True,
 ) -> LanguageModel:
     """Load the language model (decoder stack + tokenizer) of ``source``.
 
     ``source`` is a transformers id, a local model dir, or a ``.gguf`` file
     (or a dir/id plus ``gguf_file``). For a supported VLM only its language
-    model is kept. Raises InputError for anything that cannot be loaded.
+    model is kept, with its LM head and final norm (``lm.heads``, for
+    LogitLens) unless ``lens_heads=False`` (ingest: an untied head can be a
+    large matrix nothing there reads). Raises InputError for anything that
+    cannot be loaded.
     """
     torch_dtype = _torch_dtype(dtype)
     dev = _device(device)
@@ -160,6 +165,7 @@ def load_language_model(
             _save_gguf_cache(cache, full, tokenizer)
         except OSError as e:  # a cache is an optimisation: never fail the load for it
             warnings.warn(f"could not cache dequantized GGUF weights in {cache}: {e}", stacklevel=2)
+    heads = adapter.heads(full) if lens_heads else None
     lm = adapter.language_model(full)
     lm = lm.to(dev)
     text_cfg = adapter.text_config(cfg)
@@ -175,6 +181,7 @@ def load_language_model(
         device=dev,
         dtype=torch_dtype,
         adapter=adapter,
+        heads=heads,
     )
 
 

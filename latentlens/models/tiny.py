@@ -48,22 +48,23 @@ def build_tokenizer(texts: Iterable[str], *, bos: bool, padding_side: str, max_v
     )
 
 
-def _text_kwargs(vocab_size: int, hidden: int, layers: int) -> dict:
+def _text_kwargs(vocab_size: int, hidden: int, layers: int, tie: bool = True) -> dict:
     return dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
 
 
-def build_model(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0):
-    """A randomly initialised model of ``arch`` (see ARCHS)."""
+def build_model(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 4, seed: int = 0,
+                tie: bool = True):
+    """A randomly initialised model of ``arch`` (see ARCHS); ``tie=False`` gives it its own LM head."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    text = _text_kwargs(vocab_size, hidden, layers)
+    text = _text_kwargs(vocab_size, hidden, layers, tie)
     if arch == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**text))
     if arch == "qwen2":
@@ -108,13 +109,14 @@ def make_tiny_model(
     hidden: int = 64,
     layers: int = 4,
     seed: int = 0,
+    tie: bool = True,
 ) -> Path:
     """Save a tiny random ``arch`` model and its tokenizer in ``path``; return it."""
     path = Path(path)
     if texts is None:
         texts = sample_corpus_path().read_text(encoding="utf-8").splitlines()
     tokenizer = build_tokenizer(texts, bos=bos, padding_side=padding_side)
-    model = build_model(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed)
+    model = build_model(arch, len(tokenizer), hidden=hidden, layers=layers, seed=seed, tie=tie)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -162,6 +162,13 @@ class VisionLanguageModel:
 
         return language_model_of(self.model)
 
+    @property
+    def heads(self) -> Any:
+        """Final norm, LM head and input embedding of the language model (for the baselines)."""
+        from latentlens.models import heads_of
+
+        return heads_of(self.model)
+
     # ---- architecture hooks ---------------------------------------------
 
     def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:

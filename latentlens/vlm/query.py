@@ -9,6 +9,10 @@ image tokens) each selected patch's vector is searched in the chosen stored
 text layers and the per-layer top-k lists merge by cosine, like a text
 query (latentlens.query.Lens.neighbors). All visual layers and patches go in
 one search call: one scan per stored layer, whatever the grid size.
+
+``methods`` adds the baselines (LogitLens, EmbeddingLens) for the same
+visual tokens; they need only the VLM, so with LatentLens left out no store
+is read (``lens`` may be None and ``model`` any loadable VLM).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlens.errors import EmptyResult, InputError, ModelMismatch
+from latentlens.errors import EmptyResult, InputError, ModelMismatch, UnknownModel
+from latentlens.lenses import VOCAB_METHODS, VocabHit, parse_methods
 from latentlens.store.types import check_k, check_layer_range
 from latentlens.vlm.geometry import Patch
 
@@ -38,13 +43,25 @@ class PatchResult:
     box: tuple[float, float, float, float]
     neighbours: list[Neighbour]
     search: dict[int, str] | None = None  # searched layer -> path that answered
+    lenses: dict[str, list[VocabHit]] | None = None  # baseline method -> top-k vocabulary tokens
+
+    def words(self, method: str = "latentlens", k: int | None = None) -> list[str]:
+        """The top-k words of one method, as a judge reads them (whole words, in rank order)."""
+        if method == "latentlens":
+            ws = [n.word for n in self.neighbours]
+        else:
+            ws = [h.word for h in (self.lenses or {}).get(method, [])]
+        return ws[:k] if k is not None else ws
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "patch_idx": self.patch_idx, "row": self.row, "col": self.col, "box": list(self.box),
             "neighbours": [n.to_dict() for n in self.neighbours],
             "search": None if self.search is None else {str(x): p for x, p in self.search.items()},
         }
+        if self.lenses is not None:
+            d["lenses"] = {m: [h.to_dict() for h in hits] for m, hits in self.lenses.items()}
+        return d
 
 
 @dataclass
@@ -69,6 +86,7 @@ class ImageQueryResult:
     k: int = 5
     canvas_size: tuple[int, int] | None = None  # (w, h) the vision tower saw
     patches: list[Patch] = field(default_factory=list)  # the whole grid, selected or not
+    methods: list[str] = field(default_factory=lambda: ["latentlens"])
 
     def layer(self, visual_layer: int) -> VisualLayerResult:
         for vl in self.layers:
@@ -89,26 +107,35 @@ class ImageQueryResult:
             "canvas_size": list(self.canvas_size) if self.canvas_size else None,
             "prompt": self.prompt,
             "k": self.k,
+            "methods": list(self.methods),
             "searched_layers": list(self.searched_layers),
             "layers": [vl.to_dict() for vl in self.layers],
         }
 
     def table_rows(self) -> list[dict]:
-        """One row per (visual layer, patch, neighbour), the sentence with the token in [[ ]]."""
+        """One row per (visual layer, patch, method, neighbour), the sentence with the token in [[ ]].
+
+        Baseline rows hold the vocabulary token's score in ``similarity``
+        (probability for logitlens, cosine for embeddinglens) and no sentence.
+        """
         rows = []
         for vl in self.layers:
             for p in vl.patches:
+                at = {"visual_layer": vl.visual_layer, "patch": p.patch_idx, "row": p.row, "col": p.col}
                 for rank, n in enumerate(p.neighbours, 1):
                     rows.append({
-                        "visual_layer": vl.visual_layer, "patch": p.patch_idx, "row": p.row,
-                        "col": p.col, "rank": rank, "token": word_of(n),
-                        "similarity": n.similarity, "layer": n.layer,
-                        "sentence": n.marked_sentence(),
+                        **at, "method": "latentlens", "rank": rank, "token": word_of(n),
+                        "similarity": n.similarity, "layer": n.layer, "sentence": n.marked_sentence(),
                     })
+                for method, hits in (p.lenses or {}).items():
+                    for rank, h in enumerate(hits, 1):
+                        rows.append({**at, "method": method, "rank": rank, "token": h.word,
+                                     "similarity": h.score, "layer": None, "sentence": ""})
         return rows
 
 
-TABLE_COLUMNS = ("visual_layer", "patch", "row", "col", "rank", "token", "similarity", "layer", "sentence")
+TABLE_COLUMNS = ("visual_layer", "patch", "row", "col", "method", "rank", "token", "similarity", "layer",
+                 "sentence")
 
 
 def word_of(n: Neighbour) -> str:
@@ -189,7 +216,7 @@ def select_patches(
 
 
 def query_image(
-    lens: Lens,
+    lens: Lens | None,
     model: str,
     image: Any,
     *,
@@ -206,58 +233,95 @@ def query_image(
     device: str | None = None,
     dtype: str = "float32",
     vlm: VisionLanguageModel | None = None,
+    methods: str | Sequence[str] = ("latentlens",),
 ) -> ImageQueryResult:
-    """Nearest contextual neighbours of an image's visual tokens.
+    """Nearest contextual neighbours (and/or the baselines) of an image's visual tokens.
 
     ``model`` names both the stored index and the VLM to load (pass ``vlm``
     to reuse a loaded one). ``visual_layers`` default to the model's stored
     layers; ``layers`` (the stored layers searched) default to all of them.
     """
     from latentlens.vlm.base import DEFAULT_PROMPT
-    from latentlens.vlm.extract import extract_visual_tokens, load_image, load_vlm
+    from latentlens.vlm.extract import extract_visual_tokens, load_image
 
     k = check_k(k)
-    info = lens.store.get_model(model)
-    if info.row_count == 0:
-        raise EmptyResult(f"model '{info.name}' has no rows yet: run `llens ingest {info.name} corpus.txt`")
-    from latentlens.search import validate_layers
+    methods = parse_methods(methods)
+    latent = "latentlens" in methods
+    if latent and lens is None:
+        raise InputError("LatentLens needs the store: pass a Lens")
+    info = None
+    if lens is not None:
+        try:
+            info = lens.store.get_model(model)
+        except UnknownModel:
+            if latent:
+                raise
+    searched: list[int] = []
+    if latent:
+        if info.row_count == 0:
+            raise EmptyResult(f"model '{info.name}' has no rows yet: run `llens ingest {info.name} corpus.txt`")
+        from latentlens.search import validate_layers
 
-    searched = validate_layers(info, layers)  # fail fast, before loading the VLM
+        searched = validate_layers(info, layers)  # fail fast, before loading the VLM
     if visual_layers is None:
+        if info is None:
+            raise InputError(f"'{model}' is not in the store: choose the visual layers (--visual-layers)")
         visual_layers = info.layer_numbers
     if not list(visual_layers):
         raise InputError("no visual layers chosen")
-    visual_layers = check_layer_range(visual_layers, info.num_layers, info.name, visual=True)
+    if info is not None:
+        visual_layers = check_layer_range(visual_layers, info.num_layers, info.name, visual=True)
     parse_patches(patches)  # a typo fails before the model loads
     if sample is not None and sample < 1:
         raise InputError("--sample must be at least 1")
     img = load_image(image)
-    if vlm is None:
-        # load what `llens ingest` recorded (a local dir is stored under its name)
-        params = info.params or {}
-        source = params.get("source") or info.name
-        vlm = load_vlm(source, dtype=dtype, device=device, revision=params.get("revision") or info.revision)
-    if vlm.hidden_size != info.hidden_size or vlm.num_layers != info.num_layers:
+    vlm = vlm or _load_for(info, model, dtype=dtype, device=device)
+    if info is not None and (vlm.hidden_size != info.hidden_size or vlm.num_layers != info.num_layers):
         raise ModelMismatch(
             f"the stored '{info.name}' has hidden size {info.hidden_size} and {info.num_layers} layers, "
             f"the loaded VLM's language model {vlm.hidden_size} and {vlm.num_layers}: "
             "ingest the VLM itself (its text side) under this name"
         )
+    visual_layers = check_layer_range(visual_layers, vlm.num_layers, vlm.name or model, visual=True)
     vt = extract_visual_tokens(vlm, img, layers=visual_layers, prompt=prompt or DEFAULT_PROMPT,
                                resolution=resolution)
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
-    queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
-    # visual tokens are out of distribution for HNSW: auto sends them to the exact scan
-    found = lens.neighbors(queries, info.name, layers=searched, k=k, mode=mode, exact=exact, query_kind="visual")
+    found = None
+    if latent:
+        queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
+        # visual tokens are out of distribution for HNSW: auto sends them to the exact scan
+        found = lens.neighbors(queries, info.name, layers=searched, k=k, mode=mode, exact=exact,
+                               query_kind="visual")
+    vocab = [m for m in methods if m in VOCAB_METHODS]
     out: list[VisualLayerResult] = []
     for i, v in enumerate(visual_layers):
-        results = found[i * len(chosen): (i + 1) * len(chosen)]
-        out.append(VisualLayerResult(v, [
-            PatchResult(vt.patches[p].idx, vt.patches[p].row, vt.patches[p].col, vt.patches[p].box,
-                        r.neighbours, r.search)
-            for p, r in zip(chosen, results)
-        ]))
+        extra = None
+        if vocab:
+            from latentlens.lenses import VocabularyLens
+
+            extra = VocabularyLens.of(vlm).methods(vocab, vt.vectors[v][chosen], v, k)
+        vl_patches = []
+        for j, p in enumerate(chosen):
+            r = found[i * len(chosen) + j] if found is not None else None
+            patch = vt.patches[p]
+            vl_patches.append(PatchResult(
+                patch.idx, patch.row, patch.col, patch.box, r.neighbours if r else [],
+                r.search if r else None, extra[j] if extra else None,
+            ))
+        out.append(VisualLayerResult(v, vl_patches))
     return ImageQueryResult(
-        model=info.name, image_size=img.size, grid=vt.grid, layers=out, prompt=vt.prompt,
-        searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
+        model=info.name if info is not None else model, image_size=img.size, grid=vt.grid, layers=out,
+        prompt=vt.prompt, searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
+        methods=methods,
     )
+
+
+def _load_for(info: Any, model: str, *, dtype: str, device: str | None) -> VisionLanguageModel:
+    """The VLM ``llens ingest`` recorded for ``info`` (a local dir is stored under its name), or ``model``."""
+    from latentlens.vlm.extract import load_vlm
+
+    if info is None:
+        return load_vlm(model, dtype=dtype, device=device)
+    params = info.params or {}
+    source = params.get("source") or info.name
+    return load_vlm(source, dtype=dtype, device=device, revision=params.get("revision") or info.revision)
