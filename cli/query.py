@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import click
 from latentlens.cli._common import (
+    baselines_vlm_source,
     database_option,
     emit,
     handle_errors,
     output_format,
     output_options,
     parse_int_list,
+    stored_model,
 )
 
 CSV_COLUMNS = [
@@ -143,24 +146,17 @@ def _baselines_only(model, text, token, query_layers, vectors_path, key, image, 
                     sample, seed, prompt, resolution, k, methods, fmt, database_url):
     """LogitLens / EmbeddingLens: the model only. The store is asked (if it answers) for
     the source `llens ingest` recorded under MODEL; a path or an unknown name loads as given."""
-    from pathlib import Path
-
     from latentlens.query import load_vectors, text_lenses, vector_lenses
 
-    stored = None if Path(model).expanduser().exists() else _stored_model(model, database_url)
     if image:
         from latentlens.vlm.query import query_image
 
-        vls = parse_int_list(visual_layers, "--visual-layers")
-        if vls is None and stored is not None:
-            vls = stored.layer_numbers
-        if not vls:
-            raise click.UsageError("choose --visual-layers (MODEL is not in the store)")
-        source = ((stored.params or {}).get("source") or stored.name) if stored is not None else model
+        source, vls = baselines_vlm_source(model, parse_int_list(visual_layers, "--visual-layers"), database_url)
         result = query_image(None, source, image, visual_layers=vls, k=k, patches=patches, sample=sample,
                              seed=seed, prompt=prompt, resolution=resolution, methods=methods)
         _emit_image(result, fmt)
         return None
+    stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
     if stored is not None:
         from latentlens.models import load_from_store
 
@@ -177,18 +173,6 @@ def _baselines_only(model, text, token, query_layers, vectors_path, key, image, 
         return text_lenses(lm, text, query_layers=query_layers, token=token, k=k, methods=methods)
     return vector_lenses(lm, load_vectors(vectors_path, key), k=k, methods=methods,
                          query_layer=query_layers[0] if query_layers else None)
-
-
-def _stored_model(model, database_url):
-    """The store's record of MODEL, or None when the store does not know it or cannot be reached."""
-    from latentlens.errors import DatabaseUnavailable, SchemaOutOfDate, UnknownModel
-    from latentlens.store import Store
-
-    try:
-        with Store.open(database_url) as store:
-            return store.get_model(model)
-    except (UnknownModel, DatabaseUnavailable, SchemaOutOfDate):
-        return None
 
 
 def _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 
 import click
-from latentlens.cli._common import database_option, handle_errors, parse_int_list
+from latentlens.cli._common import (
+    baselines_vlm_source,
+    database_option,
+    handle_errors,
+    parse_int_list,
+)
 
 
 @click.command()
@@ -24,7 +29,14 @@ from latentlens.cli._common import database_option, handle_errors, parse_int_lis
 @click.option("--seed", type=int, default=0, show_default=True, help="With --sample: random seed.")
 @click.option("--prompt", help='Text around the image (default: "Describe this image in detail.").')
 @click.option("--resolution", help="Fix the input size, e.g. 448 (Qwen2-VL: 16x16 tokens) or 448x336.")
+@click.option("--method", "method", default="latentlens", show_default=True, metavar="M[,M...]",
+              help="latentlens (contextual neighbours from the store), logitlens (final norm + LM head: "
+                   "top tokens with probability), embeddinglens (cosine with the input embeddings), "
+                   "or all; the page has a tab per method. The baselines need only the model: "
+                   "without latentlens no database is used.")
 @click.option("--png-layer", type=int, help="Visual layer drawn in report.png (default: the first).")
+@click.option("--png-method", metavar="M",
+              help="Method whose top-1 words label report.png (default: the first of --method).")
 @click.option("--exact", is_flag=True, help="Always exact search (the default already is for visual tokens).")
 @click.option("--device", help="torch device for the VLM (default: cuda if available, else cpu).")
 @click.option("--dtype", default="float32", show_default=True,
@@ -34,15 +46,19 @@ from latentlens.cli._common import database_option, handle_errors, parse_int_lis
 @handle_errors
 def report(model: str, image: str, out_dir: str, visual_layers: str | None, layers: str | None,
            k: int, patches: str, sample: int | None, seed: int, prompt: str | None,
-           resolution: str | None, png_layer: int | None, exact: bool, device: str | None,
-           dtype: str, as_json: bool, database_url: str | None) -> None:
+           resolution: str | None, method: str, png_layer: int | None, png_method: str | None,
+           exact: bool, device: str | None, dtype: str, as_json: bool, database_url: str | None) -> None:
     """Write report.html and report.png: each image patch's nearest contextual words.
 
     MODEL is a vision-language model whose language model was ingested under
     this name (`llens ingest MODEL corpus.txt`). report.html is one offline
-    file: the patch grid over the image, a visual-layer selector, and per
-    patch its neighbours with their sentences. report.png labels each patch
-    with its top-1 word (a legible subset when the grid is dense).
+    file: the patch grid over the image, a visual-layer selector, a tab per
+    method, and per patch its neighbours with their sentences (LogitLens and
+    EmbeddingLens: vocabulary tokens with their probability or cosine).
+    report.png labels each patch with its top-1 word (a legible subset when
+    the grid is dense). Without latentlens in --method, MODEL may be any
+    loadable VLM (a local dir, a hub id), no database is needed, and
+    --visual-layers is required unless the store knows MODEL.
 
     \b
     Examples:
@@ -50,34 +66,51 @@ def report(model: str, image: str, out_dir: str, visual_layers: str | None, laye
         llens report Qwen/Qwen2-VL-7B-Instruct --image photo.jpg --out report/ \\
             --visual-layers 0,8,16 --resolution 448 -k 5
         llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --sample 64 --seed 1
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --method all
+        llens report ./tiny-llava --image dog.jpg --out dog/ --visual-layers 0,2 \\
+            --method logitlens,embeddinglens
     """
-    from latentlens.query import Lens
+    from latentlens.lenses import parse_methods
     from latentlens.report import write_report
     from latentlens.vlm.extract import load_image
     from latentlens.vlm.query import query_image
 
+    methods = parse_methods(method)
+    if png_method is not None and png_method.strip().lower() not in methods:
+        raise click.BadParameter(f"{png_method!r} is not one of --method ({', '.join(methods)})",
+                                 param_hint="--png-method")
+    vls = parse_int_list(visual_layers, "--visual-layers")
+    if png_layer is not None and vls is not None and png_layer not in vls:
+        raise click.BadParameter(f"{png_layer} is not one of --visual-layers", param_hint="--png-layer")
     img = load_image(image)
-    if png_layer is not None and visual_layers is not None:
-        chosen = parse_int_list(visual_layers, "--visual-layers") or []
-        if png_layer not in chosen:
-            raise click.BadParameter(f"{png_layer} is not one of --visual-layers", param_hint="--png-layer")
-    with Lens.connect(database_url) as lens:
-        result = query_image(
-            lens, model, img, visual_layers=parse_int_list(visual_layers, "--visual-layers"),
-            layers=parse_int_list(layers, "--layers"), k=k, patches=patches, sample=sample, seed=seed,
-            prompt=prompt, resolution=resolution, exact=exact or None, device=device, dtype=dtype,
-        )
-    paths = write_report(result, img, out_dir, png_layer=png_layer)
+    common = dict(k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
+                  device=device, dtype=dtype, methods=methods)
+    if "latentlens" not in methods:
+        source, vls = baselines_vlm_source(model, vls, database_url)
+        if png_layer is not None and png_layer not in vls:
+            raise click.BadParameter(f"{png_layer} is not one of the visual layers ({', '.join(map(str, vls))})",
+                                     param_hint="--png-layer")
+        result = query_image(None, source, img, visual_layers=vls, **common)
+    else:
+        from latentlens.query import Lens
+
+        with Lens.connect(database_url) as lens:
+            result = query_image(lens, model, img, visual_layers=vls, layers=parse_int_list(layers, "--layers"),
+                                 exact=exact or None, **common)
+    paths = write_report(result, img, out_dir, png_layer=png_layer, png_method=png_method)
     if as_json:
         summary = {
             "html": str(paths["html"]), "png": str(paths["png"]), "model": result.model,
             "grid": list(result.grid), "patches": len(result.layers[0].patches),
             "visual_layers": result.visual_layers, "searched_layers": result.searched_layers,
+            "methods": list(result.methods),
         }
         click.echo(json.dumps(summary, indent=2))
     else:
         rows, cols = result.grid
         click.echo(f"{rows}x{cols} visual tokens, {len(result.layers[0].patches)} queried, "
-                   f"visual layers {', '.join(map(str, result.visual_layers))}")
+                   f"visual layers {', '.join(map(str, result.visual_layers))}, "
+                   f"methods {', '.join(result.methods)}")
         click.echo(f"Wrote {paths['html']}")
         click.echo(f"Wrote {paths['png']}")
+

@@ -2,13 +2,16 @@
 
 report.html is one self-contained file (image as base64, CSS, JS and data
 inline; no network): the patch grid over the image, a visual-layer selector,
-and per patch its nearest contextual neighbours with the matched token
-highlighted in its sentence. ``#patch=IDX&layer=V`` in the URL selects a
-patch, so a link (or a headless browser) can open a given view.
+a tab per method of the result (LatentLens, LogitLens, EmbeddingLens), and per
+patch that method's top-k: LatentLens neighbours with the matched token
+highlighted in its sentence, the baselines' vocabulary tokens with their
+probability (LogitLens) or cosine (EmbeddingLens).
+``#patch=IDX&layer=V&method=M`` in the URL selects a view, so a link (or a
+headless browser) can open it.
 
-report.png is the image with each patch's top-1 word on a dark box, for
-papers and slides; on dense grids the most confident patches are labelled
-first and a label that would overlap one already drawn is skipped.
+report.png is the image with each patch's top-1 word of one method on a dark
+box, for papers and slides; on dense grids the most confident patches are
+labelled first and a label that would overlap one already drawn is skipped.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from latentlens.errors import InputError
+from latentlens.lenses import SCORES, VOCAB_METHODS
 from latentlens.vlm.geometry import Patch
-from latentlens.vlm.query import ImageQueryResult, word_of
+from latentlens.vlm.query import ImageQueryResult, PatchResult, VisualLayerResult
+
+METHOD_NAMES = {"latentlens": "LatentLens", "logitlens": "LogitLens", "embeddinglens": "EmbeddingLens"}
 
 MAX_PNG_SIDE = 2048
 MAX_HTML_IMAGE_SIDE = 1600
@@ -35,9 +41,13 @@ MAX_WORD_CHARS = 14
 
 def write_report(
     result: ImageQueryResult, image: Any, out_dir: str | Path, *, png_layer: int | None = None,
-    title: str | None = None,
+    title: str | None = None, png_method: str | None = None,
 ) -> dict[str, Path]:
-    """Write report.html and report.png into ``out_dir``; return their paths."""
+    """Write report.html and report.png into ``out_dir``; return their paths.
+
+    ``png_method`` picks the method whose top-1 words label report.png
+    (default: the first of ``result.methods`` that has any).
+    """
     from latentlens.vlm.extract import load_image
 
     img = load_image(image)
@@ -48,12 +58,14 @@ def write_report(
         )
     if not result.layers:
         raise InputError("the result has no visual layers to report")
+    vl = result.layer(png_layer) if png_layer is not None else result.layers[0]
+    png_method = _png_method(result, vl, png_method)  # a bad choice fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path = out / "report.html"
     png_path = out / "report.png"
     html_path.write_text(render_html(result, img, title=title), encoding="utf-8")
-    render_png(result, img, png_layer).save(png_path, format="PNG", optimize=True)
+    render_png(result, img, png_layer, png_method=png_method).save(png_path, format="PNG", optimize=True)
     return {"html": html_path, "png": png_path}
 
 
@@ -61,28 +73,71 @@ def write_report(
 # HTML
 
 
+def result_methods(result: ImageQueryResult) -> list[str]:
+    """The result's methods, plus any a hand-built result holds without listing them."""
+    have = set(result.methods or ())
+    for vl in result.layers:
+        for p in vl.patches:
+            if p.neighbours:
+                have.add("latentlens")
+            have.update((p.lenses or {}).keys())
+    return [m for m in METHOD_NAMES if m in have] or ["latentlens"]
+
+
 def report_data(result: ImageQueryResult) -> dict:
-    """The compact JSON the page's script reads (each sentence stored once, by index)."""
+    """The compact JSON the page's script reads (each sentence stored once, by index).
+
+    Per visual layer, ``patches`` holds the LatentLens neighbours (``word``:
+    the whole word the matched ``token`` sits in) and ``lenses`` each
+    baseline's vocabulary tokens with their ``score`` (probability for
+    logitlens, cosine for embeddinglens), both keyed by patch index.
+    """
+    methods = result_methods(result)
+    vocab = [m for m in methods if m in VOCAB_METHODS]
     sentences: dict[str, int] = {}
     layers = []
     for vl in result.layers:
         patches = {
             str(p.patch_idx): [
-                {"word": word_of(n), "token": n.token, "similarity": round(float(n.similarity), 5),
+                {"word": n.word, "token": n.token, "similarity": round(float(n.similarity), 5),
                  "layer": n.layer, "s": sentences.setdefault(n.sentence, len(sentences)),
                  "char_start": n.char_start, "char_end": n.char_end}
                 for n in p.neighbours
             ]
             for p in vl.patches
         }
-        layers.append({"visual_layer": vl.visual_layer, "patches": patches})
+        lenses = {
+            m: {
+                str(p.patch_idx): [
+                    {"word": h.word, "token": h.token, "token_id": h.token_id, "score": _round_score(h.score)}
+                    for h in (p.lenses or {}).get(m, [])
+                ]
+                for p in vl.patches
+            }
+            for m in vocab
+        }
+        layers.append({"visual_layer": vl.visual_layer, "patches": patches, "lenses": lenses})
     return {
         "model": result.model, "image_size": list(result.image_size), "grid": list(result.grid),
         "k": result.k, "prompt": result.prompt, "searched_layers": list(result.searched_layers),
+        "methods": methods, "method_names": {m: METHOD_NAMES[m] for m in methods},
+        "scores": {m: SCORES[m] for m in methods},
         "grid_patches": [[p.idx, p.row, p.col, *p.box] for p in _grid(result)],
         "sentences": list(sentences),
         "layers": layers,
     }
+
+
+def _round_score(x: float) -> float:
+    # probabilities can be tiny: keep 5 significant digits, not 5 decimals
+    return float(f"{float(x):.5g}")
+
+
+def top_hits(p: PatchResult, method: str) -> list[tuple[str, float]]:
+    """(word, score) of one patch under one method, best first."""
+    if method == "latentlens":
+        return [(n.word, float(n.similarity)) for n in p.neighbours]
+    return [(h.word, float(h.score)) for h in (p.lenses or {}).get(method, [])]
 
 
 def _grid(result: ImageQueryResult) -> list[Patch]:
@@ -120,14 +175,22 @@ def _asset(name: str) -> str:
 def render_html(result: ImageQueryResult, img: Image.Image, *, title: str | None = None) -> str:
     rows, cols = result.grid
     queried = len(result.layers[0].patches)
+    methods = result_methods(result)
     title = title or f"LatentLens: {result.model}"
+    described = []
+    for m in methods:
+        if m == "latentlens":
+            described.append(f"LatentLens (contextual neighbours from text layers "
+                             f"{', '.join(str(x) for x in result.searched_layers) or '-'})")
+        else:
+            described.append(f"{METHOD_NAMES[m]} ({SCORES[m]})")
     subtitle = (
         f"{img.width}x{img.height} image, {rows}x{cols} visual tokens, {queried} queried; "
         f"visual layers {', '.join(str(v) for v in result.visual_layers)}; "
-        f"top {result.k} neighbours from text layers "
-        f"{', '.join(str(x) for x in result.searched_layers) or '-'}"
+        f"top {result.k} of {', '.join(described)}"
     )
     prompt = f" Prompt: \u201c{result.prompt}\u201d." if result.prompt else ""
+    method_list = ", ".join(methods)
     e = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -146,6 +209,7 @@ def render_html(result: ImageQueryResult, img: Image.Image, *, title: str | None
 </header>
 <div class="controls">
 <label>Layer <select id="layer" aria-label="visual layer"></select></label>
+<div class="tabs" id="methods" role="tablist" aria-label="method"></div>
 <label><input type="checkbox" id="show-words" checked> show top-1 words</label>
 </div>
 <div class="layout">
@@ -159,15 +223,20 @@ def render_html(result: ImageQueryResult, img: Image.Image, *, title: str | None
 <strong>Legend.</strong>
 <ul>
 <li>Each cell is one visual token (the image patch it covers in the original image).
-Its label is its top-1 nearest neighbour among the contextual token embeddings of the
-language model&#8217;s text index.</li>
-<li><span class="swatch"></span> shading: top-1 cosine similarity, from the lowest to the highest
-in this visual layer (visual tokens typically reach only 0.1&ndash;0.3).</li>
+Its label is its top-1 word under the selected method:
+<strong>LatentLens</strong>, the nearest neighbour among the contextual token embeddings of the
+language model&#8217;s text index (the whole word the matched token sits in);
+<strong>LogitLens</strong>, the most probable next token after the model&#8217;s final norm and LM head;
+<strong>EmbeddingLens</strong>, the input-embedding row with the highest cosine.</li>
+<li><span class="swatch"></span> shading: the top-1 score (cosine, or probability for LogitLens),
+from the lowest to the highest in this visual layer (LatentLens cosines of visual tokens typically
+reach only 0.1&ndash;0.3).</li>
 <li>Dashed cells were not queried (see <code>--patches</code> / <code>--sample</code>).</li>
 <li>Visual layer 0 is the projector output as it enters the language model; layer <em>l</em>
 is the language model&#8217;s hidden state after block <em>l</em> at the image-token positions.</li>
 <li>In each neighbour&#8217;s sentence the matched token is <mark>highlighted</mark>.
-Link to a view with <code>#layer=V&amp;patch=IDX</code>.</li>
+Link to a view with <code>#patch=IDX&amp;layer=V&amp;method=M</code>
+(M: {e(method_list)}).</li>
 </ul>
 </div>
 <script type="application/json" id="llens-data">{_script_json(report_data(result))}</script>
@@ -195,9 +264,29 @@ def _short(word: str) -> str:
     return word if len(word) <= MAX_WORD_CHARS else word[: MAX_WORD_CHARS - 1] + "\u2026"
 
 
-def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None = None) -> Image.Image:
-    """The image, upscaled so labels are legible, with each patch's top-1 word."""
+def _png_method(result: ImageQueryResult, vl: VisualLayerResult, png_method: str | None) -> str:
+    """``png_method`` checked, or the first of the result's methods with any words at ``vl``."""
+    methods = result_methods(result)
+    if png_method is not None:
+        m = png_method.strip().lower()
+        if m not in methods:
+            raise InputError(f"method '{png_method}' is not in this result (have: {', '.join(methods)})")
+        return m
+    for m in methods:
+        if any(top_hits(p, m) for p in vl.patches):
+            return m
+    return methods[0]
+
+
+def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None = None, *,
+               png_method: str | None = None) -> Image.Image:
+    """The image, upscaled so labels are legible, with each patch's top-1 word.
+
+    ``png_method`` picks the method (default: the first of the result's
+    methods that has words at this layer, LatentLens when it was asked).
+    """
     vl = result.layer(png_layer) if png_layer is not None else result.layers[0]
+    method = _png_method(result, vl, png_method)
     w, h = img.size
     rows, cols = result.grid
     cell_w = w / max(cols, 1)
@@ -217,12 +306,12 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
     font = _font(size)
     pad = max(2, size // 5)
     placed: list[tuple[float, float, float, float]] = []
-    ranked = sorted((p for p in vl.patches if p.neighbours), key=lambda p: -p.neighbours[0].similarity)
-    for p in ranked:
+    tops = [(p, hits[0]) for p in vl.patches if (hits := top_hits(p, method))]
+    for p, (word, _score) in sorted(tops, key=lambda t: -t[1][1]):
         x0, y0, x1, y1 = (v * scale for v in p.box)
         if not (x1 > x0 and y1 > y0):
             continue
-        text = _short(word_of(p.neighbours[0]))
+        text = _short(word)
         if not text:
             continue
         bx0, by0, bx1, by1 = draw.textbbox((0, 0), text, font=font)

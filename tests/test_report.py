@@ -14,11 +14,12 @@ import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
 from PIL import Image
-from vlm_tiny import CORPUS, build_qwen, ingest_text, sample_image
+from vlm_tiny import CORPUS, build_llava, build_qwen, ingest_text, sample_image
 
 from latentlens.errors import InputError
+from latentlens.lenses import VocabHit
 from latentlens.query import Neighbour
-from latentlens.report import render_png, write_report
+from latentlens.report import render_png, report_data, write_report
 from latentlens.vlm.geometry import grid_patches, stretch
 from latentlens.vlm.query import ImageQueryResult, PatchResult, VisualLayerResult
 
@@ -30,8 +31,10 @@ requires_chromium = pytest.mark.skipif(
 )
 
 
-def make_result(size=(240, 160), grid=(4, 6), layers=(0, 8), k=3, queried=None, seed=0):
-    """A hand-made ImageQueryResult: neighbours drawn from CORPUS with known spans."""
+def make_result(size=(240, 160), grid=(4, 6), layers=(0, 8), k=3, queried=None, seed=0,
+                methods=("latentlens",)):
+    """A hand-made ImageQueryResult: neighbours drawn from CORPUS with known spans,
+    and for the baselines among ``methods`` random vocabulary tokens."""
     rows, cols = grid
     w, h = size
     patches = grid_patches(rows, cols, (w / cols, h / rows), stretch(size, size), size)
@@ -46,16 +49,33 @@ def make_result(size=(240, 160), grid=(4, 6), layers=(0, 8), k=3, queried=None, 
                          layer=layer, sentence_id=1, sentence=s, position=i, char_start=a,
                          char_end=a + len(words[i]))
 
+    def hits(method: str) -> list[VocabHit]:
+        words = rng.sample(sorted({w for s in CORPUS for w in s.split()}), k)
+        scores = sorted((rng.uniform(0.001, 0.5) for _ in words), reverse=True)
+        return [VocabHit(" " + w, i, sc) for i, (w, sc) in enumerate(zip(words, scores))]
+
     chosen = [p for p in patches if queried is None or p.idx in queried]
+    latent = "latentlens" in methods
+    vocab = [m for m in methods if m != "latentlens"]
     out = []
     for v in layers:
         ps = []
         for p in chosen:
             ns = sorted((neighbour(rng.choice([4, 8])) for _ in range(k)), key=lambda n: -n.similarity)
-            ps.append(PatchResult(p.idx, p.row, p.col, p.box, ns))
+            ps.append(PatchResult(p.idx, p.row, p.col, p.box, ns if latent else [], None,
+                                  {m: hits(m) for m in vocab} if vocab else None))
         out.append(VisualLayerResult(v, ps))
     return ImageQueryResult("tiny/model", size, grid, out, prompt="Describe this image in detail.",
-                            searched_layers=[4, 8], k=k, patches=patches)
+                            searched_layers=[4, 8] if latent else [], k=k, patches=patches,
+                            methods=list(methods))
+
+
+ALL = ("latentlens", "logitlens", "embeddinglens")
+
+
+def page_data(html: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="llens-data">(.*?)</script>',
+                                html, re.S).group(1))
 
 
 def test_report_files_and_self_contained_html(tmp_path):
@@ -165,6 +185,74 @@ def test_html_in_headless_chromium(tmp_path):
     assert "not queried" in dom
 
 
+def test_report_data_has_every_method(tmp_path):
+    res = make_result(grid=(2, 3), layers=(0, 8), k=2, methods=ALL)
+    data = report_data(res)
+    assert data["methods"] == list(ALL)
+    assert data["scores"] == {"latentlens": "cosine", "logitlens": "probability", "embeddinglens": "cosine"}
+    lay = data["layers"][1]
+    p = res.layer(8).patches[4]
+    # LatentLens: the whole word (and the token), as before
+    n = p.neighbours[0]
+    assert lay["patches"]["4"][0]["word"] == n.word and lay["patches"]["4"][0]["token"] == n.token
+    # the baselines: word, token, id and score per patch
+    for m in ("logitlens", "embeddinglens"):
+        got = lay["lenses"][m]["4"]
+        assert [h["word"] for h in got] == [h.word for h in p.lenses[m]]
+        assert got[0]["token"] == p.lenses[m][0].token and got[0]["token_id"] == p.lenses[m][0].token_id
+        assert got[0]["score"] == pytest.approx(p.lenses[m][0].score, rel=1e-4)
+    html = write_report(res, sample_image(res.image_size), tmp_path)["html"].read_text()
+    assert page_data(html)["methods"] == list(ALL)
+    assert 'id="methods"' in html and "method=M" in html
+    # a baselines-only result has no LatentLens data and says so
+    only = report_data(make_result(grid=(2, 3), layers=(0,), k=2, methods=("logitlens",)))
+    assert only["methods"] == ["logitlens"] and list(only["layers"][0]["lenses"]) == ["logitlens"]
+    assert all(v == [] for v in only["layers"][0]["patches"].values())
+
+
+def test_png_method_choice(tmp_path):
+    res = make_result(grid=(4, 6), layers=(0,), methods=ALL)
+    img = sample_image(res.image_size)
+    default = np.asarray(render_png(res, img))
+    assert np.array_equal(default, np.asarray(render_png(res, img, png_method="latentlens")))
+    logit = np.asarray(render_png(res, img, png_method="logitlens"))
+    assert not np.array_equal(default, logit)
+    with pytest.raises(InputError, match="method 'bogus' is not in this result"):
+        render_png(res, img, png_method="bogus")
+    with pytest.raises(InputError, match="method 'bogus'"):
+        write_report(res, img, tmp_path / "bad", png_method="bogus")
+    assert not (tmp_path / "bad" / "report.html").exists()
+    paths = write_report(res, img, tmp_path / "ok", png_method="embeddinglens")
+    assert np.array_equal(np.asarray(Image.open(paths["png"]).convert("RGB")),
+                          np.asarray(render_png(res, img, png_method="embeddinglens")))
+    # no LatentLens neighbours at all: the first method that has words labels the PNG
+    res.methods = list(ALL)
+    for p in res.layers[0].patches:
+        p.neighbours = []
+    assert np.array_equal(np.asarray(render_png(res, img)), logit)
+
+
+@requires_chromium
+def test_html_method_tabs_in_headless_chromium(tmp_path):
+    res = make_result(grid=(2, 3), layers=(0, 8), k=3, methods=ALL)
+    path = write_report(res, sample_image(res.image_size), tmp_path)["html"]
+    dom = _dump_dom(path, "patch=2&layer=8&method=logitlens", tmp_path)
+    assert len(re.findall(r'<button[^>]*class="tab', dom)) == 3
+    assert re.search(r'class="tab active"[^>]*>LogitLens<', dom)
+    items = re.findall(r'<li class="hit">(.*?)</li>', dom, re.S)
+    want = res.layer(8).patches[2].lenses["logitlens"]
+    assert len(items) == 3 and want[0].word in items[0]
+    assert re.search(r"probability \d\.\d{3}", items[0]), items[0]
+    # the grid labels follow the method: patch 2's label is LogitLens' top-1 word
+    cell = re.search(r'<div class="cell[^"]*"[^>]*data-idx="2".*?<span class="word">(.*?)</span>', dom, re.S)
+    assert cell.group(1) == want[0].word
+    assert "Across methods" in dom
+    dom = _dump_dom(path, "patch=2&layer=0&method=embeddinglens", tmp_path)
+    items = re.findall(r'<li class="hit">(.*?)</li>', dom, re.S)
+    assert "cos " in items[0] and "probability" not in items[0]
+    assert res.layer(0).patches[2].lenses["embeddinglens"][0].word in items[0]
+
+
 @pytest.fixture(scope="module")
 def qwen_index(db_url, tmp_path_factory):
     from latentlens.store import Store
@@ -211,6 +299,69 @@ def test_llens_report_cli_html_in_chromium(cli_report, tmp_path):
     assert any(s.replace("&", "&amp;") in dom for s in CORPUS)
 
 
+def test_llens_report_cli_all_methods(qwen_index, tmp_path):
+    img_path = tmp_path / "photo.png"
+    sample_image((96, 64)).save(img_path)
+    out = tmp_path / "all"
+    r = CliRunner().invoke(cli, [
+        "report", str(qwen_index), "--image", str(img_path), "--out", str(out),
+        "--visual-layers", "0,2", "-k", "3", "--resolution", "112", "--method", "all", "--json",
+    ])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["methods"] == list(ALL)
+    data = page_data((out / "report.html").read_text(encoding="utf-8"))
+    assert data["methods"] == list(ALL)
+    for lay in data["layers"]:
+        assert len(lay["patches"]) == 16 and all(len(v) == 3 for v in lay["patches"].values())
+        for m in ("logitlens", "embeddinglens"):
+            assert all(len(v) == 3 for v in lay["lenses"][m].values()) and len(lay["lenses"][m]) == 16
+    probs = [h["score"] for h in data["layers"][1]["lenses"]["logitlens"]["5"]]
+    assert all(0 <= x <= 1 for x in probs) and probs == sorted(probs, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    base = tmp_path_factory.mktemp("llava")
+    d = build_llava(base / "tiny-llava")
+    img = base / "photo.png"
+    sample_image((96, 64)).save(img)
+    return d, img
+
+
+def test_llens_report_cli_baselines_need_no_database(tiny_llava, tmp_path, monkeypatch):
+    d, img = tiny_llava
+    monkeypatch.setenv("LLENS_DATABASE_URL", "postgresql://127.0.0.1:1/x")  # nothing listens there
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["report", str(d), "--image", str(img), "--visual-layers", "1",
+                                 "--method", "logitlens,embeddinglens", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["methods"] == ["logitlens", "embeddinglens"] and summary["visual_layers"] == [1]
+    assert summary["searched_layers"] == [] and summary["patches"] == 16
+    data = page_data((out / "report.html").read_text(encoding="utf-8"))
+    assert data["methods"] == ["logitlens", "embeddinglens"]
+    assert all(len(v) == 5 for v in data["layers"][0]["lenses"]["embeddinglens"].values())
+    png = Image.open(out / "report.png")
+    assert png.size == (288, 192)
+    # labelled with LogitLens words: differs from the plain upscaled image
+    base = Image.open(img).convert("RGB").resize(png.size, Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(png.convert("RGB"), np.int16) - np.asarray(base, np.int16)).sum(-1).max() > 150
+    # --visual-layers is required when the store cannot say (a path, or a store out of reach)
+    r = CliRunner().invoke(cli, ["report", str(d), "--image", str(img), "--method", "logitlens",
+                                 "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "--visual-layers" in r.output
+    r = CliRunner().invoke(cli, ["report", "some/vlm", "--image", str(img), "--method", "embeddinglens",
+                                 "--out", str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "--visual-layers" in r.output
+    r = CliRunner().invoke(cli, ["report", str(d), "--image", str(img), "--visual-layers", "1",
+                                 "--method", "logitlens", "--png-method", "latentlens",
+                                 "--out", str(tmp_path / "o4")])
+    assert r.exit_code == 2 and "--png-method" in r.output
+    r = CliRunner().invoke(cli, ["report", str(d), "--image", str(img), "--visual-layers", "1",
+                                 "--method", "bogus", "--out", str(tmp_path / "o5")])
+    assert r.exit_code != 0 and "unknown method 'bogus'" in r.output and "Traceback" not in r.output
+
+
 def test_llens_report_cli_errors(qwen_index, db_url, tmp_path):
     img_path = tmp_path / "photo.png"
     sample_image((96, 64)).save(img_path)
@@ -226,4 +377,4 @@ def test_llens_report_cli_errors(qwen_index, db_url, tmp_path):
     assert r.exit_code != 0 and "--png-layer" in r.output
     assert not (tmp_path / "o" / "report.html").exists()  # nothing half-written
     r = runner.invoke(cli, ["report", "--help"])
-    assert r.exit_code == 0 and "llens report" in r.output
+    assert r.exit_code == 0 and "llens report" in r.output and "--method logitlens,embeddinglens" in r.output

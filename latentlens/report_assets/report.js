@@ -1,20 +1,26 @@
 // latentlens report: a patch grid over the image; hover or click a patch to
-// see its nearest contextual neighbours. Offline: data and image are inline.
-// The URL fragment #patch=IDX&layer=V selects a patch and visual layer.
+// see its top-k under the selected method (LatentLens contextual neighbours,
+// LogitLens / EmbeddingLens vocabulary tokens). Offline: data and image are
+// inline. The URL fragment #patch=IDX&layer=V&method=M selects a view.
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("llens-data").textContent);
   var overlay = document.getElementById("overlay");
   var select = document.getElementById("layer");
+  var tabs = document.getElementById("methods");
   var panel = document.getElementById("panel");
   var figure = document.getElementById("figure");
   var wordsToggle = document.getElementById("show-words");
   var W = data.image_size[0], H = data.image_size[1];
   var layers = data.layers.map(function (l) { return String(l.visual_layer); });
+  var methods = data.methods && data.methods.length ? data.methods : ["latentlens"];
+  var names = data.method_names || {};
+  var scores = data.scores || {};
   var byLayer = {};
-  data.layers.forEach(function (l) { byLayer[String(l.visual_layer)] = l.patches; });
-  var state = { layer: layers[0], pinned: null };
+  data.layers.forEach(function (l) { byLayer[String(l.visual_layer)] = l; });
+  var state = { layer: layers[0], method: methods[0], pinned: null };
   var cells = {};
+  var tabButtons = {};
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -23,10 +29,43 @@
     return e;
   }
 
+  function nameOf(m) { return names[m] || m; }
+
+  // every method's hits as {word, score, ...}: patches of one layer, keyed by patch index
+  function patchesOf(layer, method) {
+    var l = byLayer[layer];
+    if (!l) return {};
+    if (method === "latentlens") return l.patches || {};
+    return (l.lenses || {})[method] || {};
+  }
+
+  function hits(layer, method, idx) { return patchesOf(layer, method)[String(idx)] || []; }
+
+  function score(n) { return n.similarity !== undefined ? n.similarity : n.score; }
+
+  function fmtScore(method, x) {
+    if (scores[method] === "probability") {
+      return x >= 0.001 || x === 0 ? x.toFixed(3) : x.toExponential(1);
+    }
+    return x.toFixed(3);
+  }
+
+  function scoreLabel(method) { return scores[method] === "probability" ? "probability" : "cos"; }
+
   layers.forEach(function (v) {
     var o = el("option", null, "visual layer " + v + (v === "0" ? " (projector output)" : ""));
     o.value = v;
     select.appendChild(o);
+  });
+
+  methods.forEach(function (m) {
+    var b = el("button", "tab", nameOf(m));
+    b.type = "button";
+    b.setAttribute("role", "tab");
+    b.dataset.method = m;
+    b.addEventListener("click", function () { state.method = m; writeHash(); render(); });
+    tabs.appendChild(b);
+    tabButtons[m] = b;
   });
 
   data.grid_patches.forEach(function (p) {
@@ -51,9 +90,14 @@
   });
 
   function render() {
-    var ns = byLayer[state.layer] || {};
+    methods.forEach(function (m) {
+      var on = m === state.method;
+      tabButtons[m].classList.toggle("active", on);
+      tabButtons[m].setAttribute("aria-selected", on ? "true" : "false");
+    });
+    var ns = patchesOf(state.layer, state.method);
     var sims = [];
-    Object.keys(ns).forEach(function (k) { if (ns[k].length) sims.push(ns[k][0].similarity); });
+    Object.keys(ns).forEach(function (k) { if (ns[k].length) sims.push(score(ns[k][0])); });
     var lo = Math.min.apply(null, sims.concat([0])), hi = Math.max.apply(null, sims.concat([1e-9]));
     if (sims.length) lo = Math.min.apply(null, sims);
     Object.keys(cells).forEach(function (idx) {
@@ -62,9 +106,10 @@
       if (list && list.length) {
         c.classList.add("queried"); c.classList.remove("empty");
         word.textContent = list[0].word;
-        var a = hi > lo ? (list[0].similarity - lo) / (hi - lo) : 0.5;
+        var a = hi > lo ? (score(list[0]) - lo) / (hi - lo) : 0.5;
         c.style.setProperty("--a", (0.04 + 0.42 * a).toFixed(3));
-        c.title = "patch " + idx + ": " + list[0].word + " (" + list[0].similarity.toFixed(3) + ")";
+        c.title = "patch " + idx + ": " + list[0].word + " (" + scoreLabel(state.method) + " " +
+          fmtScore(state.method, score(list[0])) + ")";
       } else {
         c.classList.remove("queried"); c.classList.add("empty");
         word.textContent = "";
@@ -76,8 +121,10 @@
 
   function showHint() {
     panel.innerHTML = "";
-    panel.appendChild(el("h2", null, "Visual layer " + state.layer));
-    panel.appendChild(el("p", "hint", "Hover over a patch to see its nearest contextual neighbours; click to pin it."));
+    panel.appendChild(el("h2", null, "Visual layer " + state.layer + " \u2014 " + nameOf(state.method)));
+    panel.appendChild(el("p", "hint", state.method === "latentlens"
+      ? "Hover over a patch to see its nearest contextual neighbours; click to pin it."
+      : "Hover over a patch to see its top vocabulary tokens; click to pin it."));
   }
 
   function sentence(n) {
@@ -93,6 +140,15 @@
     return p;
   }
 
+  function describe() {
+    if (state.method === "latentlens") {
+      return "top " + data.k + " contextual neighbours, searched in text layers " + data.searched_layers.join(", ");
+    }
+    if (state.method === "logitlens") return "top " + data.k + " next tokens (final norm + LM head), with their probability";
+    if (state.method === "embeddinglens") return "top " + data.k + " input-embedding tokens by cosine";
+    return "top " + data.k;
+  }
+
   function show(idx) {
     idx = String(idx);
     var c = cells[idx];
@@ -101,11 +157,11 @@
     var head = el("h2", null, "Patch " + idx + (c ? " (row " + c.dataset.row + ", col " + c.dataset.col + ")" : ""));
     head.id = "patch-title";
     panel.appendChild(head);
-    panel.appendChild(el("p", "hint", "visual layer " + state.layer + " \u2014 top " + data.k + " neighbours, searched in text layers " + data.searched_layers.join(", ")));
-    var list = (byLayer[state.layer] || {})[idx];
-    if (!list || !list.length) {
+    panel.appendChild(el("p", "hint", "visual layer " + state.layer + " \u2014 " + nameOf(state.method) + ": " + describe()));
+    var list = hits(state.layer, state.method, idx);
+    if (!list.length) {
       panel.appendChild(el("p", "hint", "This patch was not queried at this layer."));
-    } else {
+    } else if (state.method === "latentlens") {
       var ol = el("ol", "neighbours");
       ol.id = "neighbours";
       list.forEach(function (n) {
@@ -116,6 +172,30 @@
         ol.appendChild(li);
       });
       panel.appendChild(ol);
+    } else {
+      var hl = el("ol", "hits");
+      hl.id = "neighbours";
+      list.forEach(function (h) {
+        var li = el("li", "hit");
+        li.appendChild(el("span", "nb-word", h.word));
+        li.appendChild(el("span", "nb-meta", scoreLabel(state.method) + " " + fmtScore(state.method, h.score) +
+          " \u00b7 token " + JSON.stringify(h.token) + " (id " + h.token_id + ")"));
+        hl.appendChild(li);
+      });
+      panel.appendChild(hl);
+    }
+    if (methods.length > 1) {
+      panel.appendChild(el("h2", null, "Across methods"));
+      var tm = el("table", "across");
+      tm.id = "across-methods";
+      methods.forEach(function (m) {
+        var tr = el("tr", m === state.method ? "current" : null);
+        tr.appendChild(el("td", null, nameOf(m)));
+        var hs = hits(state.layer, m, idx);
+        tr.appendChild(el("td", null, hs.slice(0, 3).map(function (n) { return n.word; }).join(", ") || "\u2014"));
+        tm.appendChild(tr);
+      });
+      panel.appendChild(tm);
     }
     if (layers.length > 1) {
       panel.appendChild(el("h2", null, "Across visual layers"));
@@ -123,7 +203,7 @@
       layers.forEach(function (v) {
         var tr = el("tr", v === state.layer ? "current" : null);
         tr.appendChild(el("td", null, "layer " + v));
-        var ns = (byLayer[v] || {})[idx] || [];
+        var ns = hits(v, state.method, idx);
         tr.appendChild(el("td", null, ns.slice(0, 3).map(function (n) { return n.word; }).join(", ") || "\u2014"));
         t.appendChild(tr);
       });
@@ -138,7 +218,8 @@
   }
 
   function writeHash() {
-    var h = "layer=" + state.layer + (state.pinned !== null ? "&patch=" + state.pinned : "");
+    var h = (state.pinned !== null ? "patch=" + state.pinned + "&" : "") + "layer=" + state.layer +
+      "&method=" + state.method;
     if (history.replaceState) history.replaceState(null, "", "#" + h); else location.hash = h;
   }
 
@@ -146,8 +227,10 @@
     var h = (location.hash || "").replace(/^#/, "");
     h.split("&").forEach(function (kv) {
       var p = kv.split("=");
-      if (p[0] === "layer" && layers.indexOf(p[1]) >= 0) state.layer = p[1];
-      if (p[0] === "patch" && cells[p[1]]) state.pinned = p[1];
+      var v = decodeURIComponent(p[1] || "");
+      if (p[0] === "layer" && layers.indexOf(v) >= 0) state.layer = v;
+      if (p[0] === "patch" && cells[v]) state.pinned = v;
+      if (p[0] === "method" && methods.indexOf(v.toLowerCase()) >= 0) state.method = v.toLowerCase();
     });
     select.value = state.layer;
   }
