@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "import-index": "interop:import_index",
     "export-index": "interop:export_index",
     "report": "report:report",
+    "eval": "eval:eval_",
 }
 
 HELP_SUMMARIES: dict[str, str] = {
@@ -34,6 +35,7 @@ HELP_SUMMARIES: dict[str, str] = {
     "import-index": "Load an index directory in the reference library's layout.",
     "export-index": "Write a model's index in the reference library's layout.",
     "report": "Write an HTML + PNG report of what each image patch means.",
+    "eval": "Measure how interpretable visual tokens are, per method and layer.",
 }
 
 

@@ -12,7 +12,8 @@ that its run does not account for.
 One module per concern, combined into ``Store``:
 ``base`` (connection, transactions, schema check), ``catalog`` (models,
 layers, vocabularies, corpora, sentences), ``embeddings`` (bulk write and
-read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts).
+read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts), ``evals``
+(evaluation runs and their verdicts).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from latentlens.store.embeddings import (
     SCAN_COLUMNS,
     EmbeddingsMixin,
 )
+from latentlens.store.evals import EvalItem, EvalRunInfo, EvalsMixin, EvalVerdict
 from latentlens.store.runs import RunsMixin
 from latentlens.store.search import SearchMixin
 from latentlens.store.types import (
@@ -38,12 +40,13 @@ from latentlens.store.types import (
 )
 
 
-class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin):
+class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin):
     """Typed access to the latentlens schema over one psycopg connection."""
 
 
 __all__ = [
     "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
-    "Context", "CorpusInfo", "EmbeddingBatch", "KnnResult", "LatentLensError",
+    "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
+    "LatentLensError",
     "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
 ]

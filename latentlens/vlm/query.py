@@ -275,7 +275,7 @@ def query_image(
     if sample is not None and sample < 1:
         raise InputError("--sample must be at least 1")
     img = load_image(image)
-    vlm = vlm or _load_for(info, model, dtype=dtype, device=device)
+    vlm = vlm or load_vlm_for(info, model, dtype=dtype, device=device)
     if info is not None and (vlm.hidden_size != info.hidden_size or vlm.num_layers != info.num_layers):
         raise ModelMismatch(
             f"the stored '{info.name}' has hidden size {info.hidden_size} and {info.num_layers} layers, "
@@ -286,20 +286,36 @@ def query_image(
     vt = extract_visual_tokens(vlm, img, layers=visual_layers, prompt=prompt or DEFAULT_PROMPT,
                                resolution=resolution)
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
+    out = describe_patches(lens, info, vlm, vt, chosen, visual_layers, searched=searched, k=k, mode=mode,
+                           exact=exact, methods=methods)
+    return ImageQueryResult(
+        model=info.name if info is not None else model, image_size=img.size, grid=vt.grid, layers=out,
+        prompt=vt.prompt, searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
+        methods=methods,
+    )
+
+
+def describe_patches(
+    lens: Lens | None, info: Any, vlm: VisionLanguageModel, vt: Any, chosen: Sequence[int],
+    visual_layers: Sequence[int], *, searched: Sequence[int], k: int, mode: str = "auto",
+    exact: bool | None = None, methods: Sequence[str] = ("latentlens",),
+) -> list[VisualLayerResult]:
+    """Each method's top-k for the ``chosen`` patches of extracted visual tokens ``vt``, per visual layer.
+
+    All visual layers and patches go in one LatentLens search (exact: visual
+    tokens are out of distribution for HNSW); the baselines read the same vectors.
+    """
+    from latentlens.lenses import VocabularyLens
+
     found = None
-    if latent:
-        queries = np.concatenate([vt.vectors[v][chosen] for v in visual_layers])
-        # visual tokens are out of distribution for HNSW: auto sends them to the exact scan
-        found = lens.neighbors(queries, info.name, layers=searched, k=k, mode=mode, exact=exact,
+    if "latentlens" in methods:
+        queries = np.concatenate([vt.vectors[v][list(chosen)] for v in visual_layers])
+        found = lens.neighbors(queries, info.name, layers=list(searched), k=k, mode=mode, exact=exact,
                                query_kind="visual")
     vocab = [m for m in methods if m in VOCAB_METHODS]
     out: list[VisualLayerResult] = []
     for i, v in enumerate(visual_layers):
-        extra = None
-        if vocab:
-            from latentlens.lenses import VocabularyLens
-
-            extra = VocabularyLens.of(vlm).methods(vocab, vt.vectors[v][chosen], v, k)
+        extra = VocabularyLens.of(vlm).methods(vocab, vt.vectors[v][list(chosen)], v, k) if vocab else None
         vl_patches = []
         for j, p in enumerate(chosen):
             r = found[i * len(chosen) + j] if found is not None else None
@@ -309,14 +325,10 @@ def query_image(
                 r.search if r else None, extra[j] if extra else None,
             ))
         out.append(VisualLayerResult(v, vl_patches))
-    return ImageQueryResult(
-        model=info.name if info is not None else model, image_size=img.size, grid=vt.grid, layers=out,
-        prompt=vt.prompt, searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
-        methods=methods,
-    )
+    return out
 
 
-def _load_for(info: Any, model: str, *, dtype: str, device: str | None) -> VisionLanguageModel:
+def load_vlm_for(info: Any, model: str, *, dtype: str, device: str | None) -> VisionLanguageModel:
     """The VLM ``llens ingest`` recorded for ``info`` (a local dir is stored under its name), or ``model``."""
     from latentlens.vlm.extract import load_vlm
 

@@ -1,0 +1,224 @@
+"""`llens eval`: sample patches, take each method's words, ask a judge, record every verdict.
+
+One run is identified by its name and a fingerprint of everything that
+decides its verdicts (model, methods, layers, judge and its settings, the
+chosen images, patches per image, seed, words per method, prompt,
+resolution). Running the same command again resumes the run: items already
+in the store are skipped (an image whose items are all judged is not even
+run through the VLM). Each item is recorded with all of its verdicts in one
+transaction, so Ctrl-C, kill -9 or a failing judge lose at most the item in
+flight, and a rerun redoes exactly that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from latentlens.errors import InputError, UnknownModel
+from latentlens.eval.judges import Judge, JudgeTask
+from latentlens.eval.sampling import choose_images, choose_patches, file_sha256, list_images
+from latentlens.lenses import METHODS, parse_methods
+from latentlens.store import EvalItem, EvalRunInfo, EvalVerdict
+from latentlens.store.types import check_k
+
+Echo = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+@dataclass
+class EvalOptions:
+    images: str
+    num_images: int | None = None
+    patches_per_image: int = 4
+    visual_layers: list[int] | None = None  # default: the model's stored layers
+    layers: list[int] | None = None  # stored layers LatentLens searches (default: all)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seed: int = 0
+    words: int = 5  # top-k words per method shown to the judge
+    prompt: str | None = None
+    resolution: str | None = None
+    mode: str = "auto"
+    dtype: str = "float32"
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class EvalResult:
+    run: EvalRunInfo
+    judged: int  # items judged by this call
+    skipped: int  # items found already judged
+    already_done: bool = False
+
+    def to_dict(self) -> dict:
+        return {"run": self.run.to_dict(), "judged": self.judged, "skipped": self.skipped,
+                "already_done": self.already_done}
+
+
+def region_around(box: Sequence[float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The patch and its eight neighbours (one patch width/height each side), clipped to the image."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    return (max(0.0, x0 - w), max(0.0, y0 - h), min(float(size[0]), x1 + w), min(float(size[1]), y1 + h))
+
+
+def distinct(words: Sequence[str]) -> list[str]:
+    """Words in rank order, each once (case-insensitive): a judge reads a list of different words."""
+    seen: set[str] = set()
+    out = []
+    for w in words:
+        key = w.strip().casefold()
+        if key and key not in seen:
+            seen.add(key)
+            out.append(w.strip())
+    return out
+
+
+def run_eval(
+    model: str, judge: Judge, options: EvalOptions, *, database_url: str | None = None,
+    run_name: str | None = None, echo: Echo = _stderr, lens: Any = None, vlm: Any = None,
+) -> EvalResult:
+    """Run (or resume) an evaluation; returns the run as recorded."""
+    from latentlens.query import Lens
+
+    methods = parse_methods(options.methods)
+    words_k = check_k(options.words)
+    if options.patches_per_image < 1:
+        raise InputError("--patches-per-image must be at least 1")
+    refs = choose_images(list_images(options.images), options.num_images, options.seed)
+    own = lens is None
+    lens = lens or Lens.connect(database_url)
+    try:
+        store = lens.store
+        try:
+            info = store.get_model(model)
+        except UnknownModel:
+            if "latentlens" in methods:
+                raise
+            info = None
+        searched: list[int] = []
+        if "latentlens" in methods:
+            from latentlens.search import validate_layers
+
+            searched = validate_layers(info, options.layers)
+        visual_layers = options.visual_layers
+        if visual_layers is None:
+            if info is None:
+                raise InputError(f"'{model}' is not in the store: choose --visual-layers")
+            visual_layers = info.layer_numbers
+        if not visual_layers:
+            raise InputError("no visual layers chosen")
+        if info is not None:
+            info.check_layer_range(visual_layers)
+        settings = {
+            "images": str(options.images), "chosen_images": [r.name for r in refs],
+            "num_images": options.num_images, "patches_per_image": options.patches_per_image,
+            "seed": options.seed, "words": words_k, "prompt": options.prompt,
+            "resolution": options.resolution, "searched_layers": searched, "mode": options.mode,
+            "dtype": options.dtype,
+        }
+        key = {"model": info.name if info else model, "methods": methods, "visual_layers": list(visual_layers),
+               "judge": judge.name, "judge_settings": judge.settings(), **settings}
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        name = run_name or f"eval-{fingerprint[:12]}"
+        planned = len(refs) * options.patches_per_image
+        run = store.create_eval_run(
+            name, model=info.name if info else model, model_id=info.id if info else None, methods=methods,
+            visual_layers=visual_layers, judge=judge.name, judge_settings=judge.settings(),
+            settings=settings, fingerprint=fingerprint, items_planned=planned,
+            hostname=socket.gethostname(), pid=os.getpid(),
+        )
+        if run.status == "done":
+            return EvalResult(run, 0, run.items_done, already_done=True)
+        done = store.eval_done_items(run)
+        if done:
+            echo(f"resuming eval run '{run.name}': {len(done)} of about {planned} items already judged")
+        store.set_eval_status(run, "running", hostname=socket.gethostname(), pid=os.getpid())
+        judged = 0
+        try:
+            judged = _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visual_layers,
+                                   searched, words_k, options)
+        except KeyboardInterrupt:
+            store.set_eval_status(run, "interrupted", "interrupted by the user")
+            raise
+        except BaseException as e:
+            store.set_eval_status(run, "failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+            raise
+        store.set_eval_status(run, "done")
+        return EvalResult(store.get_eval_run(run.id), judged, len(done))
+    finally:
+        if own:
+            lens.close()
+
+
+def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visual_layers, searched,
+                  words_k, options) -> int:
+    from tqdm.auto import tqdm
+
+    from latentlens.vlm.base import DEFAULT_PROMPT
+    from latentlens.vlm.extract import extract_visual_tokens, load_image
+    from latentlens.vlm.geometry import parse_resolution
+    from latentlens.vlm.query import describe_patches, load_vlm_for
+
+    per = options.patches_per_image
+    judged = 0
+    bar = tqdm(total=len(refs) * per, initial=len(done), unit="patch", desc=f"eval {run.name}",
+               disable=not options.progress, dynamic_ncols=True)
+    try:
+        for i, ref in enumerate(refs):
+            base = i * per
+            if all(base + j in done for j in range(per)):
+                continue
+            if vlm is None:
+                vlm = load_vlm_for(info, model, dtype=options.dtype, device=options.device)
+            img = load_image(ref.path)
+            resolution = parse_resolution(options.resolution)
+            prepared = vlm.prepare_image(img, resolution)
+            chosen = choose_patches(prepared.patches, per, options.seed, i)
+            pending = [(j, p) for j, p in enumerate(chosen) if base + j not in done]
+            bar.total -= per - len(chosen)  # an image with fewer real patches than asked
+            if not pending:
+                continue
+            vt = extract_visual_tokens(vlm, img, layers=visual_layers,
+                                       prompt=options.prompt or DEFAULT_PROMPT, resolution=resolution)
+            position = {p.idx: n for n, p in enumerate(vt.patches)}
+            described = describe_patches(
+                lens, info, vlm, vt, [position[p.idx] for _, p in pending], visual_layers,
+                searched=searched, k=words_k, mode=options.mode, methods=methods,
+            )
+            sha = file_sha256(ref.path)
+            for n, (j, p) in enumerate(pending):
+                region = region_around(p.box, img.size)
+                verdicts = []
+                for vl in described:
+                    pr = vl.patches[n]
+                    for method in methods:
+                        words = distinct(pr.words(method))[:words_k]
+                        verdicts.append(_verdict(judge, img, ref.name, p.box, region, words, method,
+                                                 vl.visual_layer))
+                item = EvalItem(base + j, ref.name, sha, img.size, p.idx, p.row, p.col, tuple(p.box))
+                if lens.store.record_eval_item(run, item, verdicts):
+                    judged += 1
+                bar.update(1)
+    finally:
+        bar.close()
+    return judged
+
+
+def _verdict(judge: Judge, img, image_name, box, region, words, method, layer) -> EvalVerdict:
+    if not words:
+        return EvalVerdict(method, layer, [], False, None, {"words": []}, {"skipped": "no words"})
+    task = JudgeTask(image=img, image_name=image_name, box=tuple(box), region=region, words=list(words))
+    j = judge.judge(task)
+    shown = {"words": list(words), "box": [round(float(v), 2) for v in box], **j.shown}
+    return EvalVerdict(method, layer, list(words), bool(j.interpretable), j.category, shown, j.answer)
