@@ -152,6 +152,7 @@ class LabelsJudge(Judge):
         path = Path(annotations).expanduser()
         if not path.is_file():
             raise InputError(f"annotations file not found: {annotations}")
+        path = path.resolve()
         self.path = path
         self.cover = float(cover)
         self._lemma = _lemmatizer()

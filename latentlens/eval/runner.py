@@ -19,6 +19,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from latentlens.errors import InputError, UnknownModel
@@ -121,7 +122,7 @@ def run_eval(
         if info is not None:
             info.check_layer_range(visual_layers)
         settings = {
-            "images": str(options.images), "chosen_images": [r.name for r in refs],
+            "images": str(Path(options.images).expanduser().resolve()), "chosen_images": [r.name for r in refs],
             "num_images": options.num_images, "patches_per_image": options.patches_per_image,
             "seed": options.seed, "words": words_k, "prompt": options.prompt,
             "resolution": options.resolution, "searched_layers": searched, "mode": options.mode,
