@@ -96,6 +96,7 @@ class QueryResult:
     query_layer: int | None = None
     search: dict[int, str] | None = None  # searched layer -> path that answered ("scan", "ann", "sql")
     lenses: dict[str, list[VocabHit]] | None = None  # baseline method -> its top-k vocabulary tokens
+    provenance: dict | None = None  # model revision, corpora, runs, indexes, search paths, who, when
 
     def to_dict(self) -> dict:
         d = {
@@ -110,6 +111,8 @@ class QueryResult:
         }
         if self.lenses is not None:
             d["lenses"] = {m: [h.to_dict() for h in hits] for m, hits in self.lenses.items()}
+        if self.provenance is not None:
+            d["provenance"] = self.provenance
         return d
 
 
@@ -199,7 +202,11 @@ class Lens:
         k = check_k(k)
         found = self.searcher.search(info, chosen, q, k, mode=_mode(mode, exact), query_kind=query_kind,
                                      ef_search=ef_search)
-        return self._assemble(info, found, k, per_layer, q.shape[0])
+        results = self._assemble(info, found, k, per_layer, q.shape[0])
+        prov = self.store.provenance(info, chosen, {layer: ls.paths for layer, ls in found.items()})
+        for r in results:
+            r.provenance = prov
+        return results
 
     neighbours = neighbors
 
@@ -374,6 +381,7 @@ def text_lenses(
     # one search per stored layer for all (query layer, token) vectors
     found = search(np.concatenate(blocks)) if search is not None else None
     results: list[QueryResult] = []
+    prov = found[0].provenance if found else baseline_provenance(lm)
     i = 0
     for ql, block in zip(query_layers, blocks):
         extra = VocabularyLens.of(lm).methods(vocab, block, ql, k) if vocab else [None] * len(positions)
@@ -381,6 +389,7 @@ def text_lenses(
             r = found[i] if found is not None else QueryResult(index=int(p), neighbours=[])
             r.index, r.query_token, r.query_layer = int(p), st.tokens[p], int(ql)
             r.lenses = lens_hits
+            r.provenance = prov
             results.append(r)
             i += 1
     return results
@@ -399,11 +408,30 @@ def vector_lenses(
         )
     layer = lm.num_layers if query_layer is None else int(query_layer)
     hits = VocabularyLens.of(lm).methods(vocab, vectors, layer, k)
-    out = found if found is not None else [QueryResult(index=i, neighbours=[]) for i in range(len(hits))]
+    prov = baseline_provenance(lm)
+    out = found if found is not None else [QueryResult(index=i, neighbours=[], provenance=prov)
+                                           for i in range(len(hits))]
     for r, h in zip(out, hits):
         r.lenses = h
         r.query_layer = query_layer if query_layer is not None else r.query_layer
     return out
+
+
+def baseline_provenance(model: Any) -> dict:
+    """Provenance of an answer computed from the model alone (the baselines, no store)."""
+    import datetime
+    import getpass
+
+    from latentlens import __version__
+
+    params = model.store_params() if hasattr(model, "store_params") else {}
+    return {
+        "latentlens_version": __version__, "database": None, "by": getpass.getuser(),
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": {"name": getattr(model, "name", None), "revision": params.get("revision") or getattr(model, "revision", None),
+                  "source": params.get("source") or getattr(model, "name", None)},
+        "corpora": [], "layers": {}, "search": None,
+    }
 
 
 def _mode(mode: Mode, exact: bool | None) -> Mode:

@@ -13,12 +13,13 @@ One module per concern, combined into ``Store``:
 ``base`` (connection, transactions, schema check), ``catalog`` (models,
 layers, vocabularies, corpora, sentences), ``embeddings`` (bulk write and
 read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts), ``evals``
-(evaluation runs and their verdicts).
+(evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance).
 """
 
 from __future__ import annotations
 
 from latentlens.errors import LatentLensError
+from latentlens.store.analyses import AnalysesMixin, AnalysisInfo
 from latentlens.store.catalog import CatalogMixin
 from latentlens.store.embeddings import (
     EMBEDDING_COLUMNS,
@@ -40,13 +41,13 @@ from latentlens.store.types import (
 )
 
 
-class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin):
+class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin):
     """Typed access to the latentlens schema over one psycopg connection."""
 
 
 __all__ = [
     "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
-    "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
+    "AnalysisInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
     "LatentLensError",
     "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
 ]

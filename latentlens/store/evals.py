@@ -94,6 +94,15 @@ class EvalsMixin(StoreBase):
                 (name, model, model_id, list(methods), [int(v) for v in visual_layers], judge,
                  Jsonb(dict(judge_settings)), Jsonb(dict(settings)), fingerprint, items_planned, hostname, pid),
             )
+            # an evaluation is an analysis too: listed by `llens analyses`, shared like one
+            conn.execute(
+                "INSERT INTO analysis (kind, title, model, model_id, params, eval_run_id) "
+                "SELECT 'eval', 'eval run ' || name, model, model_id, settings || jsonb_build_object("
+                "'methods', methods, 'visual_layers', visual_layers, 'judge', judge, 'run', name), id "
+                "FROM eval_run WHERE name = %s AND created_by = current_user "
+                "ON CONFLICT (eval_run_id) DO NOTHING",
+                (name,),
+            )
         run = self.get_eval_run(name)
         if run.fingerprint != fingerprint:
             raise InputError(

@@ -87,6 +87,7 @@ class ImageQueryResult:
     canvas_size: tuple[int, int] | None = None  # (w, h) the vision tower saw
     patches: list[Patch] = field(default_factory=list)  # the whole grid, selected or not
     methods: list[str] = field(default_factory=lambda: ["latentlens"])
+    provenance: dict | None = None
 
     def layer(self, visual_layer: int) -> VisualLayerResult:
         for vl in self.layers:
@@ -108,6 +109,7 @@ class ImageQueryResult:
             "prompt": self.prompt,
             "k": self.k,
             "methods": list(self.methods),
+            "provenance": self.provenance,
             "searched_layers": list(self.searched_layers),
             "layers": [vl.to_dict() for vl in self.layers],
         }
@@ -288,10 +290,21 @@ def query_image(
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
     out = describe_patches(lens, info, vlm, vt, chosen, visual_layers, searched=searched, k=k, mode=mode,
                            exact=exact, methods=methods)
+    if latent:
+        paths: dict[int, list[str]] = {}
+        for vl in out:
+            for p in vl.patches:
+                for layer, path in (p.search or {}).items():
+                    paths.setdefault(layer, []).append(path)
+        provenance = lens.store.provenance(info, searched, paths)
+    else:
+        from latentlens.query import baseline_provenance
+
+        provenance = baseline_provenance(vlm)
     return ImageQueryResult(
         model=info.name if info is not None else model, image_size=img.size, grid=vt.grid, layers=out,
         prompt=vt.prompt, searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
-        methods=methods,
+        methods=methods, provenance=provenance,
     )
 
 
