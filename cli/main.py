@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "export-index": "interop:export_index",
     "report": "report:report",
     "eval": "eval:eval_",
+    "analyses": "analyses:analyses",
+    "serve": "serve:serve",
 }
 
 HELP_SUMMARIES: dict[str, str] = {
@@ -36,6 +38,8 @@ HELP_SUMMARIES: dict[str, str] = {
     "export-index": "Write a model's index in the reference library's layout.",
     "report": "Write an HTML + PNG report of what each image patch means.",
     "eval": "Measure how interpretable visual tokens are, per method and layer.",
+    "analyses": "List, show and delete saved analyses (queries, reports, evaluations).",
+    "serve": "Start the team's web app (models, queries, images, analyses, evaluations).",
 }
 
 
