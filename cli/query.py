@@ -56,6 +56,8 @@ SENTENCE_WIDTH = 90
                    "queries; exact: always exact; ann: HNSW wherever an index exists (approximate).")
 @click.option("--exact", is_flag=True, help="Same as --mode exact.")
 @click.option("--ef-search", type=click.IntRange(min=1, max=1000), help="HNSW ef_search where HNSW answers (default: what the index measured at build time).")
+@click.option("--save", is_flag=True, help="Save the result as an analysis the team can list and reopen.")
+@click.option("--title", help="With --save: a title for the analysis.")
 @output_options
 @database_option
 @handle_errors
@@ -63,7 +65,8 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
           vectors_path: str | None, key: str | None, image: str | None, visual_layers: str | None,
           patches: str, sample: int | None, seed: int, prompt: str | None, resolution: str | None,
           layers: str | None, per_layer: bool, method: str, k: int, mode: str, exact: bool,
-          ef_search: int | None, as_json: bool, as_csv: bool, database_url: str | None) -> None:
+          ef_search: int | None, save: bool, title: str | None, as_json: bool, as_csv: bool,
+          database_url: str | None) -> None:
     """Nearest contextual neighbours of a text's tokens, raw vectors, or an image's patches.
 
     Each query vector is searched in every chosen stored layer and the hits
@@ -89,6 +92,7 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         llens query SmolLM2 --vectors q.npy --mode exact --json | jq '.[0].search'
         llens query SmolLM2 --text "a brown dog" --token dog --query-layer 8 --method all
         llens query ./tiny-llava --image dog.jpg --visual-layers 2 --method logitlens,embeddinglens
+        llens query llava-1.5-7b --image dog.jpg --save --title "dog, centre patches"
     """
     fmt = output_format(as_json, as_csv)
     given = [name for name, v in (("--text", text), ("--vectors", vectors_path), ("--image", image)) if v]
@@ -96,6 +100,8 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         raise click.UsageError("give exactly one of --text, --vectors or --image")
     if token and not text:
         raise click.UsageError("--token needs --text")
+    if title and not save:
+        raise click.UsageError("--title needs --save")
     if query_layer and image:
         raise click.UsageError("--query-layer is for --text and --vectors (with --image use --visual-layers)")
     from latentlens.lenses import parse_methods
@@ -106,33 +112,35 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
     if vectors_path and query_layers and len(query_layers) != 1:
         raise click.UsageError("with --vectors, --query-layer is the one layer the vectors come from")
     mode = "exact" if exact else mode
+    vectors = None
+    if vectors_path:
+        from latentlens.query import load_vectors
+
+        vectors = load_vectors(vectors_path, key)
     if "latentlens" not in methods:
-        results = _baselines_only(model, text, token, query_layers, vectors_path, key, image, visual_layers,
-                                  patches, sample, seed, prompt, resolution, k, methods, fmt, database_url)
+        results = _baselines_only(model, text, token, query_layers, vectors, image, visual_layers,
+                                  patches, sample, seed, prompt, resolution, k, methods, database_url)
     else:
         from latentlens.query import Lens
 
         with Lens.connect(database_url) as lens:
             if image:
-                _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                             search, k, mode, fmt, methods)
-                return
-            if text:
+                results = _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt,
+                                       resolution, search, k, mode, methods)
+            elif text:
                 results = lens.query_text(
                     model, text, token=token, query_layers=query_layers, layers=search, k=k,
                     per_layer=per_layer, mode=mode, ef_search=ef_search, methods=methods,
                 )
             else:
-                from latentlens.query import load_vectors
-
                 results = lens.query_vectors(
-                    load_vectors(vectors_path, key), model, methods=methods,
+                    vectors, model, methods=methods,
                     query_layer=query_layers[0] if query_layers else None, layers=search, k=k,
                     per_layer=per_layer, mode=mode, ef_search=ef_search,
                 )
-    if results is None:
-        return
-    if fmt == "json":
+    if image:
+        _emit_image(results, fmt)
+    elif fmt == "json":
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))
     elif fmt == "csv":
         from latentlens.query import flat_rows
@@ -140,22 +148,46 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         emit(flat_rows(results), "csv", CSV_COLUMNS)
     else:
         click.echo(render(results))
+    if save:
+        params = {"methods": methods, "k": k, "layers": search, "query_layers": query_layers,
+                  "token": token, "mode": mode, "per_layer": per_layer, "visual_layers": visual_layers,
+                  "patches": patches, "sample": sample, "seed": seed, "prompt": prompt,
+                  "resolution": resolution}
+        analysis_id = _save(database_url, model, text, vectors, vectors_path, image, results,
+                            {k_: v for k_, v in params.items() if v is not None}, title)
+        click.echo(f"saved as analysis {analysis_id} (llens analyses show {analysis_id})", err=True)
 
 
-def _baselines_only(model, text, token, query_layers, vectors_path, key, image, visual_layers, patches,
-                    sample, seed, prompt, resolution, k, methods, fmt, database_url):
+def _save(database_url, model, text, vectors, vectors_path, image, results, params, title) -> int:
+    from pathlib import Path as _Path
+
+    from latentlens.cli._common import open_store
+
+    from latentlens import analyses
+
+    with open_store(database_url) as store:
+        if image:
+            data = _Path(image).read_bytes()
+            return analyses.save_image(store, results, data, params=params, image_name=_Path(image).name,
+                                       title=title)
+        if text:
+            return analyses.save_text(store, model, text, results, params=params, title=title)
+        return analyses.save_vectors(store, model, vectors, results, params=params, source=vectors_path,
+                                     title=title)
+
+
+def _baselines_only(model, text, token, query_layers, vectors, image, visual_layers, patches,
+                    sample, seed, prompt, resolution, k, methods, database_url):
     """LogitLens / EmbeddingLens: the model only. The store is asked (if it answers) for
     the source `llens ingest` recorded under MODEL; a path or an unknown name loads as given."""
-    from latentlens.query import load_vectors, text_lenses, vector_lenses
+    from latentlens.query import text_lenses, vector_lenses
 
     if image:
         from latentlens.vlm.query import query_image
 
         source, vls = baselines_vlm_source(model, parse_int_list(visual_layers, "--visual-layers"), database_url)
-        result = query_image(None, source, image, visual_layers=vls, k=k, patches=patches, sample=sample,
-                             seed=seed, prompt=prompt, resolution=resolution, methods=methods)
-        _emit_image(result, fmt)
-        return None
+        return query_image(None, source, image, visual_layers=vls, k=k, patches=patches, sample=sample,
+                           seed=seed, prompt=prompt, resolution=resolution, methods=methods)
     stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
     if stored is not None:
         from latentlens.models import load_from_store
@@ -171,20 +203,19 @@ def _baselines_only(model, text, token, query_layers, vectors_path, key, image, 
                 raise click.UsageError("choose --query-layer (MODEL has no stored layers to default to)")
             query_layers = stored.layer_numbers
         return text_lenses(lm, text, query_layers=query_layers, token=token, k=k, methods=methods)
-    return vector_lenses(lm, load_vectors(vectors_path, key), k=k, methods=methods,
+    return vector_lenses(lm, vectors, k=k, methods=methods,
                          query_layer=query_layers[0] if query_layers else None)
 
 
 def _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt, resolution,
-                 search, k, mode, fmt, methods) -> None:
+                 search, k, mode, methods):
     from latentlens.vlm.query import query_image
 
-    result = query_image(
+    return query_image(
         lens, model, image, visual_layers=parse_int_list(visual_layers, "--visual-layers"), layers=search,
         k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
         mode=mode, methods=methods,
     )
-    _emit_image(result, fmt)
 
 
 def _emit_image(result, fmt) -> None:

@@ -14,9 +14,11 @@ from latentlens.cli._common import (
 
 
 @click.command()
-@click.argument("model")
-@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.argument("model", required=False)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False),
               help="The image to read (any format Pillow opens).")
+@click.option("--analysis", "analysis_id", type=int,
+              help="Render a saved image analysis instead (no model is loaded; see `llens analyses`).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for report.html and report.png (created if missing).")
 @click.option("--visual-layers", metavar="L[,L...]",
@@ -41,13 +43,16 @@ from latentlens.cli._common import (
 @click.option("--device", help="torch device for the VLM (default: cuda if available, else cpu).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="VLM weights dtype.")
+@click.option("--save", is_flag=True, help="Also save the result as an analysis the team can reopen.")
+@click.option("--title", help="With --save: a title for the analysis.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths and a summary as JSON.")
 @database_option
 @handle_errors
-def report(model: str, image: str, out_dir: str, visual_layers: str | None, layers: str | None,
+def report(model: str | None, image: str | None, analysis_id: int | None, out_dir: str, visual_layers: str | None, layers: str | None,
            k: int, patches: str, sample: int | None, seed: int, prompt: str | None,
            resolution: str | None, method: str, png_layer: int | None, png_method: str | None,
-           exact: bool, device: str | None, dtype: str, as_json: bool, database_url: str | None) -> None:
+           exact: bool, device: str | None, dtype: str, save: bool, title: str | None, as_json: bool,
+           database_url: str | None) -> None:
     """Write report.html and report.png: each image patch's nearest contextual words.
 
     MODEL is a vision-language model whose language model was ingested under
@@ -69,12 +74,23 @@ def report(model: str, image: str, out_dir: str, visual_layers: str | None, laye
         llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --method all
         llens report ./tiny-llava --image dog.jpg --out dog/ --visual-layers 0,2 \\
             --method logitlens,embeddinglens
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --save --title "dog"
+        llens report --analysis 12 --out dog/       # a saved analysis, without the model
     """
     from latentlens.lenses import parse_methods
-    from latentlens.report import write_report
     from latentlens.vlm.extract import load_image
     from latentlens.vlm.query import query_image
 
+    if analysis_id is not None:
+        if model or image or save:
+            raise click.UsageError("--analysis renders a saved analysis: give no MODEL, --image or --save")
+        result, img = _saved(analysis_id, database_url)
+        _write(result, img, out_dir, png_layer, png_method, as_json)
+        return
+    if not model or not image:
+        raise click.UsageError("give MODEL and --image (or --analysis ID)")
+    if title and not save:
+        raise click.UsageError("--title needs --save")
     methods = parse_methods(method)
     if png_method is not None and png_method.strip().lower() not in methods:
         raise click.BadParameter(f"{png_method!r} is not one of --method ({', '.join(methods)})",
@@ -97,6 +113,36 @@ def report(model: str, image: str, out_dir: str, visual_layers: str | None, laye
         with Lens.connect(database_url) as lens:
             result = query_image(lens, model, img, visual_layers=vls, layers=parse_int_list(layers, "--layers"),
                                  exact=exact or None, **common)
+    if save:
+        from pathlib import Path
+
+        from latentlens.cli._common import open_store
+
+        from latentlens import analyses
+
+        params = {"methods": methods, "k": k, "visual_layers": result.visual_layers, "layers": layers,
+                  "patches": patches, "sample": sample, "seed": seed, "prompt": prompt,
+                  "resolution": resolution}
+        with open_store(database_url) as store:
+            aid = analyses.save_image(store, result, Path(image).read_bytes(), image_name=Path(image).name,
+                                      params={k_: v for k_, v in params.items() if v is not None}, title=title)
+        click.echo(f"saved as analysis {aid} (llens report --analysis {aid} --out DIR)", err=True)
+    _write(result, img, out_dir, png_layer, png_method, as_json)
+
+
+def _saved(analysis_id: int, database_url: str | None):
+    from latentlens.cli._common import open_store
+
+    from latentlens import analyses
+
+    with open_store(database_url) as store:
+        result, img, _ = analyses.load_image_analysis(store, analysis_id)
+    return result, img
+
+
+def _write(result, img, out_dir, png_layer, png_method, as_json) -> None:
+    from latentlens.report import write_report
+
     paths = write_report(result, img, out_dir, png_layer=png_layer, png_method=png_method)
     if as_json:
         summary = {

@@ -111,8 +111,37 @@ class ImageQueryResult:
             "methods": list(self.methods),
             "provenance": self.provenance,
             "searched_layers": list(self.searched_layers),
+            "grid_patches": [[p.idx, p.row, p.col, *p.box] for p in self.patches],
             "layers": [vl.to_dict() for vl in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ImageQueryResult:
+        """The inverse of ``to_dict`` (a saved analysis renders without the model)."""
+        from latentlens.lenses import VocabHit
+        from latentlens.query import Neighbour
+
+        def neighbour(n: dict) -> Neighbour:
+            return Neighbour(**{k: v for k, v in n.items() if k != "word"})
+
+        layers = [
+            VisualLayerResult(vl["visual_layer"], [
+                PatchResult(
+                    p["patch_idx"], p["row"], p["col"], tuple(p["box"]),
+                    [neighbour(n) for n in p["neighbours"]],
+                    {int(k): v for k, v in p["search"].items()} if p.get("search") else None,
+                    {m: [VocabHit(h["token"], h["token_id"], h["score"]) for h in hits]
+                     for m, hits in p["lenses"].items()} if p.get("lenses") else None,
+                ) for p in vl["patches"]
+            ]) for vl in d["layers"]
+        ]
+        return cls(
+            model=d["model"], image_size=tuple(d["image_size"]), grid=tuple(d["grid"]), layers=layers,
+            prompt=d.get("prompt", ""), searched_layers=list(d.get("searched_layers", [])), k=d.get("k", 5),
+            canvas_size=tuple(d["canvas_size"]) if d.get("canvas_size") else None,
+            patches=[Patch(int(g[0]), int(g[1]), int(g[2]), tuple(g[3:7])) for g in d.get("grid_patches", [])],
+            methods=list(d.get("methods", ["latentlens"])), provenance=d.get("provenance"),
+        )
 
     def table_rows(self) -> list[dict]:
         """One row per (visual layer, patch, method, neighbour), the sentence with the token in [[ ]].
