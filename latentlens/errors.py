@@ -4,7 +4,8 @@ Every user mistake (unknown model, wrong dimension, unreachable database, …)
 is a `LatentLensError` subclass with a one-line message; the CLI turns these
 into `Error: …` and a non-zero exit, never a traceback. Exit codes: 2 bad
 input (what the user named or gave cannot be used), 3 database unreachable,
-4 schema out of date, 1 anything else.
+4 schema out of date, 5 permission denied (the database role may not do
+that), 1 anything else.
 """
 
 from __future__ import annotations
@@ -82,3 +83,9 @@ class UnsupportedModel(LatentLensError):
     """The model's architecture has no adapter (the message lists the supported ones)."""
 
     exit_code = 2
+
+
+class PermissionDenied(LatentLensError):
+    """The database role may not do this (a reader writing, a writer deleting another's work)."""
+
+    exit_code = 5

@@ -10,7 +10,7 @@ import psycopg
 
 from latentlens import db
 from latentlens.config import Settings
-from latentlens.errors import SchemaOutOfDate
+from latentlens.errors import PermissionDenied, SchemaOutOfDate
 
 S = TypeVar("S", bound="StoreBase")
 
@@ -71,10 +71,15 @@ class StoreBase:
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
-        """Commit on success, roll back on error."""
+        """Commit on success, roll back on error; a refused privilege becomes PermissionDenied."""
         try:
             with self.conn.transaction():
                 yield self.conn
+        except psycopg.errors.InsufficientPrivilege as e:
+            msg = (e.diag.message_primary or str(e)).strip().splitlines()[0]
+            raise PermissionDenied(
+                f"permission denied for database user {self.conn.info.user}: {msg} "
+                "(what each role may do: docs/team.md)") from None
         finally:
             if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self.conn.rollback()
