@@ -12,7 +12,8 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 
 @click.command("eval")
 @click.argument("vlm", required=False)
-@click.option("--images", metavar="DIR|LIST", help="A directory of images, or a text file listing one path per line.")
+@click.option("--images", metavar="DIR|LIST|IMAGE",
+              help="A directory of images, a text file listing one path per line, or one image.")
 @click.option("--num-images", type=click.IntRange(min=1), help="Judge N images drawn at random (default: all).")
 @click.option("--patches-per-image", type=click.IntRange(min=1), default=4, show_default=True,
               help="Patches drawn per image, never padding.")
@@ -62,7 +63,9 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
     Examples:
         llens eval llava-hf/llava-1.5-7b-hf --images val2017/ --num-images 100 \\
             --judge openai-compatible --url http://127.0.0.1:8000/v1 --model Qwen2.5-VL-72B
-        llens eval ./tiny-llava --images imgs/ --judge labels --annotations regions.jsonl
+        llens eval tiny-llava --images imgs/ --judge labels --annotations regions.jsonl
+        llens eval ./llava-dir --images imgs/ --methods logitlens,embeddinglens \\
+            --visual-layers 0,8 --judge labels --annotations regions.jsonl   # baselines: no index needed
         llens eval --summary eval-3f2a9c01d4e5 --out results/   # % per method x layer, PNG, CSV
         llens eval --summary eval-3f2a9c01d4e5 --export verdicts.jsonl
         llens eval --list

@@ -80,6 +80,7 @@ class VocabularyLens:
         self.tokenizer = tokenizer
         self.num_layers = int(num_layers)
         self._inv_norm = None  # 1 / |E_v|, float32, made on first EmbeddingLens call
+        self._norm = None  # the final norm in float32, made on first LogitLens call
         self._decoded: dict[int, str] = {}
 
     @classmethod
@@ -110,7 +111,7 @@ class VocabularyLens:
             for lo in range(0, h.shape[0], QUERY_CHUNK):
                 x = h[lo: lo + QUERY_CHUNK].to(w.device)
                 if int(layer) < self.num_layers:
-                    x = self.heads.norm(x).float()  # RMSNorm upcasts; float32 in, float32 out
+                    x = self._norm32()(x)
                 logits = torch.cat([x @ w[c: c + VOCAB_CHUNK].float().T
                                     for c in range(0, w.shape[0], VOCAB_CHUNK)], dim=1)
                 logits = logits * self.heads.logit_scale
@@ -178,6 +179,14 @@ class VocabularyLens:
             raise InputError("query vectors contain NaN or infinite values")
         return h
 
+    def _norm32(self):
+        """The final norm in float32 (a LayerNorm with bf16 weights refuses float32 input)."""
+        if self._norm is None:
+            import copy
+
+            self._norm = copy.deepcopy(self.heads.norm).float()
+        return self._norm
+
     def _inverse_norms(self):
         import torch
 
@@ -206,7 +215,8 @@ def expand_word(sentence: str, start: int | None, end: int | None) -> str | None
     Word characters are letters, digits and ``_`` (``str.isalnum``, so any
     script), as the reference expands before judging; hyphens and
     apostrophes end a word (``dog's`` -> ``dog``). A span that already
-    holds whitespace or no word character is returned stripped, as is.
+    holds whitespace or no word character, or is in a script written
+    without spaces (Chinese, Japanese, Thai, ...), is returned stripped, as is.
     """
     if start is None or end is None or not (0 <= start < end <= len(sentence)):
         return None
@@ -214,7 +224,7 @@ def expand_word(sentence: str, start: int | None, end: int | None) -> str | None
     core = span.strip()
     if not core:
         return None
-    if any(c.isspace() for c in core) or not any(_word_char(c) for c in core):
+    if any(c.isspace() for c in core) or not any(_word_char(c) for c in core) or _unspaced_script(core):
         return core
     lo = start + (len(span) - len(span.lstrip()))
     hi = end - (len(span) - len(span.rstrip()))
@@ -229,3 +239,13 @@ def expand_word(sentence: str, start: int | None, end: int | None) -> str | None
 
 def _word_char(c: str) -> bool:
     return c.isalnum() or c == "_"
+
+
+_UNSPACED = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+
+
+def _unspaced_script(text: str) -> bool:
+    """Scripts written without spaces between words: a token is not widened to a whole clause."""
+    import unicodedata
+
+    return any(unicodedata.name(c, "").startswith(_UNSPACED) for c in text if c.isalnum())

@@ -294,3 +294,61 @@ def test_summary_rows_order_and_interval():
     assert rows[0].pct == 0.0 and rows[0].ci_low == 0.0 and 40 < rows[0].ci_high < 60
     lo, hi = wilson(9, 10)
     assert 55 < lo < 60 and 98 < hi < 99.9
+
+
+def test_review_guards(setup, db_url, tmp_path):
+    # a run being judged elsewhere (its lock held) is refused, not judged twice
+    from latentlens.store import Store
+
+    r = _eval(setup, "--num-images", "1", run="locked")
+    assert r.exit_code == 0, r.output
+    with Store.open(db_url) as other:
+        run = other.get_eval_run("locked")
+        other._fetch("UPDATE eval_run SET status = 'running' WHERE id = %s RETURNING id", (run.id,))
+        assert other.lock_eval_run(run)
+        r = _eval(setup, "--num-images", "1", run="locked")
+        assert r.exit_code == 2 and "is being judged by" in r.output
+        other.unlock_eval_run(run)
+    # an image replaced since it was judged stops a resume
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    sample_image((64, 64)).save(imgs / "img0.png")
+    sample_image((96, 64)).save(imgs / "img1.png")
+    args = ["eval", setup["name"], "--images", str(imgs), "--visual-layers", "1", "--patches-per-image", "2",
+            "--annotations", str(setup["ann"]), "--judge", "labels", "--no-progress", "--run", "changed"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM eval_item WHERE item = 3 AND run_id = (SELECT id FROM eval_run "
+                     "WHERE name = 'changed')")
+        conn.execute("UPDATE eval_run SET status = 'interrupted' WHERE name = 'changed'")
+    sample_image((64, 64)).transpose(Image.Transpose.ROTATE_90).save(imgs / "img0.png")
+    sample_image((64, 96)).save(imgs / "img1.png")
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "img1.png changed since this run judged it" in r.output
+    # labels that name none of the images: an error, not a silent 0%
+    other_ann = tmp_path / "other.jsonl"
+    other_ann.write_text(json.dumps({"image": "elsewhere.png", "x": 0, "y": 0, "w": 5, "h": 5, "names": ["dog"]}))
+    r = _eval(setup, "--annotations", str(other_ann), run="nolabels")
+    assert r.exit_code == 2 and "none of the 4 images has a region" in r.output
+    # one image file is a valid --images
+    r = CliRunner().invoke(cli, ["eval", setup["name"], "--images", str(imgs / "img0.png"), "--visual-layers", "1",
+                                 "--judge", "labels", "--annotations", str(setup["ann"]), "--no-progress",
+                                 "--run", "single", "--json"])
+    assert r.exit_code == 0, r.output
+    # judge options are checked by name, not by a Python signature
+    r = CliRunner().invoke(cli, ["eval", setup["name"], "--images", str(imgs), "--judge", "labels"])
+    assert r.exit_code == 2 and "judge 'labels' needs --annotations FILE" in r.output
+    r = CliRunner().invoke(cli, ["eval", setup["name"], "--images", str(imgs), "--judge", "labels",
+                                 "--annotations", str(setup["ann"]), "--url", "http://x"])
+    assert r.exit_code == 2 and "takes no --url" in r.output
+    # export into a folder that does not exist yet
+    r = CliRunner().invoke(cli, ["eval", "--summary", "single", "--export", str(tmp_path / "a" / "b" / "v.jsonl"),
+                                 "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a" / "b" / "v.jsonl").read_text().strip()
+
+
+def test_parse_answer_skips_braces_before_the_json():
+    text = ('<think>maybe {"x": 1} or {broken</think> {"reasoning": "r", "concrete_words": ["dog"], '
+            '"abstract_words": [], "global_words": []}')
+    assert parse_answer(text, ["dog"])["concrete_words"] == ["dog"]

@@ -99,6 +99,7 @@ def test_expand_word_and_parse_methods():
     assert expand_word("well-known", 5, 10) == "known"
     assert expand_word("two words", 0, 9) == "two words"  # a span with spaces stays as is
     assert expand_word("x", None, None) is None
+    assert expand_word("我喜欢狗和猫", 3, 4) == "狗"  # no spaces between words: never a whole clause
     assert parse_methods("all") == ["latentlens", "logitlens", "embeddinglens"]
     assert parse_methods("embeddinglens, LogitLens") == ["logitlens", "embeddinglens"]
     with pytest.raises(InputError, match="unknown method 'tuned'"):

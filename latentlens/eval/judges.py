@@ -77,6 +77,10 @@ class Judge:
         """What decides this judge's verdicts, recorded with the run (no secrets)."""
         return {}
 
+    def prepare(self, image_names: list[str]) -> list[str]:
+        """Check the chosen images before any is judged: raise InputError, or return warnings."""
+        return []
+
     def judge(self, task: JudgeTask) -> Judgement:
         raise NotImplementedError
 
@@ -110,13 +114,24 @@ def judge_class(name: str) -> type[Judge]:
 
 def make_judge(name: str, **options: Any) -> Judge:
     """Build a judge from the options given (None values are left out)."""
+    import inspect
+
     cls = judge_class(name)
     given = {k: v for k, v in options.items() if v is not None}
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = [k for k in given if k not in params and not takes_any]
+    if extra:
+        raise InputError(f"judge '{name}' takes no {', '.join('--' + k.replace('_', '-') for k in extra)}")
+    missing = [k for k, p in params.items() if k != "self" and p.default is p.empty
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k not in given]
+    if missing:
+        flags = {"model": "--judge-model", "annotations": "--annotations FILE", "url": "--url URL"}
+        raise InputError(f"judge '{name}' needs {', '.join(flags.get(k, '--' + k.replace('_', '-')) for k in missing)}")
     try:
         return cls(**given)
     except TypeError as e:
-        opts = ", ".join("--" + k.replace("_", "-") for k in given) or "no options"
-        raise InputError(f"judge '{name}' cannot take {opts}: {e}") from None
+        raise InputError(f"judge '{name}' cannot be built from these options: {e}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +191,17 @@ class LabelsJudge(Judge):
     def settings(self) -> dict:
         return {"annotations": str(self.path), "annotations_sha256": self._sha, "cover": self.cover,
                 "match": "lemma (simplemma en) equals the label or its last word"}
+
+    def prepare(self, image_names: list[str]) -> list[str]:
+        missing = [n for n in image_names if not self._regions_for(n)]
+        if missing and len(missing) == len(image_names):
+            raise InputError(
+                f"none of the {len(image_names)} images has a region in {self.path.name} (first image: "
+                f"{image_names[0]}; annotation images are matched by the listed path or the file name)")
+        if missing:
+            return [f"{len(missing)} of {len(image_names)} images have no region in {self.path.name} "
+                    f"(e.g. {missing[0]}): their patches will count as not interpretable"]
+        return []
 
     def _regions_for(self, image_name: str) -> list:
         if image_name in self.regions:
@@ -239,17 +265,7 @@ def parse_answer(text: str, words: list[str]) -> dict:
     """The judge's JSON, validated: the three lists keep only candidate words (case-insensitive)."""
     if not isinstance(text, str):
         raise MalformedAnswer("empty answer")
-    lo, hi = text.find("{"), text.rfind("}")
-    if lo < 0 or hi <= lo:
-        raise MalformedAnswer("no JSON object in the answer")
-    try:
-        obj = json.loads(text[lo: hi + 1])
-    except json.JSONDecodeError as e:
-        raise MalformedAnswer(f"invalid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise MalformedAnswer("the answer is not a JSON object")
-    if not any(f"{c}_words" in obj for c in CATEGORIES):
-        raise MalformedAnswer("the answer has none of concrete_words, abstract_words, global_words")
+    obj = _answer_object(text)
     allowed = {w.casefold(): w for w in words}
     out: dict[str, Any] = {"reasoning": str(obj.get("reasoning", ""))[:2000]}
     for c in CATEGORIES:
@@ -263,6 +279,26 @@ def parse_answer(text: str, words: list[str]) -> dict:
         if dropped:
             out.setdefault("ignored_words", []).extend(dropped)
     return out
+
+
+def _answer_object(text: str) -> dict:
+    """The first JSON object in the text that has a *_words key (reasoning models may think in braces first)."""
+    decoder = json.JSONDecoder()
+    found_json = False
+    at = text.find("{")
+    while at >= 0:
+        try:
+            obj, _end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            found_json = True
+            if any(f"{c}_words" in obj for c in CATEGORIES):
+                return obj
+        at = text.find("{", at + 1)
+    if found_json:
+        raise MalformedAnswer("the answer has none of concrete_words, abstract_words, global_words")
+    raise MalformedAnswer("no JSON object in the answer")
 
 
 def draw_region(image: Any, region: tuple[float, float, float, float]) -> Any:

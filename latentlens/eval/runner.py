@@ -121,12 +121,17 @@ def run_eval(
             raise InputError("no visual layers chosen")
         if info is not None:
             info.check_layer_range(visual_layers)
+        for warning in judge.prepare([r.name for r in refs]):
+            echo(f"warning: {warning}")
         settings = {
             "images": str(Path(options.images).expanduser().resolve()), "chosen_images": [r.name for r in refs],
             "num_images": options.num_images, "patches_per_image": options.patches_per_image,
             "seed": options.seed, "words": words_k, "prompt": options.prompt,
             "resolution": options.resolution, "searched_layers": searched, "mode": options.mode,
             "dtype": options.dtype,
+            # the index LatentLens reads: more rows ingested later make a new run, never a mixed one
+            "index_versions": {str(li.layer): li.version for li in info.layers if li.layer in searched}
+            if info is not None and searched else None,
         }
         key = {"model": info.name if info else model, "methods": methods, "visual_layers": list(visual_layers),
                "judge": judge.name, "judge_settings": judge.settings(), **settings}
@@ -141,25 +146,37 @@ def run_eval(
         )
         if run.status == "done":
             return EvalResult(run, 0, run.items_done, already_done=True)
-        done = store.eval_done_items(run)
-        if done:
-            echo(f"resuming eval run '{run.name}': {len(done)} of about {planned} items already judged")
-        store.set_eval_status(run, "running", hostname=socket.gethostname(), pid=os.getpid())
-        judged = 0
+        if not store.lock_eval_run(run):
+            raise InputError(f"eval run '{run.name}' is being judged by {store.eval_holder(run)}: "
+                             "wait for it, or stop that process first")
         try:
-            judged = _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visual_layers,
-                                   searched, words_k, options)
-        except KeyboardInterrupt:
-            store.set_eval_status(run, "interrupted", "interrupted by the user")
-            raise
-        except BaseException as e:
-            store.set_eval_status(run, "failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
-            raise
-        store.set_eval_status(run, "done")
-        return EvalResult(store.get_eval_run(run.id), judged, len(done))
+            return _run_locked(store, lens, info, model, vlm, judge, refs, run, methods, visual_layers,
+                               searched, words_k, planned, options, echo)
+        finally:
+            store.unlock_eval_run(run)
     finally:
         if own:
             lens.close()
+
+
+def _run_locked(store, lens, info, model, vlm, judge, refs, run, methods, visual_layers, searched, words_k,
+                planned, options, echo) -> EvalResult:
+    """The judging itself, under the run's lock: each outcome is recorded on the run."""
+    done = store.eval_done_items(run)
+    if done:
+        echo(f"resuming eval run '{run.name}': {len(done)} of about {planned} items already judged")
+    store.set_eval_status(run, "running", hostname=socket.gethostname(), pid=os.getpid())
+    try:
+        judged = _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visual_layers,
+                               searched, words_k, options)
+    except KeyboardInterrupt:
+        store.set_eval_status(run, "interrupted", "interrupted by the user")
+        raise
+    except BaseException as e:
+        store.set_eval_status(run, "failed", str(e).splitlines()[0][:500] if str(e) else type(e).__name__)
+        raise
+    store.set_eval_status(run, "done")
+    return EvalResult(store.get_eval_run(run.id), judged, len(done))
 
 
 def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visual_layers, searched,
@@ -173,6 +190,7 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
 
     per = options.patches_per_image
     judged = 0
+    hashes = lens.store.eval_image_hashes(run)
     bar = tqdm(total=len(refs) * per, initial=len(done), unit="patch", desc=f"eval {run.name}",
                disable=not options.progress, dynamic_ncols=True)
     try:
@@ -198,6 +216,9 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
                 searched=searched, k=words_k, mode=options.mode, methods=methods,
             )
             sha = file_sha256(ref.path)
+            if hashes.get(ref.name, sha) != sha:
+                raise InputError(f"image {ref.name} changed since this run judged it: "
+                                 "restore it, or start a new run (--run NAME)")
             for n, (j, p) in enumerate(pending):
                 region = region_around(p.box, img.size)
                 verdicts = []

@@ -1,7 +1,7 @@
 """Which images and patches an evaluation judges, reproducibly from a seed.
 
-* Images: every image file in a directory (sorted by relative path), or the
-  paths listed in a text file (one per line, relative to the file; ``#``
+* Images: every image file in a directory (sorted by relative path), one
+  image file, or the paths listed in a text file (one per line, relative to the file; ``#``
   comments). ``num_images`` of them are drawn with ``random.Random(seed)``.
 * Patches: per image, ``patches_per_image`` drawn among the patches that
   are all image (never padding: a letterboxed edge patch whose box is
@@ -43,8 +43,14 @@ def list_images(spec: str | Path) -> list[ImageRef]:
         return refs
     if not p.is_file():
         raise InputError(f"--images: no such directory or list file: {spec}")
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return [ImageRef(p.name, p)]
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"--images: {spec} is neither a directory, an image nor a text list of images") from None
     refs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -105,6 +105,10 @@ def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "")
 def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
     """Verdicts as JSON lines, written to a temp file then renamed (never half a file)."""
     path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e}") from None
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for rec in records:

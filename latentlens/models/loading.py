@@ -168,6 +168,9 @@ def load_language_model(
     heads = adapter.heads(full) if lens_heads else None
     lm = adapter.language_model(full)
     lm = lm.to(dev)
+    if heads is not None and heads.unembedding.device != dev:
+        # an untied LM head is not part of the decoder stack moved above
+        heads.unembedding = heads.unembedding.detach().to(dev)
     text_cfg = adapter.text_config(cfg)
     arch = (getattr(cfg, "architectures", None) or [type(full).__name__])[0]
     del full

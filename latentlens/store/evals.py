@@ -132,6 +132,24 @@ class EvalsMixin(StoreBase):
             (status, error, hostname, pid, run.id),
         )
 
+    def lock_eval_run(self, run: EvalRunInfo) -> bool:
+        """Take the run's session lock (released on unlock or when the process dies); False if taken."""
+        return bool(self._fetch("SELECT pg_try_advisory_lock(hashtext('llens_eval'), %s)", (run.id,))[0][0])
+
+    def unlock_eval_run(self, run: EvalRunInfo) -> None:
+        self._fetch("SELECT pg_advisory_unlock(hashtext('llens_eval'), %s)", (run.id,))
+
+    def eval_holder(self, run: EvalRunInfo) -> str:
+        """Who last worked on the run: host, pid, and how long ago."""
+        host, pid, age = self._fetch(
+            "SELECT hostname, pid, round(extract(epoch FROM now() - heartbeat_at)) FROM eval_run WHERE id = %s",
+            (run.id,))[0]
+        return f"{host or '?'} pid {pid or '?'} (last seen {int(age or 0)} s ago)"
+
+    def eval_image_hashes(self, run: EvalRunInfo) -> dict[str, str]:
+        """sha256 of each image as it was when its items were judged."""
+        return dict(self._fetch("SELECT DISTINCT image, image_sha256 FROM eval_item WHERE run_id = %s", (run.id,)))
+
     def eval_done_items(self, run: EvalRunInfo) -> set[int]:
         return {r[0] for r in self._fetch("SELECT item FROM eval_item WHERE run_id = %s", (run.id,))}
 
