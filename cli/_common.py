@@ -50,6 +50,13 @@ def handle_errors(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except LatentLensError as e:
             raise CommandError(str(e), e.exit_code) from e
+        except Exception as e:  # a privilege the database refused outside a store transaction
+            import psycopg
+
+            if not isinstance(e, psycopg.errors.InsufficientPrivilege):
+                raise
+            msg = (e.diag.message_primary or str(e)).strip().splitlines()[0]
+            raise CommandError(f"permission denied: {msg} (what each role may do: docs/team.md)", 5) from e
         except ModuleNotFoundError as e:
             if (e.name or "").split(".")[0] not in MODEL_PACKAGES:
                 raise

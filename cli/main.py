@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
 }
 
 HELP_SUMMARIES: dict[str, str] = {
-    "db": "Manage the database: upgrade, status, url, reset, stop.",
+    "db": "Manage the database: upgrade, status, url, reset, stop; team roles (grant-reader, ...).",
     "ingest": "Run a language model over a corpus and store its token embeddings.",
     "runs": "List ingest runs with status, counts and errors.",
     "index": "Build or drop the ANN indexes of a model's layers.",

@@ -48,14 +48,19 @@ EMBEDDED_SERVER_SETTINGS = {
 
 def redact(url: str) -> str:
     """The URL with its password replaced, for messages and logs."""
+    import re
+
+    if "://" not in url:  # a key=value connection string
+        return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable url>"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query, flags=re.IGNORECASE)
+    netloc = parts.netloc
     if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def first_line(e: BaseException) -> str:

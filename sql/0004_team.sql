@@ -59,6 +59,12 @@ DECLARE
     r text := llens_team_role('reader');
     w text := llens_team_role('writer');
     s text := current_schema();
+    -- the role whose future tables and sequences the groups get: the owner of
+    -- the schema's functions (llens_ensure_layer creates leaves as it), not the
+    -- caller, which may be a superuser setting up a database someone else owns
+    o text := (SELECT pg_get_userbyid(p.proowner) FROM pg_proc p
+                WHERE p.pronamespace = current_schema()::regnamespace
+                  AND p.proname = 'llens_ensure_layer' LIMIT 1);
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
         EXECUTE format('CREATE ROLE %I NOLOGIN', r);
@@ -70,12 +76,14 @@ BEGIN
     EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I', current_database(), r);
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, r);
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', s, r);
-    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO %I', s, r);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA %I GRANT SELECT ON TABLES TO %I',
+                   coalesce(o, current_user), s, r);
     EXECUTE format('GRANT INSERT, UPDATE ON model, model_layer, token, corpus, sentence, ingest_run, '
                    'token_quota, token_embedding, eval_run, eval_item, eval_verdict, analysis TO %I', w);
     EXECUTE format('GRANT DELETE ON analysis, eval_run, eval_item, eval_verdict TO %I', w);
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO %I', s, w);
-    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT USAGE ON SEQUENCES TO %I', s, w);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA %I GRANT USAGE ON SEQUENCES TO %I',
+                   coalesce(o, current_user), s, w);
     PERFORM llens_secure_functions();
     INSERT INTO llens_meta (key, value) VALUES ('reader_role', r), ('writer_role', w)
         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;

@@ -44,6 +44,8 @@ class CatalogMixin(StoreBase):
         params: Mapping[str, Any] | None = None,
     ) -> ModelInfo:
         """Register a model by name, or check an existing one has the same shape."""
+        if num_layers < 1 or hidden_size < 1:
+            raise InputError(f"a model needs at least one layer and a hidden size (got {num_layers}, {hidden_size})")
         if not name or len(name) > 512:
             raise InputError("a model name must have 1 to 512 characters")
         with self.transaction() as conn:
