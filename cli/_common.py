@@ -139,32 +139,3 @@ def parse_int_list(value: str | None, name: str) -> list[int] | None:
         return [int(x) for x in value.replace(" ", "").split(",") if x]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=name) from None
-
-
-def stored_model(model: str, database_url: str | None):
-    """The store's record of MODEL, or None when the store does not know it or cannot be reached."""
-    from latentlens.errors import DatabaseUnavailable, SchemaOutOfDate, UnknownModel
-    from latentlens.store import Store
-
-    try:
-        with Store.open(database_url) as store:
-            return store.get_model(model)
-    except (UnknownModel, DatabaseUnavailable, SchemaOutOfDate):
-        return None
-
-
-def baselines_vlm_source(model: str, visual_layers: list[int] | None, database_url: str | None
-                         ) -> tuple[str, list[int]]:
-    """LogitLens / EmbeddingLens need only the VLM (as `llens query --method` without latentlens):
-    a local path loads as given and the store is never opened; a name is looked up in the store,
-    if it answers, for the source `llens ingest` recorded and its layers; otherwise it loads as given."""
-    from pathlib import Path
-
-    stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
-    if visual_layers is None and stored is not None:
-        visual_layers = stored.layer_numbers
-    if not visual_layers:
-        raise click.UsageError("choose --visual-layers (without latentlens in --method, MODEL is loaded "
-                               "as given and has no stored layers to default to)")
-    source = ((stored.params or {}).get("source") or stored.name) if stored is not None else model
-    return source, list(visual_layers)

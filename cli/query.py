@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
 import click
 from latentlens.cli._common import (
-    baselines_vlm_source,
     database_option,
     emit,
     handle_errors,
     output_format,
     output_options,
     parse_int_list,
-    stored_model,
 )
 
 CSV_COLUMNS = [
@@ -180,23 +177,20 @@ def _baselines_only(model, text, token, query_layers, vectors, image, visual_lay
                     sample, seed, prompt, resolution, k, methods, database_url):
     """LogitLens / EmbeddingLens: the model only. The store is asked (if it answers) for
     the source `llens ingest` recorded under MODEL; a path or an unknown name loads as given."""
-    from latentlens.query import text_lenses, vector_lenses
+    from latentlens.query import (
+        baseline_language_model,
+        baseline_vlm_source,
+        text_lenses,
+        vector_lenses,
+    )
 
     if image:
         from latentlens.vlm.query import query_image
 
-        source, vls = baselines_vlm_source(model, parse_int_list(visual_layers, "--visual-layers"), database_url)
+        source, vls = baseline_vlm_source(model, parse_int_list(visual_layers, "--visual-layers"), database_url)
         return query_image(None, source, image, visual_layers=vls, k=k, patches=patches, sample=sample,
                            seed=seed, prompt=prompt, resolution=resolution, methods=methods)
-    stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
-    if stored is not None:
-        from latentlens.models import load_from_store
-
-        lm = load_from_store(stored)
-    else:
-        from latentlens.models import load_language_model
-
-        lm = load_language_model(model)
+    lm, stored = baseline_language_model(model, database_url)
     if text:
         if query_layers is None:
             if stored is None or not stored.layer_numbers:

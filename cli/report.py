@@ -6,7 +6,6 @@ import json
 
 import click
 from latentlens.cli._common import (
-    baselines_vlm_source,
     database_option,
     handle_errors,
     parse_int_list,
@@ -102,7 +101,9 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
     common = dict(k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
                   device=device, dtype=dtype, methods=methods)
     if "latentlens" not in methods:
-        source, vls = baselines_vlm_source(model, vls, database_url)
+        from latentlens.query import baseline_vlm_source
+
+        source, vls = baseline_vlm_source(model, vls, database_url)
         if png_layer is not None and png_layer not in vls:
             raise click.BadParameter(f"{png_layer} is not one of the visual layers ({', '.join(map(str, vls))})",
                                      param_hint="--png-layer")

@@ -263,16 +263,20 @@ class Lens:
 
     # ---- text -------------------------------------------------------------
 
-    def language_model(self, model: str | ModelInfo) -> Any:
-        """The stored model, loaded once per Lens (torch and transformers imported here only)."""
+    def language_model(self, model: str | ModelInfo, *, lens_heads: bool = False) -> Any:
+        """The stored model, loaded once per Lens (torch and transformers imported here only).
+
+        ``lens_heads`` keeps its LM head for the baselines; without it an untied
+        head (a vocabulary x hidden matrix) is not held in memory.
+        """
         info = self._model(model)
         lm = self._models.get(info.name)
-        if lm is None:
+        if lm is None or (lens_heads and lm.heads is None):
             try:
                 from latentlens.models import load_from_store
             except ImportError as e:
                 raise InputError(f"running models needs the model adapters (latentlens.models): {e}") from e
-            lm = self._models[info.name] = load_from_store(info)
+            lm = self._models[info.name] = load_from_store(info, lens_heads=lens_heads)
         return lm
 
     def hidden_states(self, model: str | ModelInfo, text: str | Sequence[str], layers: Sequence[int] | None = None):
@@ -323,7 +327,8 @@ class Lens:
                                   exact=exact, ef_search=ef_search)
 
         info.check_layer_range(query_layers)
-        return text_lenses(self.language_model(info), text, query_layers=query_layers, token=token, k=k,
+        lm = self.language_model(info, lens_heads=any(m in VOCAB_METHODS for m in methods))
+        return text_lenses(lm, text, query_layers=query_layers, token=token, k=k,
                            methods=methods, search=search if "latentlens" in methods else None)
 
     def query_vectors(
@@ -349,7 +354,7 @@ class Lens:
                  if "latentlens" in methods else None)
         if not any(m in VOCAB_METHODS for m in methods):
             return found or []
-        return vector_lenses(self.language_model(info), vectors, query_layer=query_layer, k=k,
+        return vector_lenses(self.language_model(info, lens_heads=True), vectors, query_layer=query_layer, k=k,
                              methods=methods, found=found)
 
     # ---- output -------------------------------------------------------------
@@ -415,6 +420,51 @@ def vector_lenses(
         r.lenses = h
         r.query_layer = query_layer if query_layer is not None else r.query_layer
     return out
+
+
+def stored_model(model: str, database_url: str | None = None) -> ModelInfo | None:
+    """The store's record of ``model``, or None when the store does not know it or cannot be reached."""
+    from latentlens.errors import DatabaseUnavailable, SchemaOutOfDate, UnknownModel
+
+    try:
+        with Store.open(database_url) as store:
+            return store.get_model(model)
+    except (UnknownModel, DatabaseUnavailable, SchemaOutOfDate):
+        return None
+
+
+def baseline_language_model(model: str, database_url: str | None = None) -> tuple[Any, ModelInfo | None]:
+    """The language model the baselines read, with the store's record of it if any.
+
+    A local path loads as given and the store is never opened; a name is
+    looked up in the store (if it answers) for the source ``llens ingest``
+    recorded; anything else loads as given (a hub id).
+    """
+    from pathlib import Path
+
+    stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
+    if stored is not None:
+        from latentlens.models import load_from_store
+
+        return load_from_store(stored), stored
+    from latentlens.models import load_language_model
+
+    return load_language_model(model), None
+
+
+def baseline_vlm_source(model: str, visual_layers: Sequence[int] | None, database_url: str | None = None
+                        ) -> tuple[str, list[int]]:
+    """(source to load, visual layers) for the baselines of an image: as baseline_language_model."""
+    from pathlib import Path
+
+    stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
+    if visual_layers is None and stored is not None:
+        visual_layers = stored.layer_numbers
+    if not visual_layers:
+        raise InputError("choose the visual layers (--visual-layers): without latentlens the model is "
+                         "loaded as given and has no stored layers to default to")
+    source = ((stored.params or {}).get("source") or stored.name) if stored is not None else model
+    return source, list(visual_layers)
 
 
 def baseline_provenance(model: Any) -> dict:
@@ -537,6 +587,6 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
 
 
 __all__ = [
-    "Lens", "Neighbour", "QueryResult", "flat_rows", "load_vectors", "select_tokens", "text_lenses",
-    "validate_layers", "vector_lenses",
+    "Lens", "Neighbour", "QueryResult", "baseline_language_model", "baseline_vlm_source", "flat_rows",
+    "load_vectors", "select_tokens", "stored_model", "text_lenses", "validate_layers", "vector_lenses",
 ]

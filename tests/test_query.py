@@ -120,7 +120,7 @@ class FakeLM:
 
 
 def test_query_text_with_token_and_layers(lens, data, monkeypatch):
-    monkeypatch.setattr(Lens, "language_model", lambda self, m: FakeLM(data))
+    monkeypatch.setattr(Lens, "language_model", lambda self, m, **kw: FakeLM(data))
     rs = lens.query_text("qm", "a brown dog", token="dog", query_layers=[4, 8], k=3)
     assert [(r.query_token, r.query_layer, r.index) for r in rs] == [("dog", 4, 2), ("dog", 8, 2)]
     for r in rs:
