@@ -39,7 +39,8 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where to write RUN-summary.png and RUN-summary.csv (with --summary default: .).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), help="Write the run's verdicts as JSON lines.")
-@click.option("--list", "list_runs", is_flag=True, help="List recorded eval runs.")
+@click.option("--list", "list_runs", is_flag=True,
+              help="List recorded eval runs (status 'stopped': its process died; rerun to resume).")
 @click.option("--dtype", default="float32", show_default=True, help="VLM dtype: float32, bfloat16, float16.")
 @click.option("--device", help="torch device (default: cuda if available).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -108,6 +109,10 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
 def _list(database_url, as_json) -> None:
     with open_store(database_url) as store:
         runs = store.list_eval_runs()
+        for r in runs:  # "running" with nobody holding its lock: the process died (kill -9, a crash)
+            if r.status == "running" and store.lock_eval_run(r):
+                store.unlock_eval_run(r)
+                r.status = "stopped"
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
         return
