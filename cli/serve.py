@@ -1,0 +1,75 @@
+"""`llens serve`: the team's web app (pages and a JSON API) on the configured database."""
+
+from __future__ import annotations
+
+import importlib.util
+import signal
+import sys
+
+import click
+from latentlens.cli._common import CommandError, database_option, handle_errors
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_extra() -> None:
+    missing = [m for m in ("fastapi", "uvicorn", "jinja2") if importlib.util.find_spec(m) is None]
+    if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+        missing.append("python-multipart")
+    if missing:
+        raise CommandError(f"llens serve needs {', '.join(missing)}: pip install 'latentlens-db[serve]'", 2)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Keep 127.0.0.1 behind a reverse proxy that adds TLS.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8008, show_default=True)
+@click.option("--read-only", is_flag=True, help="Refuse every save and delete, whatever the member's role.")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0.1), default=20, show_default=True,
+              help="Largest image upload accepted.")
+@click.option("--device", help="torch device for the models (default: cuda if available, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="Weights dtype of the vision-language models.")
+@database_option
+@handle_errors
+def serve(host: str, port: int, read_only: bool, max_upload_mb: float, device: str | None, dtype: str,
+          database_url: str | None) -> None:
+    """Start the web app: models, context search, text and image queries, saved analyses, evaluations.
+
+    One process serves the whole team: models and VLMs are loaded once and
+    the exact-scan cache is shared, so run it next to the database (and the
+    GPU). On the embedded default nobody signs in (single user). On a team
+    server the browser asks for the member's PostgreSQL user name and
+    password, and each request opens the database as that member: their role
+    (reader, writer, owner) decides what they may do. A JSON API mirrors
+    `llens query --json` (list: /api-docs; OpenAPI: /openapi.json). See
+    docs/serve.md for running it behind a reverse proxy.
+
+    \b
+    Examples:
+        llens serve                                  # http://127.0.0.1:8008 on the embedded database
+        LLENS_DATABASE_URL=postgresql://db.lab:5432/latentlens llens serve --port 8080
+        llens serve --read-only --max-upload-mb 5
+        llens serve --device cuda --dtype bfloat16   # VLMs in bf16 on the GPU
+    """
+    _check_extra()
+    import uvicorn
+
+    from latentlens.serve.app import create_app
+
+    app = create_app(database_url, read_only=read_only, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     device=device, dtype=dtype)
+    state = app.state.llens
+    if not state.auth:
+        # single user: open the database now (starts the embedded server, migrates it)
+        state.open_store().close()
+    if state.embedded and host not in LOOPBACK:
+        click.echo(f"Warning: the embedded database has no sign-in: anyone who reaches {host}:{port} "
+                   "can query, save and delete.", err=True)
+    where = "the embedded database" if state.embedded else "the team server (sign-in)"
+    click.echo(f"latentlens web app on {where}: http://{host}:{port}/"
+               + (" (read-only)" if read_only else ""), err=True)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit normally instead, so the
+    # embedded server is detached (and stopped when this was its last user)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    uvicorn.run(app, host=host, port=port, log_level="info")
