@@ -67,21 +67,49 @@ def read_corpus(
     name: str | None = None,
     stdin: TextIO | None = None,
 ) -> Corpus:
-    """Read and clean a corpus file (``-`` = stdin). Raises InputError on bad input."""
+    """Read and clean a corpus file (``-`` = stdin). Raises InputError on bad input.
+
+    The file must be UTF-8 (a leading byte-order mark is dropped); a byte
+    that isn't is reported with its line, and a NUL character (which
+    PostgreSQL text cannot hold) or, in JSONL, an unpaired surrogate escape
+    is refused with its line, before anything is stored.
+    """
     fmt = fmt or ("txt" if path == "-" else detect_format(path))
     if fmt not in FORMATS:
         raise InputError(f"unknown corpus format '{fmt}' (choose from {', '.join(FORMATS)})")
     if path == "-":
         stream = stdin if stdin is not None else sys.stdin
-        return _read(stream, fmt, column, field_name, name or "stdin", None, path)
+        try:
+            return _read(stream, fmt, column, field_name, name or "stdin", None, "stdin")
+        except UnicodeDecodeError as e:
+            raise InputError(f"corpus on stdin is not UTF-8 text ({e.reason}): convert it, "
+                             "e.g. with iconv -f latin1 -t utf-8") from None
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"corpus file not found: {path}")
     try:
-        with open(p, encoding="utf-8", newline="") as f:
+        with open(p, encoding="utf-8-sig", newline="") as f:
             return _read(f, fmt, column, field_name, name or p.name, str(p.resolve()), path)
-    except UnicodeDecodeError as e:
-        raise InputError(f"corpus file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise InputError(_not_utf8(p, path)) from None
+
+
+def _not_utf8(p: Path, shown: str) -> str:
+    """Where a file that failed to decode first stops being UTF-8 (line and byte), as one line."""
+    with open(p, "rb") as f:
+        head = f.read(4)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return (f"corpus file {shown} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8: "
+                    f"convert it, e.g. iconv -f UTF-16 -t UTF-8 {shown} > corpus.txt")
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"corpus file {shown} is not UTF-8 text: line {n}, byte {e.start + 1} "
+                        f"(0x{line[e.start]:02x}: {e.reason}); convert it to UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 {shown} > corpus.txt if it is Latin-1")
+    return f"corpus file {shown} is not UTF-8 text"
 
 
 def _read(stream: TextIO, fmt: str, column: str | None, field_name: str | None,
@@ -98,8 +126,15 @@ def _read(stream: TextIO, fmt: str, column: str | None, field_name: str | None,
         params = {"field": fld}
     corpus = Corpus(texts=[], name=name, source=source, format=fmt, params=params)
     seen: set[str] = set()
+    where = "row" if fmt in ("csv", "tsv") else "line"
     for text in raw:
         corpus.lines += 1
+        if "\x00" in text:
+            at = corpus.lines + (1 if where == "row" else 0)  # csv: the header is row 1
+            fix = ("remove the \\u0000 escapes" if fmt == "jsonl"
+                   else f"remove them, e.g. tr -d '\\000' < {shown} > clean.{fmt}")
+            raise InputError(f"corpus {shown} {where} {at} contains a NUL character (\\x00), which "
+                             f"PostgreSQL text cannot store: {fix}")
         t = text.strip()
         if not t:
             corpus.blank += 1
@@ -116,12 +151,12 @@ def _read(stream: TextIO, fmt: str, column: str | None, field_name: str | None,
 
 
 def _csv_rows(stream: TextIO, delimiter: str, column: str | None, shown: str) -> tuple[Iterator[str], str]:
-    try:
-        text = stream.read()
-    except UnicodeDecodeError as e:
-        raise InputError(f"corpus file {shown} is not UTF-8 text ({e.reason})") from None
+    text = stream.read()  # a UnicodeDecodeError is reported by read_corpus, with its line
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise InputError(f"corpus {shown} row 1 is not valid CSV: {e}") from None
     if not header:
         raise InputError(f"corpus {shown} is empty")
     names = [h.strip() for h in header]
@@ -142,8 +177,11 @@ def _csv_rows(stream: TextIO, delimiter: str, column: str | None, shown: str) ->
         raise InputError(f"corpus {shown} has no column '{column}' (columns: {', '.join(names)})")
 
     def rows() -> Iterator[str]:
-        for row in reader:
-            yield row[idx] if idx < len(row) else ""
+        try:
+            for row in reader:
+                yield row[idx] if idx < len(row) else ""
+        except csv.Error as e:  # e.g. a field over csv's size limit, or NUL on Python 3.10
+            raise InputError(f"corpus {shown} near line {reader.line_num} is not valid CSV: {e}") from None
 
     return rows(), names[idx]
 
@@ -161,4 +199,10 @@ def _jsonl_rows(stream: TextIO, fld: str, shown: str) -> Iterator[str]:
             keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
             raise InputError(f"corpus {shown} line {n} has no field '{fld}' (has: {keys}); use --field")
         value = obj[fld]
-        yield value if isinstance(value, str) else ("" if value is None else str(value))
+        value = value if isinstance(value, str) else ("" if value is None else str(value))
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone "\\ud800" escape: not a character PostgreSQL can store
+            raise InputError(f"corpus {shown} line {n} has an unpaired surrogate "
+                             f"(\\u{ord(value[e.start]):04x}), which is not valid Unicode text") from None
+        yield value

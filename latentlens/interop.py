@@ -12,7 +12,10 @@ Import streams each layer: the ``.pt`` is opened with
 unpickling is refused: unpickling runs code), the embeddings stay on disk
 and are normalised and written in chunks, so memory is one chunk plus the
 row metadata, not a multiple of the layer. Re-import is idempotent: rows
-whose (sentence, position) is already stored are skipped.
+whose (sentence, position) is already stored are skipped. Before anything is
+written, every layer ``metadata.json`` lists (or ``layers`` chose) must have
+its file, and each file must be non-empty with a readable zip directory, so a
+missing or truncated layer imports nothing.
 
 Export writes the same layout from the store (one layer in memory at a time,
 float16 as stored), loadable by ``ContextualIndex.from_directory``.
@@ -25,6 +28,8 @@ import json
 import os
 import pickle
 import re
+import struct
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +80,43 @@ def layer_files(directory: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _read_metadata(directory: Path) -> dict:
+    """metadata.json as a dict ({} if absent); its "layers", if present, as sorted ints."""
+    path = directory / "metadata.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path} must hold a JSON object ({{\"layers\": [...], \"hidden_dim\": D}})")
+    try:
+        if meta.get("layers") is not None:
+            meta["layers"] = sorted({int(x) for x in meta["layers"]})
+        if meta.get("hidden_dim") is not None:
+            meta["hidden_dim"] = int(meta["hidden_dim"])
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: \"layers\" must be a list of layer numbers and \"hidden_dim\" a number") from None
+    return meta
+
+
+def check_layer_file(path: Path) -> None:
+    """Cheap checks of one cache file before any layer is imported: not empty and, for the
+    zip format torch.save writes, a readable zip directory (a truncated copy has none)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{path} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InputError(f"{path} is truncated or corrupt ({e}): copy it again") from None
+
+
 def load_layer_file(path: Path) -> tuple[Any, list[dict]]:
     """(embeddings tensor [n, D], metadata rows) of one cache file, safely and lazily."""
     import torch
@@ -87,13 +129,20 @@ def load_layer_file(path: Path) -> tuple[Any, list[dict]]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if m is None:  # not a pickle at all: a damaged or foreign file
+            why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            raise InputError(f"{path} is truncated or not a torch file "
+                             f"({why.group(1).strip() if why else 'unreadable pickle'})") from None
         raise InputError(
-            f"refusing to load {path}: it needs arbitrary unpickling (objects other than tensors, "
-            f"dicts, lists, strings and numbers), which can run code. Re-save it with plain types. ({first})"
+            f"refusing to load {path}: it needs arbitrary unpickling ({m.group(1)}; only tensors, "
+            f"dicts, lists, strings and numbers are read), which can run code. Re-save it with plain types."
         ) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise InputError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except (EOFError, struct.error):
+        raise InputError(f"{path} is truncated (the file ends early)") from None
+    except (OSError, RuntimeError, KeyError, IndexError, ValueError) as e:
+        first = str(e).splitlines()[0].split(". This is an internal miniz error")[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot read {path}: {first}") from None
     if not isinstance(obj, dict) or "embeddings" not in obj or "metadata" not in obj:
         raise InputError(f"{path} is not a reference cache (a dict with 'embeddings' and 'metadata')")
     emb, meta = obj["embeddings"], obj["metadata"]
@@ -156,17 +205,24 @@ def import_index(
     """Load a reference-layout index directory into the store as ``model``."""
     directory = Path(directory)
     files = layer_files(directory)
+    meta_json = _read_metadata(directory)
+    listed = meta_json.get("layers")
+    have = ", ".join(map(str, files))
     if layers is not None:
         missing = sorted(set(layers) - set(files))
         if missing:
-            raise InputError(f"{directory} has no layer {missing[0]} (it has {', '.join(map(str, files))})")
+            raise InputError(f"{directory} has no layer {missing[0]} (it has {have})")
         files = {x: files[x] for x in sorted(set(layers))}
-    meta_json: dict = {}
-    if (directory / "metadata.json").is_file():
-        try:
-            meta_json = json.loads((directory / "metadata.json").read_text())
-        except ValueError as e:
-            raise InputError(f"{directory / 'metadata.json'} is not valid JSON: {e}") from None
+    elif listed is not None:
+        missing = [x for x in listed if x not in files]
+        if missing:  # e.g. a copy that stopped early: refuse before anything is stored
+            raise InputError(
+                f"{directory} is incomplete: metadata.json lists layer {missing[0]} but "
+                f"{directory / f'layer_{missing[0]}' / CACHE_FILE} is missing (found layers {have}); "
+                "copy the missing files, or import only the present ones with --layers"
+            )
+    for path in files.values():
+        check_layer_file(path)  # a truncated file fails here, not after other layers were written
     first_layer = next(iter(files))
     emb, meta = load_layer_file(files[first_layer])
     dim = int(emb.shape[1])

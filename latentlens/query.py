@@ -544,11 +544,34 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
     """Query vectors [N, D] or [D] from .npy, .pt/.pth (weights_only) or .safetensors.
 
     A file holding several arrays needs ``key`` (the error lists the keys).
+    Every way a file can be unusable is an InputError naming the file and the
+    problem: unreadable or truncated, needing arbitrary unpickling (refused,
+    never run), not floating point (integers, booleans, text, complex numbers:
+    vectors are hidden states, so an integer array is taken as a mistake, e.g.
+    token ids), not 1-D or 2-D, empty, or NaN/infinite or beyond float32's
+    range. Returns float32 (an all-zero vector is refused by the query itself).
     """
+    import pickle
+    import re
+    import struct
     from pathlib import Path
+
+    from latentlens.errors import LatentLensError
+    from latentlens.store.types import check_vector_values
+
+    def first(e: BaseException) -> str:
+        text = str(e).strip()
+        line = text.splitlines()[0] if text else type(e).__name__
+        return line.split(". This is an internal miniz error")[0].rstrip(".")
 
     p = Path(path)
     suffix = p.suffix.lower()
+    if suffix not in (".npy", ".npz", ".pt", ".pth", ".bin", ".safetensors"):
+        raise InputError(f"unknown vector file type '{suffix}' (use .npy, .npz, .pt or .safetensors)")
+    if not p.is_file():
+        raise InputError(f"vector file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p} is empty (0 bytes)")
     try:
         if suffix == ".npy":
             arrays: Any = np.load(p, allow_pickle=False)
@@ -560,30 +583,70 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
 
             try:
                 arrays = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 (any unpickling failure is a bad file)
-                raise InputError(f"cannot read {p} as a weights-only torch file: {str(e).splitlines()[0]}") from None
-        elif suffix == ".safetensors":
+            except pickle.UnpicklingError as e:
+                m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+                if m is None:  # not a pickle torch can read at all
+                    why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+                    raise InputError(f"{p} is truncated or not a torch file (weights-only load: "
+                                     f"{why.group(1).strip() if why else 'unreadable pickle'})") from None
+                hint = ("save numpy arrays with np.save as .npy" if m.group(1).startswith("numpy")
+                        else "save a plain tensor: torch.save(tensor, path)")
+                raise InputError(
+                    f"refusing to load {p}: it needs arbitrary unpickling ({m.group(1)}), which can run code; "
+                    f"vectors are read weights-only (tensors, dicts, lists, numbers): {hint}") from None
+            except (RuntimeError, EOFError, KeyError, IndexError, ValueError, struct.error) as e:
+                why = "the file ends early" if isinstance(e, (EOFError, struct.error)) else first(e)
+                raise InputError(f"{p} is truncated or not a torch file (weights-only load: {why})") from None
+        else:
             from safetensors.torch import load_file
 
             arrays = load_file(str(p))
-        else:
-            raise InputError(f"unknown vector file type '{suffix}' (use .npy, .npz, .pt or .safetensors)")
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read vectors from {p}: {e}") from None
+    except LatentLensError:
+        raise
+    except ValueError as e:
+        if "pickle" in str(e).lower():  # an object array, or not a .npy at all
+            raise InputError(f"{p} holds Python objects, not numbers: refused (reading it would unpickle, "
+                             "which can run code)") from None
+        raise InputError(f"cannot read vectors from {p}: {first(e)}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 (truncated archives, bad headers: any failure is a bad file)
+        raise InputError(f"cannot read vectors from {p}: {first(e)}") from None
     if isinstance(arrays, dict):
         names = sorted(str(n) for n in arrays)
         if key is None and len(arrays) == 1:
             key = names[0]
         if key is None or key not in arrays:
+            if key is not None:
+                raise InputError(f"{p} has no array '{key}' (it has: {', '.join(names)})")
             raise InputError(f"{p} holds several arrays: choose one with --key ({', '.join(names)})")
         arrays = arrays[key]
-    if hasattr(arrays, "detach"):
-        arrays = arrays.detach().float().cpu().numpy()
+    what = f"{p}" + (f" ['{key}']" if key is not None else "")
+    if hasattr(arrays, "detach"):  # bfloat16 has no numpy twin: floats go through float32
+        t = arrays.detach().cpu()
+        arrays = t.float().numpy() if t.is_floating_point() else t.numpy()
     if not isinstance(arrays, np.ndarray):
-        raise InputError(f"{p} does not hold an array or tensor (found {type(arrays).__name__})")
+        raise InputError(f"{what} does not hold an array or tensor (found {type(arrays).__name__})")
+    kind = arrays.dtype.kind
+    if kind in "US":
+        raise InputError(f"{what} holds text ({arrays.dtype}), not vectors")
+    if kind != "f":
+        desc = {"i": "integer", "u": "integer", "b": "boolean", "c": "complex", "V": "record"}.get(kind, "non-numeric")
+        raise InputError(f"{what} holds {desc} values ({arrays.dtype}), not floating-point vectors (hidden "
+                         "states); if they are vectors, save them as float32 (a.astype('float32'))")
     if arrays.ndim not in (1, 2):
-        raise InputError(f"{p} holds an array of shape {arrays.shape}: expected [N, D] or [D]")
-    return arrays.astype(np.float32, copy=False)
+        raise InputError(f"{what} holds an array of shape {arrays.shape}: expected [N, D] or [D]")
+    if arrays.size == 0:
+        raise InputError(f"{what} holds no vectors (shape {arrays.shape})")
+    rows = arrays.reshape(1, -1) if arrays.ndim == 1 else arrays
+    # NaN/inf is garbage whatever the use; an all-zero vector is refused by the query (unit_queries)
+    check_vector_values(rows, f"{what}: vector", zeros=False)
+    with np.errstate(over="ignore"):
+        out = arrays.astype(np.float32, copy=False)
+    if arrays.dtype.itemsize > 4 and not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out.reshape(len(rows), -1)).all(axis=1))[0])
+        raise InputError(f"{what}: vector {bad} has values beyond float32's range (|x| > 3.4e38)")
+    return out
 
 
 __all__ = [

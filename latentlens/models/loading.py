@@ -67,6 +67,40 @@ def _split_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
     return source, gguf_file
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path: Path) -> None:
+    """InputError unless ``path`` starts like a GGUF file (cheap: reads 4 bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise InputError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
+    if not head:
+        raise InputError(f"{path} is empty (0 bytes), not a GGUF file")
+    if head != GGUF_MAGIC:
+        raise InputError(f"{path} is not a GGUF file (it starts with {head!r}, not the GGUF magic bytes b'GGUF')")
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why a GGUF file that starts right cannot be read (truncated or corrupt), or None.
+
+    Parses the header, metadata and tensor table with the ``gguf`` reader (a
+    memory map: seconds for a large file), so it is only asked after a load failed.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 (a bad file fails in many ways: struct, index, reshape)
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {detail})"
+    return None
+
+
 def default_name(source: str, gguf_file: str | None) -> str:
     """The store name: the GGUF file's stem, a local dir's name, or the hub id as given."""
     if gguf_file:
@@ -135,12 +169,19 @@ def load_language_model(
     if revision:
         kw["revision"] = revision
     cache = None
+    shown = source
+    gguf_path = None
     if gguf_file:
         cache = _gguf_cache_dir(source, gguf_file, dtype)
+        if Path(source, gguf_file).is_file():
+            gguf_path = Path(source, gguf_file)
+            shown = str(gguf_path)
         if (cache / "config.json").is_file():
             load_from = str(cache)
         else:
             kw["gguf_file"] = gguf_file
+            if gguf_path is not None:
+                check_gguf_header(gguf_path)  # a text file named .gguf: one clear line, not a JSON error
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -154,9 +195,15 @@ def load_language_model(
             full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
     except LatentLensError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+    except Exception as e:
+        if gguf_path is not None and load_from != str(cache):
+            problem = gguf_problem(gguf_path)  # truncated or corrupt: say so, not the parser's symptom
+            if problem:
+                raise InputError(problem) from None
+        if not isinstance(e, (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model '{source}': {msg}") from None
+        raise InputError(f"cannot load model '{shown}': {msg}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -206,6 +206,24 @@ def check_k(k: int) -> int:
     return int(k)
 
 
+def check_vector_values(q: np.ndarray, label: str = "query vector", *, zeros: bool = True) -> None:
+    """InputError naming the first row of ``q`` [Q, D] that is NaN/infinite or (``zeros``) all zeros.
+
+    Neither has a direction to search by (a cosine needs a non-zero, finite
+    norm). ``label`` starts the message, e.g. "query vector" or "q.npy: vector".
+    """
+    finite = np.isfinite(q).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        more = f" ({len(bad)} of {len(q)} vectors do)" if len(bad) > 1 else ""
+        raise InputError(f"{label} {int(bad[0])} contains NaN or infinite values{more}")
+    zero = ~(q != 0).any(axis=1) if zeros else np.zeros(len(q), dtype=bool)
+    if zero.any():
+        bad = np.flatnonzero(zero)
+        more = f" ({len(bad)} of {len(q)} vectors are)" if len(bad) > 1 else ""
+        raise InputError(f"{label} {int(bad[0])} is all zeros{more}: it has no direction to search by")
+
+
 def unit_queries(vectors: Any, dim: int, model: str = "") -> np.ndarray:
     """Query vectors as float32 unit rows [Q, D], or a one-line error.
 
@@ -214,7 +232,11 @@ def unit_queries(vectors: Any, dim: int, model: str = "") -> np.ndarray:
     """
     if hasattr(vectors, "detach"):  # a torch tensor, without importing torch
         vectors = vectors.detach().float().cpu().numpy()
-    q = np.asarray(vectors, dtype=np.float32)
+    a = np.asarray(vectors)
+    if a.dtype.kind not in "fiub":  # strings, objects, complex or records are no vectors
+        raise InputError(f"query vectors must be numbers, got an array of {a.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = a.astype(np.float32, copy=False)
     if q.ndim == 1:
         q = q[None, :]
     if q.ndim != 2:
@@ -224,11 +246,10 @@ def unit_queries(vectors: Any, dim: int, model: str = "") -> np.ndarray:
         raise DimensionMismatch(f"query vectors have {q.shape[1]} dimensions, {who} has hidden size {dim}")
     if len(q) == 0:
         raise InputError("no query vectors given")
-    if not np.isfinite(q).all():
-        bad = int(np.flatnonzero(~np.isfinite(q).all(axis=1))[0])
-        raise InputError(f"query vector {bad} contains NaN or infinite values")
-    norms = np.linalg.norm(q, axis=1)
-    if not (norms > 0).all():
-        bad = int(np.flatnonzero(~(norms > 0))[0])
-        raise InputError(f"query vector {bad} is all zeros: it has no direction to search by")
+    check_vector_values(q)
+    with np.errstate(over="ignore"):
+        norms = np.linalg.norm(q, axis=1)
+    if not (np.isfinite(norms) & (norms > 0)).all():  # squares that over- or underflow float32
+        q64 = q.astype(np.float64)
+        return np.ascontiguousarray((q64 / np.linalg.norm(q64, axis=1)[:, None]).astype(np.float32))
     return np.ascontiguousarray(q / norms[:, None])
