@@ -180,3 +180,27 @@ def test_image_query_all_methods_and_baselines_without_store(tmp_path, db_url, m
     assert rows[0].startswith("visual_layer,patch,row,col,method") and len(rows) == 1 + 4 * 2
     baseline = [x.split(",")[5] for x in rows[1:]]
     assert set(baseline) == {"1", "2"}  # ranks
+
+
+def test_loads_in_threads_leave_later_loads_whole(tiny):
+    """from_pretrained flips process-wide state while it builds a model: concurrent loads
+    (two ingest shards in one process, the web app) must not leave a later LM head on 'meta'."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for _ in range(3):
+                load_language_model(str(tiny["llama"]), lens_heads=False)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    lm = load_language_model(str(tiny["llama"]))
+    assert lm.heads.tied and not lm.heads.unembedding.is_meta

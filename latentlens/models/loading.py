@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from latentlens.models.adapters import Adapter, adapter_for_config
 from latentlens.models.base import LanguageModel
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+#: transformers' from_pretrained switches process-wide state while it builds a model
+#: (weight-init and device contexts); two threads loading at once can leave it switched
+#: for every later load (an LM head left on the meta device). One load at a time.
+LOAD_LOCK = threading.RLock()
 
 
 def _torch_dtype(dtype: str):
@@ -192,7 +198,8 @@ def load_language_model(
             cfg = Adapter()._load_config(load_from, **kw)
             adapter = adapter_for_config(cfg)
             tokenizer = adapter._load_tokenizer(load_from, **kw)
-            full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
+            with LOAD_LOCK:
+                full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
     except LatentLensError:
         raise
     except Exception as e:
@@ -215,6 +222,8 @@ def load_language_model(
     heads = adapter.heads(full) if lens_heads else None
     lm = adapter.language_model(full)
     lm = lm.to(dev)
+    if heads is not None and heads.unembedding.is_meta:
+        raise InputError(f"cannot load model '{source}': its LM head was not loaded (no weights for it)")
     if heads is not None and heads.unembedding.device != dev:
         # an untied LM head is not part of the decoder stack moved above
         heads.unembedding = heads.unembedding.detach().to(dev)

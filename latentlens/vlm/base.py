@@ -112,7 +112,10 @@ class VisionLanguageModel:
 
         torch_dtype = resolve_dtype(dtype)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = cls.model_class().from_pretrained(source, revision=revision, dtype=torch_dtype)
+        from latentlens.models.loading import LOAD_LOCK
+
+        with LOAD_LOCK:  # one from_pretrained at a time (see LOAD_LOCK)
+            model = cls.model_class().from_pretrained(source, revision=revision, dtype=torch_dtype)
         model = model.to(dev).eval()
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         image_processor = AutoImageProcessor.from_pretrained(source, revision=revision)
