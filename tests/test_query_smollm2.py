@@ -84,7 +84,7 @@ def test_recall_out_of_distribution(smol):
 def test_cli_text_query(smol, db_url, monkeypatch):
     from latentlens.query import Lens as L
 
-    monkeypatch.setattr(L, "language_model", lambda self, m: smol._models["smol"])
+    monkeypatch.setattr(L, "language_model", lambda self, m, **kw: smol._models["smol"])
     r = CliRunner().invoke(
         __import__("latentlens.cli.main", fromlist=["cli"]).cli,
         ["query", "smol", "--text", "a brown dog on the grass", "--token", "dog", "--query-layer", "8",
