@@ -41,7 +41,8 @@ def test_up_down_up(empty_db_url):
     assert migrate.current_revision_url(empty_db_url) == head
 
 
-def test_token_embedding_is_partitioned_by_model(db_url):
+def test_token_embedding_is_partitioned_by_model_and_layer(db_url):
+    """One level (Citus distributes no multi-level partitioning): RANGE (model_id, layer)."""
     with psycopg.connect(db_url) as conn:
         strategy, = conn.execute(
             "SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'token_embedding'::regclass"
@@ -51,8 +52,8 @@ def test_token_embedding_is_partitioned_by_model(db_url):
             "ON a.attrelid = p.partrelid AND a.attnum = ANY(p.partattrs::int2[]) "
             "WHERE p.partrelid = 'token_embedding'::regclass"
         ).fetchall()
-    assert strategy == "l"
-    assert [c[0] for c in cols] == ["model_id"]
+    assert strategy == "r"
+    assert [c[0] for c in cols] == ["model_id", "layer"]
 
 
 def test_sql_files_ship_with_the_package():

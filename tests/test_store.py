@@ -66,10 +66,9 @@ def test_partitions_per_model_and_layer(store):
         (f"token_embedding_m{info.id}%",),
     ).fetchall()
     store.conn.rollback()
-    assert rows == [
-        (f"token_embedding_m{info.id}", "token_embedding"),
-        (f"token_embedding_m{info.id}_l1", f"token_embedding_m{info.id}"),
-        (f"token_embedding_m{info.id}_l3", f"token_embedding_m{info.id}"),
+    assert rows == [  # one leaf per (model, layer), straight under token_embedding (docs/scaling.md)
+        (f"token_embedding_m{info.id}_l1", "token_embedding"),
+        (f"token_embedding_m{info.id}_l3", "token_embedding"),
     ]
     assert [li.row_count for li in info.layers] == [10, 10]
 
