@@ -50,6 +50,12 @@ def handle_errors(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except LatentLensError as e:
             raise CommandError(str(e), e.exit_code) from e
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in MODEL_PACKAGES:
+                raise
+            raise CommandError(
+                f"this command runs models and needs '{e.name}': pip install torch==2.13.0 "
+                "'latentlens-db[models]' (see the README)", 2) from e
         except Exception as e:  # a privilege the database refused outside a store transaction
             import psycopg
 
@@ -57,12 +63,6 @@ def handle_errors(f: Callable) -> Callable:
                 raise
             msg = (e.diag.message_primary or str(e)).strip().splitlines()[0]
             raise CommandError(f"permission denied: {msg} (what each role may do: docs/team.md)", 5) from e
-        except ModuleNotFoundError as e:
-            if (e.name or "").split(".")[0] not in MODEL_PACKAGES:
-                raise
-            raise CommandError(
-                f"this command runs models and needs '{e.name}': pip install torch==2.13.0 "
-                "'latentlens-db[models]' (see the README)", 2) from e
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)

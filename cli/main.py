@@ -34,7 +34,7 @@ HELP_SUMMARIES: dict[str, str] = {
     "index": "Build or drop the ANN indexes of a model's layers.",
     "models": "List models, their layers, row counts and corpora.",
     "query": "Nearest contextual neighbours of a text, vectors or an image.",
-    "import-index": "Load an index directory in the reference library's layout.",
+    "import-index": "Load a pre-built index (a hub repository or a directory in the reference layout).",
     "export-index": "Write a model's index in the reference library's layout.",
     "report": "Write an HTML + PNG report of what each image patch means.",
     "eval": "Measure how interpretable visual tokens are, per method and layer.",
