@@ -174,9 +174,66 @@ class Gemma3VLAdapter(_VisionLanguageAdapter):
     model_class = "Gemma3ForConditionalGeneration"
 
 
+class Qwen3VLAdapter(_VisionLanguageAdapter):
+    model_types = ("qwen3_vl",)
+    model_class = "Qwen3VLForConditionalGeneration"
+
+
+class LlavaOnevisionAdapter(_VisionLanguageAdapter):
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+
+
+class Idefics3Adapter(_VisionLanguageAdapter):
+    """Idefics3 keeps its language model at ``model.model.text_model``."""
+
+    model_types = ("idefics3",)
+    model_class = "Idefics3ForConditionalGeneration"
+
+    def language_model(self, model):
+        lm = getattr(getattr(model, "model", model), "text_model", None)
+        if lm is None:
+            raise InputError(f"cannot find the language model inside {type(model).__name__}")
+        return lm
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    model_types = ("smolvlm",)
+    model_class = "SmolVLMForConditionalGeneration"
+
+
+class PaliGemmaAdapter(_VisionLanguageAdapter):
+    """PaliGemma's text config asks for bidirectional attention (its prefix-LM prompt);
+    run alone on a corpus, its language model would then attend to later tokens
+    too. Loaded here it is causal, as PaliGemma reads the text it writes."""
+
+    model_types = ("paligemma",)
+    model_class = "PaliGemmaForConditionalGeneration"
+
+    def _load(self, source: str, config, *, dtype, **kw: Any):
+        config.text_config.use_bidirectional_attention = False
+        return super()._load(source, config, dtype=dtype, **kw)
+
+
+
+class InternVLAdapter(_VisionLanguageAdapter):
+    model_types = ("internvl",)
+    model_class = "InternVLForConditionalGeneration"
+
+
+class Molmo2VLAdapter(_VisionLanguageAdapter):
+    """Molmo2's input embedding has ``additional_vocab_size`` rows past the LM head's
+    (the image and other special tokens); EmbeddingLens ranks them too."""
+
+    model_types = ("molmo2",)
+    model_class = "Molmo2ForConditionalGeneration"
+
+
 ADAPTERS: tuple[type[Adapter], ...] = (
     DecoderAdapter, LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter,
-    Gemma3VLAdapter,
+    Gemma3VLAdapter, Idefics3Adapter, SmolVLMAdapter, PaliGemmaAdapter,
+    Qwen3VLAdapter, LlavaOnevisionAdapter,
+    InternVLAdapter, Molmo2VLAdapter,
 )
 
 

@@ -22,12 +22,21 @@ from latentlens.errors import InputError, UnsupportedModel
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
 from latentlens.vlm.gemma3 import Gemma3VLM
 from latentlens.vlm.geometry import parse_resolution
+from latentlens.vlm.idefics3 import Idefics3VLM, SmolVLM
+from latentlens.vlm.internvl import InternVLVLM
 from latentlens.vlm.llava import LlavaVLM
 from latentlens.vlm.llava_next import LlavaNextVLM
+from latentlens.vlm.llava_onevision import LlavaOnevisionVLM
+from latentlens.vlm.molmo2 import Molmo2VLM
+from latentlens.vlm.paligemma import PaliGemmaVLM
 from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
+from latentlens.vlm.qwen3_vl import Qwen3VLM
 
 ADAPTERS: tuple[type[VisionLanguageModel], ...] = (
     LlavaVLM, LlavaNextVLM, Qwen2VLM, Qwen25VLM, Gemma3VLM,
+    Idefics3VLM, SmolVLM, PaliGemmaVLM,
+    Qwen3VLM, LlavaOnevisionVLM,
+    InternVLVLM, Molmo2VLM,
 )
 
 
