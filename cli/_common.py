@@ -56,18 +56,36 @@ def handle_errors(f: Callable) -> Callable:
             raise CommandError(
                 f"this command runs models and needs '{e.name}': pip install torch==2.13.0 "
                 "'latentlens-db[models]' (see the README)", 2) from e
-        except Exception as e:  # a privilege the database refused outside a store transaction
+        except Exception as e:  # the database said no: one line, never a psycopg traceback
             import psycopg
 
-            if not isinstance(e, psycopg.errors.InsufficientPrivilege):
+            if not isinstance(e, psycopg.Error):
                 raise
-            msg = (e.diag.message_primary or str(e)).strip().splitlines()[0]
-            raise CommandError(f"permission denied: {msg} (what each role may do: docs/team.md)", 5) from e
+            raise CommandError(*database_error(e)) from e
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def database_error(e: Exception) -> tuple[str, int]:
+    """(one line, exit code) for an error the database raised outside the library's own mapping."""
+    import psycopg
+
+    diag = getattr(e, "diag", None)
+    first = ((diag.message_primary if diag else None) or str(e) or type(e).__name__).strip().splitlines()
+    msg = first[0] if first else type(e).__name__
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        return f"permission denied: {msg} (what each role may do: docs/team.md)", 5
+    if isinstance(e, psycopg.errors.QueryCanceled):
+        return (f"the database cancelled the statement: {msg} (a statement_timeout? "
+                "rerun the same command to resume)"), 1
+    if isinstance(e, psycopg.errors.DiskFull) or "could not extend file" in msg or "No space left" in msg:
+        return f"the database server is out of disk: {msg} (free space, then rerun to resume)", 1
+    if isinstance(e, psycopg.OperationalError):
+        return f"lost the database: {msg} (rerun the same command to resume)", 3
+    return f"database error: {msg}", 1
 
 
 def open_store(database_url: str | None):

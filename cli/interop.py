@@ -8,21 +8,29 @@ import click
 from latentlens.cli._common import database_option, handle_errors, open_store, parse_int_list
 
 
-def _bar():
-    """A tqdm progress callback (stderr) for (stage, done, total) reports."""
-    from tqdm import tqdm
+class _Bars:
+    """A tqdm progress callback (stderr) for (stage, done, total) reports; a context manager
+    that closes an unfinished bar, so an error starts on its own line."""
 
-    bars: dict[str, tqdm] = {}
+    def __init__(self) -> None:
+        self.bars: dict = {}
 
-    def report(stage: str, done: int, total: int) -> None:
-        bar = bars.get(stage)
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="row", leave=False)
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="row", leave=False)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
 
-    return report
+    def __enter__(self) -> _Bars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 @click.command("import-index")
@@ -99,9 +107,9 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
         hub = fetch_hub_index(where, layers=chosen, revision=revision, cache_dir=cache_dir,
                               force_download=force_download, progress=not no_progress)
         where, chosen = str(hub.path), hub.layers
-    with open_store(database_url) as store:
+    with open_store(database_url) as store, _Bars() as bars:
         rep = run(store, where, name, hidden_size=size, num_layers=num_layers, corpus_name=corpus_name,
-                  layers=chosen, progress=None if no_progress else _bar(), source=src, hub=hub)
+                  layers=chosen, progress=None if no_progress else bars, source=src, hub=hub)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
         return
@@ -141,9 +149,9 @@ def export_index(model: str, directory: str, layers: str | None, overwrite: bool
     """
     from latentlens.interop import export_index as run
 
-    with open_store(database_url) as store:
+    with open_store(database_url) as store, _Bars() as bars:
         rep = run(store, model, directory, layers=parse_int_list(layers, "--layers"), overwrite=overwrite,
-                  progress=_bar())
+                  progress=bars)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
         return

@@ -517,7 +517,10 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     except BaseException as e:
         _stop_writer(writer)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        store.finish_run(run.id, "failed", msg)
+        try:
+            store.finish_run(run.id, "failed", msg)
+        except Exception:  # noqa: BLE001 - the database is gone: its heartbeat ages out; keep the cause
+            raise e from None
         _tell_stopped(echo, run, "failed", indexed)
         raise
     finally:

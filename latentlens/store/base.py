@@ -81,7 +81,9 @@ class StoreBase:
                 f"permission denied for database user {self.conn.info.user}: {msg} "
                 "(what each role may do: docs/team.md)") from None
         finally:
-            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            # a dead connection cannot roll back: leave its own error (the real cause) to surface
+            if not self.conn.broken and self.conn.info.transaction_status in (
+                    psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
                 self.conn.rollback()
 
     def _fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
