@@ -6,14 +6,12 @@ global view left out); see latentlens/vlm/idefics3.py.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from latentlens.cli.main import cli
-from vlm_tiny import CORPUS, sample_image
+from vlm_checks import area as _area
+from vlm_checks import cli_ingest_query_report
+from vlm_tiny import sample_image
 from vlm_tiny_idefics3 import build_idefics3
 
 from latentlens.vlm import extract_visual_tokens, load_vlm
@@ -33,11 +31,6 @@ def model_dirs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def vlms(model_dirs) -> dict:
     return {kind: load_vlm(str(d)) for kind, d in model_dirs.items()}
-
-
-def _area(box) -> float:
-    x0, y0, x1, y1 = box
-    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
 
 
 def _assert_disjoint_inside(patches, size):
@@ -250,33 +243,5 @@ def test_text_side_is_the_text_model(vlms, model_dirs):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cli_ingest_query_report(db_url, model_dirs, tmp_path, kind):
-    model_dir = model_dirs[kind]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    image = tmp_path / "photo.png"
-    sample_image((96, 48)).save(image)
-    runner = CliRunner()
-    r = runner.invoke(cli, ["ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3",
-                            "--skip-positions", "0", "--no-index", "--no-progress", "--json"])
-    assert r.exit_code == 0, r.output
-    name = model_dir.name
-    r = runner.invoke(cli, ["query", name, "--image", str(image), "--visual-layers", "0,3", "-k", "2",
-                            "--method", "all", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)
-    assert d["grid"] == [2, 4] and d["image_size"] == [96, 48]
-    assert [vl["visual_layer"] for vl in d["layers"]] == [0, 3]
-    for vl in d["layers"]:
-        assert len(vl["patches"]) == 8
-        for p in vl["patches"]:
-            assert len(p["neighbours"]) == 2
-            assert all(n["sentence"] in CORPUS for n in p["neighbours"])
-            assert set(p["lenses"]) == {"logitlens", "embeddinglens"}
-            x0, y0, x1, y1 = p["box"]
-            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 48
-    out = tmp_path / "report"
-    r = runner.invoke(cli, ["report", name, "--image", str(image), "--out", str(out),
-                            "--visual-layers", "0,3", "-k", "2", "--method", "all"])
-    assert r.exit_code == 0, r.output
-    assert (out / "report.html").is_file() and (out / "report.png").is_file()
-    assert "2x4 visual tokens" in r.output
+    d = cli_ingest_query_report(model_dirs[kind], tmp_path)
+    assert d["grid"] == [2, 4]

@@ -14,14 +14,13 @@ distribution.
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from latentlens.cli.main import cli
-from vlm_tiny import CORPUS, sample_image
+from vlm_checks import assert_tiles as _assert_tiles
+from vlm_checks import cli_ingest_query_report
+from vlm_tiny import sample_image
 from vlm_tiny_internvl import PATCH, TILE, TOKENS_PER_TILE, build_internvl, internvl_processor
 
 from latentlens.vlm import extract_visual_tokens, load_vlm
@@ -41,26 +40,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vlm(model_dir):
     return load_vlm(str(model_dir))
-
-
-def _area(box) -> float:
-    x0, y0, x1, y1 = box
-    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-
-def _assert_tiles(patches, region):
-    """Boxes lie inside ``region``, don't overlap and cover it exactly."""
-    rx0, ry0, rx1, ry1 = region
-    for p in patches:
-        x0, y0, x1, y1 = p.box
-        assert rx0 <= x0 < x1 <= rx1 and ry0 <= y0 < y1 <= ry1, p
-    assert sum(_area(p.box) for p in patches) == pytest.approx(_area(region))
-    for a in patches:
-        for b in patches:
-            if a.idx < b.idx:
-                ox = min(a.box[2], b.box[2]) - max(a.box[0], b.box[0])
-                oy = min(a.box[3], b.box[3]) - max(a.box[1], b.box[1])
-                assert ox <= 1e-9 or oy <= 1e-9, (a, b)
 
 
 def _offsets(prep):
@@ -208,33 +187,5 @@ def test_logitlens_matches_the_models_own_logits(vlm):
 
 
 def test_cli_ingest_query_report(db_url, model_dir, tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    image = tmp_path / "photo.png"
-    sample_image((96, 48)).save(image)
-    runner = CliRunner()
-    r = runner.invoke(cli, ["ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3",
-                            "--skip-positions", "0", "--no-index", "--no-progress", "--json"])
-    assert r.exit_code == 0, r.output
-    name = model_dir.name
-    r = runner.invoke(cli, ["query", name, "--image", str(image), "--visual-layers", "0,3", "-k", "2",
-                            "--method", "all", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)
-    assert d["grid"] == [SIDE, 2 * SIDE] and d["image_size"] == [96, 48]
-    assert d["canvas_size"] == [2 * TILE, TILE]
-    assert [vl["visual_layer"] for vl in d["layers"]] == [0, 3]
-    for vl in d["layers"]:
-        assert len(vl["patches"]) == SIDE * 2 * SIDE
-        for p in vl["patches"]:
-            assert len(p["neighbours"]) == 2
-            assert all(n["sentence"] in CORPUS for n in p["neighbours"])
-            assert set(p["lenses"]) == {"logitlens", "embeddinglens"}
-            x0, y0, x1, y1 = p["box"]
-            assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 48
-    out = tmp_path / "report"
-    r = runner.invoke(cli, ["report", name, "--image", str(image), "--out", str(out),
-                            "--visual-layers", "0,3", "-k", "2", "--method", "all"])
-    assert r.exit_code == 0, r.output
-    assert (out / "report.html").is_file() and (out / "report.png").is_file()
-    assert f"{SIDE}x{2 * SIDE} visual tokens" in r.output
+    d = cli_ingest_query_report(model_dir, tmp_path)
+    assert d["grid"] == [SIDE, 2 * SIDE] and d["canvas_size"] == [2 * TILE, TILE]

@@ -11,7 +11,6 @@ LogitLens at the last layer is the model's own next-token distribution.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from latentlens.cli.main import cli
+from vlm_checks import assert_tiles as _assert_tiles
+from vlm_checks import cli_ingest_query_report
 from vlm_tiny import CORPUS, QWEN_SPECIALS, QWEN_TEMPLATE, make_tokenizer, sample_image
 
 from latentlens.vlm import extract_visual_tokens, load_vlm
@@ -109,26 +110,6 @@ def model_dirs(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def vlms(model_dirs) -> dict:
     return {kind: load_vlm(str(d)) for kind, d in model_dirs.items()}
-
-
-def _area(box) -> float:
-    x0, y0, x1, y1 = box
-    return max(0.0, x1 - x0) * max(0.0, y1 - y0)
-
-
-def _assert_tiles(patches, region):
-    """Boxes lie inside ``region``, don't overlap and cover it exactly."""
-    rx0, ry0, rx1, ry1 = region
-    for p in patches:
-        x0, y0, x1, y1 = p.box
-        assert rx0 <= x0 < x1 <= rx1 and ry0 <= y0 < y1 <= ry1, p
-    assert sum(_area(p.box) for p in patches) == pytest.approx(_area(region))
-    for a in patches:
-        for b in patches:
-            if a.idx < b.idx:
-                ox = min(a.box[2], b.box[2]) - max(a.box[0], b.box[0])
-                oy = min(a.box[3], b.box[3]) - max(a.box[1], b.box[1])
-                assert ox <= 1e-9 or oy <= 1e-9, (a, b)
 
 
 def _image_features(vlm, inputs, kind):
@@ -412,31 +393,10 @@ def ingested(db_url, model_dirs, tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cli_ingest_query_report(ingested, model_dirs, vlms, kind):
-    name = model_dirs[kind].name
-    image = ingested["base"] / f"{kind}.png"
     size = (96, 64)
-    sample_image(size).save(image)
     grid = list(extract_visual_tokens(vlms[kind], sample_image(size), layers=[0]).grid)
-    r = CliRunner().invoke(cli, ["query", name, "--image", str(image), "--visual-layers", "0,3",
-                                 "--method", "all", "-k", "2", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout)
-    assert d["grid"] == grid and d["image_size"] == list(size)
-    assert d["methods"] == ["latentlens", "logitlens", "embeddinglens"]
-    assert [vl["visual_layer"] for vl in d["layers"]] == [0, 3]
-    for vl in d["layers"]:
-        assert len(vl["patches"]) == grid[0] * grid[1]
-        for p in vl["patches"]:
-            assert len(p["neighbours"]) == 2 and len(p["box"]) == 4
-            assert all(n["sentence"] in CORPUS for n in p["neighbours"])
-            assert [len(p["lenses"][m]) for m in ("logitlens", "embeddinglens")] == [2, 2]
-    out = ingested["base"] / f"report-{kind}"
-    r = CliRunner().invoke(cli, ["report", name, "--image", str(image), "--out", str(out),
-                                 "--visual-layers", "0,3", "-k", "2", "--method", "all"])
-    assert r.exit_code == 0, r.output
-    assert (out / "report.html").is_file() and (out / "report.png").is_file()
-    n = grid[0] * grid[1]
-    assert f"{grid[0]}x{grid[1]} visual tokens, {n} queried" in r.output
+    d = cli_ingest_query_report(model_dirs[kind], ingested["base"], size=size, ingest=False)
+    assert d["grid"] == grid
 
 
 @pytest.mark.parametrize("kind", KINDS)
