@@ -79,10 +79,14 @@ def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "")
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
     try:
-        for method in dict.fromkeys(r.method for r in rows):
+        # a marker and dash per method: equal percentages must not hide a line behind another
+        styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+        for i, method in enumerate(dict.fromkeys(r.method for r in rows)):
             rs = [r for r in rows if r.method == method]
             xs = [r.visual_layer for r in rs]
-            line, = ax.plot(xs, [r.pct for r in rs], marker="o", label=method)
+            marker, dash = styles[i % len(styles)]
+            line, = ax.plot(xs, [r.pct for r in rs], marker=marker, linestyle=dash, label=method,
+                            markersize=7 - 1.5 * (i % 3))
             ax.fill_between(xs, [r.ci_low for r in rs], [r.ci_high for r in rs], alpha=0.15,
                             color=line.get_color(), linewidth=0)
         ax.set_xlabel("visual layer (0 = projector output)")

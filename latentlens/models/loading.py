@@ -15,6 +15,8 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 #: (weight-init and device contexts); two threads loading at once can leave it switched
 #: for every later load (an LM head left on the meta device). One load at a time.
 LOAD_LOCK = threading.RLock()
+
+
+@contextmanager
+def loading_weights() -> Iterator[None]:
+    """Around every from_pretrained of a model: one at a time (LOAD_LOCK), and transformers'
+    own progress bars off (one bar per command: ours)."""
+    from transformers.utils import logging as hf_logging
+
+    with LOAD_LOCK:
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def _torch_dtype(dtype: str):
@@ -188,18 +206,13 @@ def load_language_model(
             kw["gguf_file"] = gguf_file
             if gguf_path is not None:
                 check_gguf_header(gguf_path)  # a text file named .gguf: one clear line, not a JSON error
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one bar per command: ours
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), loading_weights():
             warnings.simplefilter("ignore")
             cfg = Adapter()._load_config(load_from, **kw)
             adapter = adapter_for_config(cfg)
             tokenizer = adapter._load_tokenizer(load_from, **kw)
-            with LOAD_LOCK:
-                full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
+            full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
     except LatentLensError:
         raise
     except Exception as e:
@@ -211,9 +224,6 @@ def load_language_model(
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model '{shown}': {msg}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     if cache is not None and load_from != str(cache):
         try:
             _save_gguf_cache(cache, full, tokenizer)

@@ -108,23 +108,36 @@ class VisionLanguageModel:
         cls, source: str, *, dtype: str = "float32", device: str | None = None,
         revision: str | None = None,
     ) -> VisionLanguageModel:
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+        from transformers import AutoProcessor, AutoTokenizer
 
         torch_dtype = resolve_dtype(dtype)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from latentlens.models.loading import LOAD_LOCK
+        from latentlens.models.loading import loading_weights
 
-        with LOAD_LOCK:  # one from_pretrained at a time (see LOAD_LOCK)
+        with loading_weights():
             model = cls.model_class().from_pretrained(source, revision=revision, dtype=torch_dtype)
         model = model.to(dev).eval()
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        image_processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+        image_processor = cls._load_image_processor(source, revision)
         try:
             # only for its chat template; fails e.g. for Qwen2-VL without torchvision
             processor = AutoProcessor.from_pretrained(source, revision=revision)
         except Exception:  # noqa: BLE001 - any failure just means "no processor"
             processor = None
-        return cls(model, tokenizer, image_processor, processor=processor, name=source, revision=revision)
+        return cls(model, tokenizer, image_processor, processor=processor, name=source, revision=revision,
+                   **cls._init_options(source, revision))
+
+    @classmethod
+    def _load_image_processor(cls, source: str, revision: str | None) -> Any:
+        """Hook: the image processor (an architecture may need another without torchvision)."""
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(source, revision=revision)
+
+    @classmethod
+    def _init_options(cls, source: str, revision: str | None) -> dict:
+        """Hook: extra keyword arguments for the constructor, read from the checkpoint."""
+        return {}
 
     # ---- shape ----------------------------------------------------------
 

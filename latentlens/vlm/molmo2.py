@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel, resolve_dtype
+from latentlens.vlm.base import PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, grid_patches, stretch
 
 #: the tokens the processor marks as image tokens (``Molmo2Processor.image_token_ids``)
@@ -87,30 +87,14 @@ class Molmo2VLM(VisionLanguageModel):
         return Molmo2ForConditionalGeneration
 
     @classmethod
-    def from_pretrained(
-        cls, source: str, *, dtype: str = "float32", device: str | None = None,
-        revision: str | None = None,
-    ) -> VisionLanguageModel:
-        """As the base class, with two Molmo2 quirks: the image processor falls back to
-        ``TorchMolmo2ImageProcessor`` without torchvision, and the token layout options
-        are read from processor_config.json (the processor itself needs torchvision)."""
-        from transformers import AutoProcessor, AutoTokenizer
+    def _load_image_processor(cls, source: str, revision: str | None) -> Any:
+        # transformers' Molmo2 image processor needs torchvision: a torch-only stand-in without it
+        return load_image_processor(source, revision=revision)
 
-        from latentlens.models.loading import LOAD_LOCK
-
-        torch_dtype = resolve_dtype(dtype)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        with LOAD_LOCK:  # one from_pretrained at a time (see LOAD_LOCK)
-            model = cls.model_class().from_pretrained(source, revision=revision, dtype=torch_dtype)
-        model = model.to(dev).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        image_processor = load_image_processor(source, revision=revision)
-        try:
-            processor = AutoProcessor.from_pretrained(source, revision=revision)
-        except Exception:  # noqa: BLE001 - any failure just means "no processor" (e.g. no torchvision)
-            processor = None
-        return cls(model, tokenizer, image_processor, processor=processor, name=source, revision=revision,
-                   processor_options=_processor_config(source, revision))
+    @classmethod
+    def _init_options(cls, source: str, revision: str | None) -> dict:
+        # the token layout options live in processor_config.json (the processor needs torchvision)
+        return {"processor_options": _processor_config(source, revision)}
 
     # ---- prompt ---------------------------------------------------------
 
