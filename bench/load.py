@@ -36,8 +36,8 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from query import write_synthetic  # bench/query.py: the same synthetic rows
 
-TOKENS_PER_SENTENCE = 16
 INGEST_PREFIX = "bench-load-ingest-"
 
 
@@ -45,25 +45,9 @@ INGEST_PREFIX = "bench-load-ingest-"
 # the model queried
 
 
-def synthetic(rows: int, layers: int, dim: int, seed: int = 0):
-    """Per layer: clustered vectors (2000 'tokens' with their own centres plus a shared offset)."""
-    rng = np.random.default_rng(seed)
-    n_tok = 2000
-    token_id = rng.integers(0, n_tok, size=rows).astype(np.int32)
-    for layer in range(layers):
-        lr = np.random.default_rng(seed * 1000 + layer)
-        centres = lr.normal(size=(n_tok, dim)).astype(np.float32)
-        offset = lr.normal(size=dim).astype(np.float32) * 2.0
-        out = np.empty((rows, dim), dtype=np.float32)
-        for lo in range(0, rows, 65536):
-            hi = min(lo + 65536, rows)
-            out[lo:hi] = centres[token_id[lo:hi]] + 0.7 * lr.normal(size=(hi - lo, dim)) + offset
-        yield layer, token_id, out
-
-
 def ensure_model(args, name: str) -> None:
     """Write the synthetic rows (once) and, unless --no-index, the HNSW indexes."""
-    from latentlens.store import EmbeddingBatch, Store
+    from latentlens.store import Store
 
     with Store.open() as store:
         try:
@@ -74,27 +58,7 @@ def ensure_model(args, name: str) -> None:
         if not done:
             with contextlib.suppress(Exception):
                 store.delete_model(name)
-            print(f"  writing {args.rows:,} x {args.layers} rows of {args.dim} to the store...", flush=True)
-            info = store.register_model(name, hidden_size=args.dim, num_layers=max(args.layers - 1, 1),
-                                        architecture="synthetic")
-            info = store.ensure_layers(info, list(range(args.layers)))
-            store.set_vocabulary(info, [f"t{i}" for i in range(2000)])
-            n_sent = (args.rows + TOKENS_PER_SENTENCE - 1) // TOKENS_PER_SENTENCE
-            corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
-            sids = store.add_sentences(corpus, [f"sentence {i}" for i in range(n_sent)])
-            per_layer, token_id = {}, None
-            for layer, tok, vecs in synthetic(args.rows, args.layers, args.dim):
-                per_layer[layer], token_id = vecs, tok
-            idx = np.arange(args.rows)
-            for lo in range(0, args.rows, 16384):
-                sl = slice(lo, lo + 16384)
-                m = len(idx[sl])
-                store.write_embeddings(info, EmbeddingBatch(
-                    sentence_id=sids[idx[sl] // TOKENS_PER_SENTENCE],
-                    position=(idx[sl] % TOKENS_PER_SENTENCE + 1).astype(np.int32),
-                    token_id=token_id[sl], char_start=np.full(m, -1, np.int32), char_end=np.full(m, -1, np.int32),
-                    prefix_hash=idx[sl].astype(np.int64), vectors={layer: v[sl] for layer, v in per_layer.items()},
-                ))
+            write_synthetic(store, name, args.rows, args.layers, args.dim)
             store.analyze(store.get_model(name), list(range(args.layers)))
         info = store.get_model(name)
         if not args.no_index and store.ann_supported() and not all(li.index_kind for li in info.layers):

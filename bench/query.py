@@ -71,10 +71,36 @@ def synthetic(rows: int, layers: int, dim: int, seed: int = 0):
         yield layer, token_id, out
 
 
+def write_synthetic(store, name: str, rows: int, layers: int, dim: int) -> None:
+    """Register ``name`` and write ``synthetic`` rows for every layer (16 tokens a sentence)."""
+    from latentlens.store import EmbeddingBatch
+
+    print(f"  writing {rows:,} x {layers} rows of {dim} to the store...", flush=True)
+    info = store.register_model(name, hidden_size=dim, num_layers=max(layers - 1, 1), architecture="synthetic")
+    info = store.ensure_layers(info, list(range(layers)))
+    store.set_vocabulary(info, [f"t{i}" for i in range(2000)])
+    n_sent = (rows + TOKENS_PER_SENTENCE - 1) // TOKENS_PER_SENTENCE
+    corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
+    sids = store.add_sentences(corpus, [f"sentence {i}" for i in range(n_sent)])
+    per_layer, token_id = {}, None
+    for layer, tok, vecs in synthetic(rows, layers, dim):
+        per_layer[layer], token_id = vecs, tok
+    idx = np.arange(rows)
+    for lo in range(0, rows, 16384):
+        sl = slice(lo, lo + 16384)
+        m = len(idx[sl])
+        store.write_embeddings(info, EmbeddingBatch(
+            sentence_id=sids[idx[sl] // TOKENS_PER_SENTENCE],
+            position=(idx[sl] % TOKENS_PER_SENTENCE + 1).astype(np.int32),
+            token_id=token_id[sl], char_start=np.full(m, -1, np.int32), char_end=np.full(m, -1, np.int32),
+            prefix_hash=idx[sl].astype(np.int64), vectors={layer: v[sl] for layer, v in per_layer.items()},
+        ))
+
+
 def ensure_store(args, name: str) -> dict:
     """Write the synthetic rows into the store (once) and the reference directory (once)."""
     from latentlens.interop import export_index
-    from latentlens.store import EmbeddingBatch, Store
+    from latentlens.store import Store
 
     refdir = Path(args.work) / "ref" / name
     with Store.open() as store:
@@ -87,31 +113,7 @@ def ensure_store(args, name: str) -> dict:
             with contextlib.suppress(Exception):
                 store.delete_model(name)
             shutil.rmtree(refdir, ignore_errors=True)
-            print(f"  writing {args.rows_now} x {args.layers} rows of {args.dim} to the store...", flush=True)
-            info = store.register_model(name, hidden_size=args.dim, num_layers=max(args.layers - 1, 1),
-                                        architecture="synthetic")
-            info = store.ensure_layers(info, list(range(args.layers)))
-            store.set_vocabulary(info, [f"t{i}" for i in range(2000)])
-            n_sent = (args.rows_now + TOKENS_PER_SENTENCE - 1) // TOKENS_PER_SENTENCE
-            corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
-            sids = store.add_sentences(corpus, [f"sentence {i}" for i in range(n_sent)])
-            per_layer = {}
-            token_id = None
-            for layer, tok, vecs in synthetic(args.rows_now, args.layers, args.dim):
-                per_layer[layer] = vecs
-                token_id = tok
-            idx = np.arange(args.rows_now)
-            step = 16384
-            for lo in range(0, args.rows_now, step):
-                sl = slice(lo, lo + step)
-                m = len(idx[sl])
-                store.write_embeddings(info, EmbeddingBatch(
-                    sentence_id=sids[idx[sl] // TOKENS_PER_SENTENCE],
-                    position=(idx[sl] % TOKENS_PER_SENTENCE + 1).astype(np.int32),
-                    token_id=token_id[sl], char_start=np.full(m, -1, np.int32), char_end=np.full(m, -1, np.int32),
-                    prefix_hash=idx[sl].astype(np.int64), vectors={layer: v[sl] for layer, v in per_layer.items()},
-                ))
-            del per_layer
+            write_synthetic(store, name, args.rows_now, args.layers, args.dim)
         if not (refdir / "metadata.json").exists():
             print("  exporting the reference layout...", flush=True)
             export_index(store, name, refdir, overwrite=True)

@@ -108,11 +108,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
 
 def _list(database_url, as_json) -> None:
     with open_store(database_url) as store:
-        runs = store.list_eval_runs()
-        for r in runs:  # "running" with nobody holding its lock: the process died (kill -9, a crash)
-            if r.status == "running" and store.lock_eval_run(r):
-                store.unlock_eval_run(r)
-                r.status = "stopped"
+        runs = store.list_eval_runs()  # a run whose process died shows as "stopped"
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in runs], indent=2, default=str))
         return

@@ -375,9 +375,7 @@ def _hub_error(e: Exception, repo_id: str, revision: str, cache_dir, wanted: lis
     offline = bool(getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)())
     login = "log in with `hf auth login` or set HF_TOKEN"
 
-    def first_line(x: BaseException) -> str:
-        text = str(x).strip()
-        return next((ln.strip() for ln in text.splitlines() if ln.strip()), type(x).__name__)
+    from latentlens.db import first_line
 
     if isinstance(e, he.GatedRepoError):
         return InputError(f"{repo_id} is gated on the hub: accept its conditions on its page, then {login}")
@@ -446,10 +444,9 @@ class SourceModel:
     @property
     def default_name(self) -> str:
         """The store name ``llens ingest`` gives this checkpoint."""
-        if self.gguf_file:
-            return Path(self.gguf_file).stem
-        p = Path(self.source)
-        return p.resolve().name if p.is_dir() else self.source
+        from latentlens.models.loading import default_name
+
+        return default_name(self.source, self.gguf_file)
 
 
 def resolve_source(source: str, *, read_config: bool = True) -> SourceModel:

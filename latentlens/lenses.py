@@ -151,11 +151,11 @@ class VocabularyLens:
     def methods(self, methods: Sequence[str], vectors: Any, layer: int, k: int = 5
                 ) -> list[dict[str, list[VocabHit]]]:
         """Per query, {method: hits} for the vocabulary methods among ``methods``."""
-        n = len(self._queries(vectors))
-        out: list[dict[str, list[VocabHit]]] = [{} for _ in range(n)]
+        h = self._queries(vectors)  # checked and converted once for every method
+        out: list[dict[str, list[VocabHit]]] = [{} for _ in range(len(h))]
         for m in methods:
             if m in VOCAB_METHODS:
-                for i, hits in enumerate(self.apply(m, vectors, layer, k)):
+                for i, hits in enumerate(self.apply(m, h, layer, k)):
                     out[i][m] = hits
         return out
 
@@ -207,6 +207,13 @@ class VocabularyLens:
                 self._decoded[i] = text
         return [[VocabHit(self._decoded[int(t)], int(t), float(v)) for t, v in zip(row_i, row_v)]
                 for row_i, row_v in zip(ids, vals)]
+
+
+def token_text(token: str | None) -> str:
+    """A vocabulary token as text: byte-level markers (Ġ space, ▁ space, Ċ newline) undone,
+    surrounding whitespace stripped; the token itself when nothing is left."""
+    tok = token or ""
+    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip() or tok
 
 
 def expand_word(sentence: str, start: int | None, end: int | None) -> str | None:

@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentlens.errors import EmptyResult, InputError
-from latentlens.lenses import VOCAB_METHODS, VocabHit, VocabularyLens, expand_word, parse_methods
+from latentlens.lenses import (
+    VOCAB_METHODS,
+    VocabHit,
+    VocabularyLens,
+    expand_word,
+    parse_methods,
+    token_text,
+)
 from latentlens.search import (
     DEFAULT_OOD_THRESHOLD,
     LayerSearch,
@@ -68,11 +75,7 @@ class Neighbour:
     @property
     def word(self) -> str:
         """The whole word this token sits in within its sentence (``h«iker»`` -> ``hiker``)."""
-        w = expand_word(self.sentence, self.char_start, self.char_end)
-        if w:
-            return w
-        tok = self.token or ""
-        return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip() or tok
+        return expand_word(self.sentence, self.char_start, self.char_end) or token_text(self.token)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "word": self.word}

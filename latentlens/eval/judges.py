@@ -31,6 +31,7 @@ Two ship with latentlens:
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import io
 import json
@@ -172,7 +173,13 @@ class LabelsJudge(Judge):
         self.cover = float(cover)
         self._lemma = _lemmatizer()
         self.regions: dict[str, list[tuple[float, float, float, float, list[str]]]] = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        data = path.read_bytes()  # read once: parsed, and hashed for the run's settings
+        self._sha = hashlib.sha256(data).hexdigest()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -183,10 +190,6 @@ class LabelsJudge(Judge):
             except (ValueError, KeyError, TypeError) as e:
                 raise InputError(f"{path}:{n}: not an annotation {{image, x, y, w, h, names}}: {e}") from None
             self.regions.setdefault(key, []).append((*box, [str(x) for x in names]))
-        with open(path, "rb") as f:
-            import hashlib
-
-            self._sha = hashlib.sha256(f.read()).hexdigest()
 
     def settings(self) -> dict:
         return {"annotations": str(self.path), "annotations_sha256": self._sha, "cover": self.cover,

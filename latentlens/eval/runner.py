@@ -133,14 +133,15 @@ def run_eval(
             "index_versions": {str(li.layer): li.version for li in info.layers if li.layer in searched}
             if info is not None and searched else None,
         }
+        judge_settings = judge.settings()
         key = {"model": info.name if info else model, "methods": methods, "visual_layers": list(visual_layers),
-               "judge": judge.name, "judge_settings": judge.settings(), **settings}
+               "judge": judge.name, "judge_settings": judge_settings, **settings}
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         name = run_name or f"eval-{fingerprint[:12]}"
         planned = len(refs) * options.patches_per_image
         run = store.create_eval_run(
             name, model=info.name if info else model, model_id=info.id if info else None, methods=methods,
-            visual_layers=visual_layers, judge=judge.name, judge_settings=judge.settings(),
+            visual_layers=visual_layers, judge=judge.name, judge_settings=judge_settings,
             settings=settings, fingerprint=fingerprint, items_planned=planned,
             hostname=socket.gethostname(), pid=os.getpid(),
         )
@@ -191,6 +192,7 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
     per = options.patches_per_image
     judged = 0
     hashes = lens.store.eval_image_hashes(run)
+    resolution = parse_resolution(options.resolution)
     bar = tqdm(total=len(refs) * per, initial=len(done), unit="patch", desc=f"eval {run.name}",
                disable=not options.progress, dynamic_ncols=True)
     try:
@@ -201,7 +203,6 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
             if vlm is None:
                 vlm = load_vlm_for(info, model, dtype=options.dtype, device=options.device)
             img = load_image(ref.path)
-            resolution = parse_resolution(options.resolution)
             prepared = vlm.prepare_image(img, resolution)
             chosen = choose_patches(prepared.patches, per, options.seed, i)
             pending = [(j, p) for j, p in enumerate(chosen) if base + j not in done]
@@ -211,7 +212,7 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
             vt = extract_visual_tokens(vlm, img, layers=visual_layers,
                                        prompt=options.prompt or DEFAULT_PROMPT, resolution=resolution)
             position = {p.idx: n for n, p in enumerate(vt.patches)}
-            described = describe_patches(
+            described, _provenance = describe_patches(
                 lens, info, vlm, vt, [position[p.idx] for _, p in pending], visual_layers,
                 searched=searched, k=words_k, mode=options.mode, methods=methods,
             )

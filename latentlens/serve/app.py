@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from latentlens import __version__
+from latentlens.db import first_line
 from latentlens.errors import (
     DatabaseUnavailable,
     LatentLensError,
@@ -92,11 +93,6 @@ def status_of(e: LatentLensError) -> int:
     return 400 if e.exit_code == 2 else 500
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LatentLensError)
     async def library_error(request: Request, e: LatentLensError) -> Response:
@@ -104,12 +100,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(psycopg.errors.InsufficientPrivilege)
     async def not_allowed(request: Request, e: psycopg.Error) -> Response:
-        return error_response(request, 403, f"your database role may not do this: {_first_line(e)}")
+        return error_response(request, 403, f"your database role may not do this: {first_line(e)}")
 
     @app.exception_handler(psycopg.Error)
     async def database_error(request: Request, e: psycopg.Error) -> Response:
-        log.warning("database error on %s: %s", request.url.path, _first_line(e))
-        return error_response(request, 500, f"database error: {_first_line(e)}")
+        log.warning("database error on %s: %s", request.url.path, first_line(e))
+        return error_response(request, 500, f"database error: {first_line(e)}")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:

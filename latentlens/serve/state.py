@@ -122,17 +122,16 @@ class ServeState:
 
     # ---- models, loaded once --------------------------------------------------
 
-    def language_model(self, lens: Any, info: Any) -> Any:
+    def language_model(self, info: Any) -> Any:
+        """Loaded once per server, with its LM head: any text query may ask for the baselines
+        (without it, Lens.language_model would load the model a second time for them)."""
         if info.name not in self.models:
             with self._load_lock:
                 if info.name not in self.models:
                     with self.activity(f"loading {info.name} (its first text query on this server)"):
-                        if self.device is None:
-                            lens.language_model(info)  # stores it in self.models (Lens._models)
-                        else:
-                            from latentlens.models import load_from_store
+                        from latentlens.models import load_from_store
 
-                            self.models[info.name] = load_from_store(info, device=self.device)
+                        self.models[info.name] = load_from_store(info, device=self.device, lens_heads=True)
         return self.models[info.name]
 
     def vlm(self, info: Any) -> Any:

@@ -134,7 +134,7 @@ def text_query(
     lens = state.lens(store)
     info = store.get_model(model)
     with state.job(f"text query on {info.name}"):
-        state.language_model(lens, info)
+        state.language_model(info)
         with _cold_cache(state, lens, info, searched) if "latentlens" in methods else contextlib.nullcontext():
             results = lens.query_text(info.name, text, token=token, query_layers=qls, layers=searched, k=k,
                                       per_layer=per_layer, mode=mode, methods=methods)

@@ -58,7 +58,6 @@ class AnalysesMixin(StoreBase):
         """Where an answer comes from: model, corpora, ingest runs, indexes, search paths, who, when."""
         from latentlens import __version__
 
-        info = self.get_model(info.name)
         wanted = set(layers) if layers is not None else set(info.layer_numbers)
         corpora = self._fetch(
             "SELECT c.id, c.name, c.content_hash, c.sentence_count, array_agg(r.id ORDER BY r.id), "

@@ -121,7 +121,14 @@ class EvalsMixin(StoreBase):
         return EvalRunInfo(*rows[0])
 
     def list_eval_runs(self) -> list[EvalRunInfo]:
-        return [EvalRunInfo(*r) for r in self._fetch(self._EVAL_SELECT + " ORDER BY id")]
+        """Every run; one recorded as running that nobody holds the lock of (its process died:
+        kill -9, a crash) is shown as ``stopped``, a rerun resumes it."""
+        runs = [EvalRunInfo(*r) for r in self._fetch(self._EVAL_SELECT + " ORDER BY id")]
+        for r in runs:
+            if r.status == "running" and self.lock_eval_run(r):
+                self.unlock_eval_run(r)
+                r.status = "stopped"
+        return runs
 
     def set_eval_status(self, run: EvalRunInfo, status: str, error: str | None = None,
                         *, hostname: str | None = None, pid: int | None = None) -> None:

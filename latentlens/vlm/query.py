@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from latentlens.errors import EmptyResult, InputError, ModelMismatch, UnknownModel
-from latentlens.lenses import VOCAB_METHODS, VocabHit, parse_methods
+from latentlens.lenses import VOCAB_METHODS, VocabHit, parse_methods, token_text
 from latentlens.store.types import check_k, check_layer_range
 from latentlens.vlm.geometry import Patch
 
@@ -175,8 +175,7 @@ def word_of(n: Neighbour) -> str:
         text = n.sentence[n.char_start: n.char_end].strip()
         if text:
             return text
-    tok = n.token or ""
-    return tok.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").strip() or tok
+    return token_text(n.token)
 
 
 _PAIR = re.compile(r"^\s*(-?\d+)\s*,\s*(-?\d+)\s*$")
@@ -317,19 +316,8 @@ def query_image(
     vt = extract_visual_tokens(vlm, img, layers=visual_layers, prompt=prompt or DEFAULT_PROMPT,
                                resolution=resolution)
     chosen = select_patches(patches, vt.grid, sample=sample, seed=seed)
-    out = describe_patches(lens, info, vlm, vt, chosen, visual_layers, searched=searched, k=k, mode=mode,
-                           exact=exact, methods=methods)
-    if latent:
-        paths: dict[int, list[str]] = {}
-        for vl in out:
-            for p in vl.patches:
-                for layer, path in (p.search or {}).items():
-                    paths.setdefault(layer, []).append(path)
-        provenance = lens.store.provenance(info, searched, paths)
-    else:
-        from latentlens.query import baseline_provenance
-
-        provenance = baseline_provenance(vlm)
+    out, provenance = describe_patches(lens, info, vlm, vt, chosen, visual_layers, searched=searched, k=k,
+                                       mode=mode, exact=exact, methods=methods)
     return ImageQueryResult(
         model=info.name if info is not None else model, image_size=img.size, grid=vt.grid, layers=out,
         prompt=vt.prompt, searched_layers=searched, k=k, canvas_size=vt.canvas_size, patches=vt.patches,
@@ -341,8 +329,9 @@ def describe_patches(
     lens: Lens | None, info: Any, vlm: VisionLanguageModel, vt: Any, chosen: Sequence[int],
     visual_layers: Sequence[int], *, searched: Sequence[int], k: int, mode: str = "auto",
     exact: bool | None = None, methods: Sequence[str] = ("latentlens",),
-) -> list[VisualLayerResult]:
-    """Each method's top-k for the ``chosen`` patches of extracted visual tokens ``vt``, per visual layer.
+) -> tuple[list[VisualLayerResult], dict]:
+    """Each method's top-k for the ``chosen`` patches of extracted visual tokens ``vt``, per visual
+    layer, and the answer's provenance (the search's, or the model's alone for the baselines).
 
     All visual layers and patches go in one LatentLens search (exact: visual
     tokens are out of distribution for HNSW); the baselines read the same vectors.
@@ -367,7 +356,11 @@ def describe_patches(
                 r.search if r else None, extra[j] if extra else None,
             ))
         out.append(VisualLayerResult(v, vl_patches))
-    return out
+    if found:
+        return out, found[0].provenance
+    from latentlens.query import baseline_provenance
+
+    return out, baseline_provenance(vlm)
 
 
 def load_vlm_for(info: Any, model: str, *, dtype: str, device: str | None) -> VisionLanguageModel:
