@@ -38,9 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
-import struct
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +57,7 @@ from latentlens.errors import (
 )
 from latentlens.store import EmbeddingBatch, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE
+from latentlens.torchfile import load_weights_only
 
 CACHE_FILE = "embeddings_cache.pt"
 LAYER_DIR = re.compile(r"^layer_(\d+)$")
@@ -143,28 +142,7 @@ def load_layer_file(path: Path) -> tuple[Any, list[dict]]:
     """(embeddings tensor [n, D], metadata rows) of one cache file, safely and lazily."""
     import torch
 
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e).lower() and "zipfile" not in str(e).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format: no mmap
-    except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if m is None:  # not a pickle at all: a damaged or foreign file
-            why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-            raise InputError(f"{path} is truncated or not a torch file "
-                             f"({why.group(1).strip() if why else 'unreadable pickle'})") from None
-        raise InputError(
-            f"refusing to load {path}: it needs arbitrary unpickling ({m.group(1)}; only tensors, "
-            f"dicts, lists, strings and numbers are read), which can run code. Re-save it with plain types."
-        ) from None
-    except (EOFError, struct.error):
-        raise InputError(f"{path} is truncated (the file ends early)") from None
-    except (OSError, RuntimeError, KeyError, IndexError, ValueError) as e:
-        first = str(e).splitlines()[0].split(". This is an internal miniz error")[0] if str(e) else type(e).__name__
-        raise InputError(f"cannot read {path}: {first}") from None
+    obj = load_weights_only(path, mmap=True)
     if not isinstance(obj, dict) or "embeddings" not in obj or "metadata" not in obj:
         raise InputError(f"{path} is not a reference cache (a dict with 'embeddings' and 'metadata')")
     emb, meta = obj["embeddings"], obj["metadata"]

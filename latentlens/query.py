@@ -554,18 +554,11 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
     token ids), not 1-D or 2-D, empty, or NaN/infinite or beyond float32's
     range. Returns float32 (an all-zero vector is refused by the query itself).
     """
-    import pickle
-    import re
-    import struct
     from pathlib import Path
 
     from latentlens.errors import LatentLensError
     from latentlens.store.types import check_vector_values
-
-    def first(e: BaseException) -> str:
-        text = str(e).strip()
-        line = text.splitlines()[0] if text else type(e).__name__
-        return line.split(". This is an internal miniz error")[0].rstrip(".")
+    from latentlens.torchfile import error_line as first
 
     p = Path(path)
     suffix = p.suffix.lower()
@@ -582,24 +575,10 @@ def load_vectors(path: str, key: str | None = None) -> np.ndarray:
             with np.load(p, allow_pickle=False) as z:
                 arrays = {name: z[name] for name in z.files}
         elif suffix in (".pt", ".pth", ".bin"):
-            import torch
+            from latentlens.torchfile import load_weights_only
 
-            try:
-                arrays = torch.load(p, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-                if m is None:  # not a pickle torch can read at all
-                    why = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-                    raise InputError(f"{p} is truncated or not a torch file (weights-only load: "
-                                     f"{why.group(1).strip() if why else 'unreadable pickle'})") from None
-                hint = ("save numpy arrays with np.save as .npy" if m.group(1).startswith("numpy")
-                        else "save a plain tensor: torch.save(tensor, path)")
-                raise InputError(
-                    f"refusing to load {p}: it needs arbitrary unpickling ({m.group(1)}), which can run code; "
-                    f"vectors are read weights-only (tensors, dicts, lists, numbers): {hint}") from None
-            except (RuntimeError, EOFError, KeyError, IndexError, ValueError, struct.error) as e:
-                why = "the file ends early" if isinstance(e, (EOFError, struct.error)) else first(e)
-                raise InputError(f"{p} is truncated or not a torch file (weights-only load: {why})") from None
+            arrays = load_weights_only(p, hint="save a plain tensor (torch.save(tensor, path)), or numpy "
+                                               "arrays with np.save as .npy")
         else:
             from safetensors.torch import load_file
 
