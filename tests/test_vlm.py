@@ -174,7 +174,7 @@ def test_gemma3_geometry_and_prompt(vlms, image):
     vt = extract_visual_tokens(vlm, image, layers=[0])
     assert vt.grid == (2, 2) and vt.canvas_size == (32, 32)
     _assert_tiles(vt.patches, (0, 0, *IMAGE_SIZE))
-    text = vlm.expand_placeholder(vlm.chat_text("a dog"), 4)
+    text = vlm.expand_placeholder(vlm.chat_text("a dog"), vlm.prepare_image(image, None))
     assert "<start_of_image>" + "<image_soft_token>" * 4 + "<end_of_image>" in text
 
 

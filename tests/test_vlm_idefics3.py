@@ -109,7 +109,7 @@ def test_smolvlm_prompt_string_equals_transformers(vlms):
         prep = vlm.prepare_image(sample_image(size), None)
         want = get_image_prompt_string(rows, cols, vlm.tokens_per_crop, "<fake_token_around_image>",
                                        "<image>", "<global-img>")
-        assert vlm.expand_placeholder(chat, prep.num_tokens) == chat.replace("<image>", want)
+        assert vlm.expand_placeholder(chat, prep) == chat.replace("<image>", want)
 
 
 @pytest.mark.parametrize("kind", KINDS)

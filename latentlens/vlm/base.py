@@ -51,6 +51,9 @@ class PreparedImage:
     # offsets of the grid's tokens among the image tokens, when they are not one
     # contiguous run from first_grid_token (e.g. LLaVA-NeXT's row-end newline tokens)
     grid_offsets: list[int] | None = None
+    # what the adapter's expand_placeholder needs beyond the token count (e.g. Idefics3's crop
+    # rows and columns, Molmo2's whole image string)
+    layout: Any = None
 
 
 @dataclass
@@ -190,9 +193,9 @@ class VisionLanguageModel:
     def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         raise NotImplementedError
 
-    def expand_placeholder(self, text: str, num_tokens: int) -> str:
+    def expand_placeholder(self, text: str, prepared: PreparedImage) -> str:
         """The prompt with the image placeholder expanded to one token per visual token."""
-        return text.replace(self.image_placeholder, self.image_placeholder * num_tokens)
+        return text.replace(self.image_placeholder, self.image_placeholder * prepared.num_tokens)
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inputs beyond ids, mask and the image's (e.g. Qwen2-VL's mm_token_type_ids)."""
@@ -227,7 +230,7 @@ class VisionLanguageModel:
                 f"the chat template of '{self.name}' must hold one {self.image_placeholder!r}, "
                 f"got {text.count(self.image_placeholder)}"
             )
-        text = self.expand_placeholder(text, prepared.num_tokens)
+        text = self.expand_placeholder(text, prepared)
         bos = getattr(self.tokenizer, "bos_token", None)
         add_special = not (bos and text.startswith(bos))
         enc = self.tokenizer(text, add_special_tokens=add_special, return_tensors="pt")

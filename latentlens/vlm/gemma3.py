@@ -38,11 +38,11 @@ class Gemma3VLM(VisionLanguageModel):
 
         return Gemma3ForConditionalGeneration
 
-    def expand_placeholder(self, text: str, num_tokens: int) -> str:
+    def expand_placeholder(self, text: str, prepared: PreparedImage) -> str:
         image = getattr(self.tokenizer, "image_token", None) or "<image_soft_token>"
         end = getattr(self.tokenizer, "eoi_token", None) or "<end_of_image>"
         start = self.image_placeholder
-        return text.replace(start, f"\n\n{start}{image * num_tokens}{end}\n\n")
+        return text.replace(start, f"\n\n{start}{image * prepared.num_tokens}{end}\n\n")
 
     def prepare_image(self, image: Image.Image, resolution: tuple[int, int] | None) -> PreparedImage:
         original = image.size

@@ -33,7 +33,6 @@ crops -> a 16 x 16 grid; at 512 -> no split, 8 x 8 tokens.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, ClassVar
 
 from PIL import Image
@@ -59,11 +58,6 @@ class Idefics3VLM(VisionLanguageModel):
     image_placeholder = "<image>"
     fallback_template: ClassVar[str] = IDEFICS3_TEMPLATE
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # the crop layout of the image being encoded: prepare_image sets it, expand_placeholder reads it
-        self._layout = threading.local()
-
     @classmethod
     def model_class(cls) -> type:
         from transformers import Idefics3ForConditionalGeneration
@@ -81,10 +75,12 @@ class Idefics3VLM(VisionLanguageModel):
         vc = self.config.vision_config
         return int((int(vc.image_size) // int(vc.patch_size)) ** 2 / int(self.config.scale_factor) ** 2)
 
-    def expand_placeholder(self, text: str, num_tokens: int) -> str:
-        """The processor's image string: per crop a row/col marker and its tokens, then the global view."""
+    def expand_placeholder(self, text: str, prepared: PreparedImage) -> str:
+        """The processor's image string: per crop a row/col marker and its tokens, then the global view
+        (``prepared.layout``: the crops' rows and columns, None without splitting)."""
         n = self.tokens_per_crop
-        rows, cols = getattr(self._layout, "crops", None) or (0, 0)
+        num_tokens = prepared.num_tokens
+        rows, cols = prepared.layout or (0, 0)
         if ((rows * cols + 1) * n if rows else n) != num_tokens:
             if num_tokens != n:
                 raise InputError(f"{num_tokens} image tokens do not make whole crops of {n}")
@@ -137,11 +133,10 @@ class Idefics3VLM(VisionLanguageModel):
             # crop (R, C) holds grid rows R*side.., cols C*side..; its tokens are row-major
             offsets = [((r // side) * cols + c // side) * n + (r % side) * side + c % side
                        for r in range(grid[0]) for c in range(grid[1])]
-        self._layout.crops = (rows, cols) if split else None
         return PreparedImage(
             inputs={k: out[k] for k in ("pixel_values", "pixel_attention_mask") if k in out},
             num_tokens=num_tokens, first_grid_token=0, grid=grid, patches=patches,
-            canvas_size=canvas, grid_offsets=offsets,
+            canvas_size=canvas, grid_offsets=offsets, layout=(rows, cols) if split else None,
         )
 
 

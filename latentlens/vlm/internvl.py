@@ -49,10 +49,10 @@ class InternVLVLM(VisionLanguageModel):
 
         return InternVLForConditionalGeneration
 
-    def expand_placeholder(self, text: str, num_tokens: int) -> str:
+    def expand_placeholder(self, text: str, prepared: PreparedImage) -> str:
         start = getattr(self.tokenizer, "start_image_token", None) or "<img>"
         end = getattr(self.tokenizer, "end_image_token", None) or "</img>"
-        return text.replace(self.image_placeholder, f"{start}{self.image_placeholder * num_tokens}{end}")
+        return text.replace(self.image_placeholder, f"{start}{self.image_placeholder * prepared.num_tokens}{end}")
 
     def _tiling(self, size: tuple[int, int], tile: tuple[int, int], num_images: int) -> tuple[int, int]:
         """(cols, rows) of the tiles the processor cut, checked against the images it returned."""

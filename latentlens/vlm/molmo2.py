@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,7 +77,6 @@ class Molmo2VLM(VisionLanguageModel):
                  processor_options: dict | None = None, **kw: Any):
         super().__init__(model, tokenizer, image_processor, **kw)
         self.processor_options = dict(processor_options or {})
-        self._pending = threading.local()  # the image string prepare_image made, for expand_placeholder
 
     @classmethod
     def model_class(cls) -> type:
@@ -122,11 +120,10 @@ class Molmo2VLM(VisionLanguageModel):
         low = low_start + ("<im_patch>" * low_w + ("<im_col>" if single_col else "")) * low_h + "<im_end>"
         return low + high
 
-    def expand_placeholder(self, text: str, num_tokens: int) -> str:
-        expansion = getattr(self._pending, "text", None)
-        if expansion is None or expansion.count("<im_patch>") != num_tokens:
-            raise InputError("Molmo2: expand_placeholder needs the image string of the last prepare_image")
-        self._pending.text = None
+    def expand_placeholder(self, text: str, prepared: PreparedImage) -> str:
+        expansion = prepared.layout  # the image string prepare_image made
+        if expansion is None or expansion.count("<im_patch>") != prepared.num_tokens:
+            raise InputError("Molmo2: expand_placeholder needs the image string of its prepare_image")
         return text.replace(self.image_placeholder, expansion)
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,12 +163,12 @@ class Molmo2VLM(VisionLanguageModel):
         if resolution:
             transform = stretch(original, image.size).then(transform)
         patches = grid_patches(rows, cols, (pool_w * patch, pool_h * patch), transform, original)
-        self._pending.text = self.image_string((low_h, low_w, rows, cols))
         inputs = {k: out[k] for k in ("pixel_values", "image_token_pooling", "image_grids", "image_num_crops")
                   if k in out}
         return PreparedImage(
             inputs=inputs, num_tokens=low_h * low_w + rows * cols, first_grid_token=low_h * low_w,
             grid=(rows, cols), patches=patches, canvas_size=(canvas_w, canvas_h),
+            layout=self.image_string((low_h, low_w, rows, cols)),
         )
 
 

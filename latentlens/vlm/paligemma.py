@@ -54,7 +54,7 @@ class PaliGemmaVLM(VisionLanguageModel):
         text = self.chat_text(prompt)
         if text.count(self.image_placeholder) != 1:
             raise InputError(f"a PaliGemma prompt cannot hold {self.image_placeholder!r} itself")
-        text = self.expand_placeholder(text, prepared.num_tokens)
+        text = self.expand_placeholder(text, prepared)
         enc = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         inputs.update(self.extra_inputs(enc["input_ids"]))
