@@ -17,10 +17,7 @@ from typing import Any
 import click
 
 from latentlens.config import ENV_DATABASE_URL
-from latentlens.errors import LatentLensError
-
-# what the 'models' extra installs: a SQL-only install lacks them
-MODEL_PACKAGES = {"torch", "transformers", "safetensors", "gguf", "accelerate", "PIL"}
+from latentlens.errors import MODELS_EXTRA, LatentLensError, missing_model_package
 
 
 class CommandError(click.ClickException):
@@ -51,11 +48,10 @@ def handle_errors(f: Callable) -> Callable:
         except LatentLensError as e:
             raise CommandError(str(e), e.exit_code) from e
         except ModuleNotFoundError as e:
-            if (e.name or "").split(".")[0] not in MODEL_PACKAGES:
+            if not missing_model_package(e):
                 raise
-            raise CommandError(
-                f"this command runs models and needs '{e.name}': pip install torch==2.13.0 "
-                "'latentlens-db[models]' (see the README)", 2) from e
+            raise CommandError(f"this command runs models and needs '{e.name}': {MODELS_EXTRA} (see the README)",
+                               2) from e
         except Exception as e:  # the database said no: one line, never a psycopg traceback
             import psycopg
 

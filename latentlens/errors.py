@@ -10,6 +10,15 @@ that), 1 anything else.
 
 from __future__ import annotations
 
+#: what the 'models' extra installs (a SQL-only install lacks them), and how to get them
+MODEL_PACKAGES = frozenset({"torch", "transformers", "safetensors", "gguf", "accelerate", "PIL"})
+MODELS_EXTRA = "pip install torch==2.13.0 'latentlens-db[models]'"
+
+
+def missing_model_package(e: ModuleNotFoundError) -> bool:
+    """Whether an import failed for want of the 'models' extra (not a bug elsewhere)."""
+    return (e.name or "").split(".")[0] in MODEL_PACKAGES
+
 
 class LatentLensError(Exception):
     """Base class: the message is meant for the user, on one line."""

@@ -49,6 +49,7 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from latentlens.errors import (
+    MODELS_EXTRA,
     DimensionMismatch,
     InputError,
     LatentLensError,
@@ -193,7 +194,6 @@ def find_span(caption: str, token: str) -> tuple[int, int]:
 # owner/name as the Hub spells them: letters, digits, '-', '_', '.'; no '--' or '..'; <= 96 each
 _HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
 HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
-MODELS_EXTRA = "pip install torch==2.13.0 'latentlens-db[models]'"
 
 
 def locate_index(spec: str) -> tuple[str, str]:

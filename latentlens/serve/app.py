@@ -24,10 +24,12 @@ from fastapi.staticfiles import StaticFiles
 from latentlens import __version__
 from latentlens.db import first_line
 from latentlens.errors import (
+    MODELS_EXTRA,
     DatabaseUnavailable,
     LatentLensError,
     PermissionDenied,
     SchemaOutOfDate,
+    missing_model_package,
 )
 from latentlens.serve import api, pages
 from latentlens.serve.deps import SignInRequired
@@ -37,7 +39,6 @@ from latentlens.serve.work import Forbidden, NotFound, UploadTooLarge, _mb
 log = logging.getLogger("latentlens.serve")
 
 UPLOAD_SLACK = 1024 * 1024  # multipart framing and form fields around the image
-MODEL_PACKAGES = {"torch", "transformers", "safetensors", "gguf", "accelerate"}
 
 DESCRIPTION = """\
 The JSON API behind latentlens' web app. Query bodies are exactly what
@@ -121,9 +122,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModuleNotFoundError)
     async def missing_module(request: Request, e: ModuleNotFoundError) -> Response:
-        if (e.name or "").split(".")[0] in MODEL_PACKAGES:
-            return error_response(request, 500, f"running models needs '{e.name}': pip install torch==2.13.0 "
-                                                 "'latentlens-db[models]' on the server")
+        if missing_model_package(e):
+            return error_response(request, 500, f"running models needs '{e.name}': {MODELS_EXTRA} on the server")
         log.exception("unexpected error on %s", request.url.path)
         return error_response(request, 500, f"internal error (see the server log): {type(e).__name__}")
 
