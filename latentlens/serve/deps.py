@@ -60,6 +60,12 @@ def session(request: Request, creds: HTTPBasicCredentials | None = Depends(basic
         if state.auth and _refused(e):
             raise SignInRequired(f"the database refused the sign-in of '{user}'") from None
         raise
+    if state.auth and not store.conn.pgconn.used_password:
+        # the server let the role in without checking its password (trust, peer: the
+        # embedded server's owner): the password given here proved nothing
+        store.close()
+        raise SignInRequired(f"the database did not check the password of '{user}': sign in as a member "
+                             "whose password it checks")
     try:
         yield Session(state, store, user)
     finally:
