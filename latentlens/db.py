@@ -393,6 +393,9 @@ def ensure_ann_probe(url: str) -> bool:
 
 _embedded_urls: dict[Path, str] = {}
 
+# libpq's words when the server refuses a role's sign-in (no SQLSTATE reaches a failed connect)
+_SIGN_IN_REFUSED = ("password authentication failed", "no password supplied", "no pg_hba.conf entry")
+
 
 def resolve_url(settings: Settings, *, keep_running: bool = False) -> str:
     """A psycopg URL for the settings, starting the embedded server if needed."""
@@ -417,6 +420,8 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
         if "permission denied for database" in str(e):  # no CONNECT: the server is up, the role may not use it
             user = psycopg.conninfo.conninfo_to_dict(url).get("user") or "?"
             raise PermissionDenied(no_access(str(user))) from e
+        if any(m in str(e) for m in _SIGN_IN_REFUSED):  # the server is up and said no: a refusal, exit 5
+            raise PermissionDenied(f"cannot connect to {redact(url)}: {first_line(e)}") from e
         raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(e)}") from e
     register_vector_types(conn)
     return conn

@@ -313,7 +313,8 @@ def test_wrong_password_is_refused_on_the_embedded_server(runner, db_url, team):
         with psycopg.connect(url_as(db_url, name, PASSWORDS[name])) as conn:
             assert conn.execute("SELECT current_user").fetchone()[0] == name
     result = runner.invoke(cli, ["models", "--database-url", url_as(db_url, WRITER, "WRONG")])
-    assert result.exit_code != 0 and "password authentication failed" in result.output
+    assert result.exit_code == 5 and "password authentication failed" in result.output, result.output
+    assert result.output.count("\n") == 1
     assert PASSWORDS[WRITER] not in result.output and "WRONG" not in result.output
 
 

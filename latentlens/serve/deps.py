@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from latentlens.errors import DatabaseUnavailable, LatentLensError
+from latentlens.errors import DatabaseUnavailable, LatentLensError, PermissionDenied
 from latentlens.serve.state import ServeState
 
 basic = HTTPBasic(
@@ -56,7 +56,7 @@ def session(request: Request, creds: HTTPBasicCredentials | None = Depends(basic
         user, password = creds.username, creds.password
     try:
         store = state.open_store(user, password)
-    except DatabaseUnavailable as e:
+    except (DatabaseUnavailable, PermissionDenied) as e:
         if state.auth and _refused(e):
             raise SignInRequired(f"the database refused the sign-in of '{user}'") from None
         raise
@@ -72,7 +72,7 @@ def session(request: Request, creds: HTTPBasicCredentials | None = Depends(basic
         store.close()
 
 
-def _refused(e: DatabaseUnavailable) -> bool:
+def _refused(e: LatentLensError) -> bool:
     cause = e.__cause__
     if getattr(cause, "sqlstate", None) in ("28P01", "28000", "42501"):
         return True
