@@ -541,3 +541,44 @@ def test_db_url_never_prints_a_password(runner, url, shown):
     assert "s3cr" not in result.output
     if shown is not None:
         assert result.stdout.strip() == shown
+
+
+def test_an_older_embedded_data_dir_gets_the_password_rules():
+    """A data dir made before latentlens checked passwords (initdb's "trust") is fixed at the next start."""
+    import shutil
+    import time
+
+    from conftest import server_tmpdir
+
+    from latentlens.db import HBA_MARKER, EmbeddedServer
+
+    base = server_tmpdir()
+    srv = EmbeddedServer(base / "data")
+    try:
+        url = srv.start()
+        hba = srv.pgdata / "pg_hba.conf"
+        assert HBA_MARKER in hba.read_text(), "a new data dir has the rules from the start"
+        member = url_as(url, f"old_{TAG}", "WRONG")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'right'").format(sql.Identifier(f"old_{TAG}")))
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                psycopg.connect(member)
+            hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n")
+            conn.execute("SELECT pg_reload_conf()")
+        for _ in range(200):  # the reload is a signal: wait until the old rule is in force
+            try:
+                psycopg.connect(member).close()
+                break
+            except psycopg.OperationalError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the trust rule never took effect")
+        srv.start()  # what any llens process does first
+        assert HBA_MARKER in hba.read_text()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(member)
+        with psycopg.connect(url) as conn:  # the owner still needs none
+            assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
