@@ -543,6 +543,18 @@ def test_db_url_never_prints_a_password(runner, url, shown):
         assert result.stdout.strip() == shown
 
 
+def test_writer_imports_an_index(db_url, team, filled, tmp_path):
+    """Import appends too: a writer imports an exported index under a new name, with the same rows."""
+    from latentlens.interop import export_index, import_index
+
+    with Store.open(url_as(db_url, WRITER2, PASSWORDS[WRITER2])) as store:
+        export_index(store, f"team-model-{TAG}", tmp_path / "x")
+        import_index(store, tmp_path / "x", f"imported-{TAG}", corpus_name=f"imported-{TAG}")
+        got, orig = store.get_model(f"imported-{TAG}"), store.get_model(f"team-model-{TAG}")
+        assert [(li.layer, li.row_count) for li in got.layers] == [(li.layer, li.row_count) for li in orig.layers]
+        assert store.get_corpus(f"imported-{TAG}").sentence_count == 12
+
+
 def test_an_older_embedded_data_dir_gets_the_password_rules():
     """A data dir made before latentlens checked passwords (initdb's "trust") is fixed at the next start."""
     import shutil
