@@ -54,7 +54,11 @@ def build(model, layers, m, ef_construction, maintenance_work_mem, no_progress, 
                                      maintenance_work_mem=maintenance_work_mem, progress=bar)
         finally:
             bar.close()
+        calibrated = store.may_calibrate()
     click.echo(f"Built ANN indexes of '{model}' layers {','.join(map(str, done))}.")
+    if not calibrated:
+        click.echo(f"Their recall is not measured: only the database's owner records it (`llens index calibrate "
+                   f"{model}` as the owner).")
 
 
 @index.command()

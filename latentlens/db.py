@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 
 from latentlens.config import Settings
-from latentlens.errors import ConfigError, DatabaseUnavailable
+from latentlens.errors import ConfigError, DatabaseUnavailable, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,29 @@ EMBEDDED_SERVER_SETTINGS = {
     "checkpoint_completion_target": "0.9",
 }
 
+# Client authentication of the embedded cluster (pg_hba.conf), written when it is
+# created and once over an older data dir's (initdb's "trust everyone"). The owner
+# keeps the trust the single-user default always had; every other role (a team
+# member granted on this server) must give its password.
+HBA_MARKER = "# latentlens: every role but the owner signs in with its password"
+
+
+def hba_rules(owner: str) -> str:
+    """The embedded server's pg_hba.conf: trust for OWNER, SCRAM for everyone else."""
+    who = '"' + owner.replace('"', '""') + '"'
+    return (
+        f"{HBA_MARKER} (see docs/team.md)\n"
+        "# TYPE  DATABASE     USER  ADDRESS       METHOD\n"
+        f"local   all          {who}               trust\n"
+        f"local   replication  {who}               trust\n"
+        f"host    all          {who}  127.0.0.1/32  trust\n"
+        f"host    all          {who}  ::1/128       trust\n"
+        "local   all          all                  scram-sha-256\n"
+        "host    all          all   127.0.0.1/32   scram-sha-256\n"
+        "host    all          all   ::1/128        scram-sha-256\n"
+    )
+
+
 def redact(url: str) -> str:
     """The URL with its password replaced, for messages and logs."""
     import re
@@ -61,6 +84,12 @@ def redact(url: str) -> str:
     if parts.password:
         netloc = netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def no_access(user: str) -> str:
+    """The refusal for a role that may reach the server but is no member of this database's team."""
+    return (f"role {user} has no access to this database: it is not its owner, a reader or a writer "
+            f"(the owner grants access with `llens db grant-reader {user}`; see docs/team.md)")
 
 
 def first_line(e: BaseException) -> str:
@@ -152,6 +181,8 @@ class EmbeddedServer:
                 if fresh:
                     self._configure(server)
                 base = server.get_uri()
+                if not fresh:
+                    self._enforce_passwords(server, base)
                 if not was_running:
                     # nobody else uses a server we just started: the one safe
                     # moment for a probe that may crash a backend
@@ -172,6 +203,8 @@ class EmbeddedServer:
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
             for key, value in EMBEDDED_SERVER_SETTINGS.items():
                 conn.execute(f"ALTER SYSTEM SET {key} = '{value}'")
+        # read by the restart below
+        (self.pgdata / "pg_hba.conf").write_text(hba_rules(server.postgres_user))
         # shared_buffers needs a restart; nobody else can be attached to a
         # cluster that did not exist a moment ago (we hold the start lock).
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.pgdata, user=server.system_user)
@@ -179,6 +212,25 @@ class EmbeddedServer:
 
         # pgserver stops "its" postmaster at exit by pid: point it at the new one.
         server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
+
+    def _enforce_passwords(self, server, base_url: str) -> None:
+        """Replace an older data dir's trust-everyone pg_hba.conf with hba_rules, and reload.
+
+        Once: a file that has latentlens' marker is left as it is (also if edited since).
+        """
+        path = self.pgdata / "pg_hba.conf"
+        try:
+            if HBA_MARKER in path.read_text():
+                return
+        except OSError:
+            pass
+        path.write_text(hba_rules(server.postgres_user))  # in place: keeps the file's owner and mode
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            before = conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+            conn.execute("SELECT pg_reload_conf()")
+        # the reload is a signal: wait until new connections run under the new rules
+        _wait_until(base_url, lambda conn: conn.execute(
+            "SELECT pg_conf_load_time() > %s", (before,)).fetchone()[0], timeout=10, must=False)
 
     @staticmethod
     def _ensure_database(base_url: str) -> None:
@@ -341,6 +393,9 @@ def ensure_ann_probe(url: str) -> bool:
 
 _embedded_urls: dict[Path, str] = {}
 
+# libpq's words when the server refuses a role's sign-in (no SQLSTATE reaches a failed connect)
+_SIGN_IN_REFUSED = ("password authentication failed", "no password supplied", "no pg_hba.conf entry")
+
 
 def resolve_url(settings: Settings, *, keep_running: bool = False) -> str:
     """A psycopg URL for the settings, starting the embedded server if needed."""
@@ -362,6 +417,11 @@ def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
     except psycopg.OperationalError as e:
+        if "permission denied for database" in str(e):  # no CONNECT: the server is up, the role may not use it
+            user = psycopg.conninfo.conninfo_to_dict(url).get("user") or "?"
+            raise PermissionDenied(no_access(str(user))) from e
+        if any(m in str(e) for m in _SIGN_IN_REFUSED):  # the server is up and said no: a refusal, exit 5
+            raise PermissionDenied(f"cannot connect to {redact(url)}: {first_line(e)}") from e
         raise DatabaseUnavailable(f"cannot connect to {redact(url)}: {first_line(e)}") from e
     register_vector_types(conn)
     return conn

@@ -635,7 +635,11 @@ def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
              f"run `llens index build {info.name}`.")
         raise
     bar.close()
-    return [f"Built ANN indexes for layers {','.join(map(str, layers))}."]
+    notices = [f"Built ANN indexes for layers {','.join(map(str, layers))}."]
+    if not store.may_calibrate():
+        notices.append(f"Their recall is not measured: only the database's owner records it (`llens index "
+                       f"calibrate {info.name}` as the owner).")
+    return notices
 
 
 class IndexBuildProgress:

@@ -17,7 +17,9 @@ sent, so the server never sees it in clear and it cannot appear in its logs;
 it never appears in a message or an exception either.
 
 The embedded server (no ``LLENS_DATABASE_URL``) is single-user: every function
-here refuses it.
+here refuses it (exit code 2, like any setting that cannot be used). Its owner
+connects without a password; any other role on it must give its password (see
+``latentlens.db.hba_rules``), as on a team server.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ EMBEDDED_REFUSAL = (
     f"the embedded server is single-user: set {ENV_DATABASE_URL} to a team server "
     "to manage its users (see docs/team.md)"
 )
+
+
+
+class NotATeamServer(ConfigError):
+    """A team command on the embedded default: the setting given cannot be used (exit 2)."""
+
+    exit_code = 2
+
 
 _PRIVILEGE_HINT = (
     "managing team members needs a role with CREATEROLE (and, on PostgreSQL 16+, ADMIN on the team's "
@@ -153,7 +163,7 @@ def _connect(database_url: str | None) -> Iterator[tuple[psycopg.Connection, str
     """An autocommit connection to a team server's migrated database (never the embedded one)."""
     settings = Settings.resolve(database_url)
     if settings.embedded:
-        raise ConfigError(EMBEDDED_REFUSAL)
+        raise NotATeamServer(EMBEDDED_REFUSAL)
     url = db.resolve_url(settings)
     conn = db.connect(url, autocommit=True)
     try:

@@ -61,3 +61,36 @@ def test_sql_files_ship_with_the_package():
 
     names = {p.name for p in files("latentlens.sql").iterdir()}
     assert {"0001_store.sql", "0001_query.sql", "0001_drop.sql"} <= names
+
+
+def test_writers_append_goes_down_and_up(empty_db_url):
+    """0006 takes writers' UPDATE on shared rows away; its downgrade gives it back, as 0004 had it."""
+    def writer_can(what: str, table: str) -> bool:
+        with psycopg.connect(empty_db_url) as conn:
+            return conn.execute("SELECT has_table_privilege(llens_team_role('writer'), %s, %s)",
+                                (table, what)).fetchone()[0]
+
+    def has(sql: str) -> bool:
+        with psycopg.connect(empty_db_url) as conn:
+            return bool(conn.execute(sql).fetchone()[0])
+
+    migrate.upgrade(empty_db_url)
+    migrate.downgrade(empty_db_url, "0005")
+    assert migrate.current_revision_url(empty_db_url) == "0005"
+    assert writer_can("UPDATE", "token_embedding") and writer_can("UPDATE", "model")
+    assert not has("SELECT to_regprocedure('llens_add_rows(integer, integer[], bigint)') IS NOT NULL")
+    assert not has("SELECT count(*) FROM pg_attribute WHERE attrelid = 'ingest_run'::regclass "
+                   "AND attname = 'created_by'")
+    assert has("SELECT prosecdef FROM pg_proc WHERE proname = 'llens_ensure_layer'"), "0004's owner-run list stays"
+
+    migrate.upgrade(empty_db_url, "0006")
+    assert not writer_can("UPDATE", "token_embedding") and not writer_can("UPDATE", "model")
+    assert not writer_can("INSERT", "model_layer") and not writer_can("UPDATE", "sentence")
+    assert writer_can("INSERT", "sentence") and writer_can("UPDATE", "ingest_run")
+    assert has("SELECT to_regprocedure('llens_take_quota(integer, integer[], integer[], integer)') IS NOT NULL")
+    assert has("SELECT bool_and(prosecdef) FROM pg_proc WHERE proname IN "
+               "('llens_add_rows', 'llens_take_quota', 'llens_add_sentences')"), "owner-run"
+    assert has("SELECT relrowsecurity FROM pg_class WHERE oid = 'ingest_run'::regclass")
+
+    migrate.upgrade(empty_db_url)
+    assert migrate.current_revision_url(empty_db_url) == migrate.head_revision()

@@ -2,9 +2,9 @@
 
 The embedded server acts as a team server here: LLENS_DATABASE_URL points at a
 fresh migrated database as the server's superuser (the owner), the tests create
-reader and writer login roles through the CLI and then connect *as* them. The
-embedded server trusts local connections, so the passwords are checked against
-the SCRAM verifiers PostgreSQL stored instead of by logging in.
+reader and writer login roles through the CLI and then connect *as* them, with
+their passwords: the embedded server trusts its owner only and checks every other
+role's password (SCRAM), so a wrong one is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from latentlens.cli.main import cli
 from psycopg import sql
 
-from latentlens.errors import InputError, PermissionDenied
+from latentlens.errors import PermissionDenied
 from latentlens.store import Store
 from tests._query_data import fill
 
@@ -112,6 +112,7 @@ def filled(db_url, team):
     """A model filled by a writer (so a writer can ingest)."""
     with Store.open(url_as(db_url, WRITER, PASSWORDS[WRITER])) as store:
         data = fill(store, f"team-model-{TAG}", dim=16, layers=(0, 2), n_sentences=12)
+        data["corpus_id"] = store.get_corpus(f"corpus-team-model-{TAG}").id
     return data
 
 
@@ -233,10 +234,154 @@ def test_writer_saves_and_deletes_only_its_own(db_url, team, filled):
         mine = w1.save_analysis("text", f"team-model-{TAG}", result={"n": 1}, title="w1's")
         theirs = w2.save_analysis("text", f"team-model-{TAG}", result={"n": 2}, title="w2's")
         assert w1.get_analysis(mine).created_by == WRITER
-        with pytest.raises(InputError, match="you can delete only your own"):
+        with pytest.raises(PermissionDenied, match="you can delete only your own"):
             w1.delete_analysis(theirs)
         w1.delete_analysis(mine)
         assert [a.id for a in w2.list_analyses(model=f"team-model-{TAG}")] == [theirs]
+
+
+def test_writer_deleting_anothers_analysis_exits_5(runner, db_url, team, filled):
+    with Store.open(url_as(db_url, WRITER2, PASSWORDS[WRITER2])) as w2:
+        theirs = w2.save_analysis("text", f"team-model-{TAG}", result={"n": 3}, title="w2's, kept")
+    result = runner.invoke(cli, ["analyses", "rm", str(theirs), "--database-url",
+                                 url_as(db_url, WRITER, PASSWORDS[WRITER])])
+    assert result.exit_code == 5, result.output
+    assert f"belongs to {WRITER2}" in result.output and result.output.count("\n") == 1
+    with Store.open(db_url) as owner:
+        assert owner.get_analysis(theirs).created_by == WRITER2, "still there"
+
+
+# ---------------------------------------------------------------------------
+# writers append: no UPDATE of shared rows, even inside their own transaction
+
+SHARED_UPDATES = {
+    "token_embedding": "UPDATE token_embedding SET embedding = embedding WHERE model_id = %(m)s",
+    "leaf": "UPDATE token_embedding_m%(m)s_l0 SET token_id = 0",
+    "sentence": "UPDATE sentence SET text = '' WHERE corpus_id = %(c)s",
+    "corpus": "UPDATE corpus SET name = 'renamed' WHERE id = %(c)s",
+    "model": "UPDATE model SET name = 'renamed' WHERE id = %(m)s",
+    "model_layer.index_params": "UPDATE model_layer SET index_params = '{\"ef_search\": 1}' WHERE model_id = %(m)s",
+    "model_layer.row_count": "UPDATE model_layer SET row_count = 0 WHERE model_id = %(m)s",
+    "token": "UPDATE token SET token = 'x' WHERE model_id = %(m)s",
+    "token_quota": "UPDATE token_quota SET used = 0 WHERE model_id = %(m)s",
+    "model_layer insert": "INSERT INTO model_layer (model_id, layer) VALUES (%(m)s, 1)",
+    "token_quota insert": "INSERT INTO token_quota (model_id, token_id, used) VALUES (%(m)s, 999, 10000)",
+}
+
+
+@pytest.mark.parametrize("what", list(SHARED_UPDATES))
+def test_writer_cannot_update_shared_rows(db_url, team, filled, what):
+    ids = {"m": filled["info"].id, "c": filled["corpus_id"]}
+    stmt = SHARED_UPDATES[what] % ids if what == "leaf" else SHARED_UPDATES[what]
+    with psycopg.connect(url_as(db_url, WRITER, PASSWORDS[WRITER])) as conn:  # one transaction
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+            conn.execute(stmt, ids)
+        conn.rollback()
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM sentence WHERE corpus_id = %s AND text = ''",
+                            (filled["corpus_id"],)).fetchone()[0] == 0
+        assert conn.execute("SELECT name FROM model WHERE id = %s", (filled["info"].id,)).fetchone()[0] \
+            == f"team-model-{TAG}"
+
+
+def test_writer_has_no_update_privilege_on_any_shared_table(db_url, team, filled):
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
+            "AND has_table_privilege(%s, c.oid, 'UPDATE') ORDER BY 1", (WRITER,)).fetchall()
+    assert {r[0] for r in rows} == {"analysis", "eval_run", "eval_item", "eval_verdict", "ingest_run"}, \
+        "UPDATE only where row-level security limits a writer to its own rows"
+
+
+def test_writer_cannot_record_an_index_recall(runner, db_url, team, filled):
+    """model_layer.index_params sets everyone's default search: the owner's alone."""
+    as_writer = ["--database-url", url_as(db_url, WRITER, PASSWORDS[WRITER])]
+    result = runner.invoke(cli, ["index", "build", f"team-model-{TAG}", "--layers", "2", "--no-progress", *as_writer])
+    assert result.exit_code == 0 and "recall is not measured" in result.output, result.output
+    result = runner.invoke(cli, ["index", "calibrate", f"team-model-{TAG}", "--layers", "2", *as_writer])
+    assert result.exit_code == 5, result.output
+    assert "only the database's owner records it" in result.output and result.output.count("\n") == 1
+
+
+def test_wrong_password_is_refused_on_the_embedded_server(runner, db_url, team):
+    for name in (WRITER, READER):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(url_as(db_url, name, "WRONG"))
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            psycopg.connect(url_as(db_url, name))
+        with psycopg.connect(url_as(db_url, name, PASSWORDS[name])) as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == name
+    result = runner.invoke(cli, ["models", "--database-url", url_as(db_url, WRITER, "WRONG")])
+    assert result.exit_code == 5 and "password authentication failed" in result.output, result.output
+    assert result.output.count("\n") == 1
+    assert PASSWORDS[WRITER] not in result.output and "WRONG" not in result.output
+
+
+def test_serve_sign_in_refuses_wrong_passwords(db_url, team, filled):
+    from fastapi.testclient import TestClient
+
+    from latentlens.serve.app import create_app
+
+    owner = urlsplit(db_url).username
+    with TestClient(create_app(db_url)) as c:
+        assert c.get("/api/models", auth=(WRITER, PASSWORDS[WRITER])).status_code == 200
+        for creds in ((WRITER, "WRONG"), (READER, PASSWORDS[WRITER]), (owner, "x")):
+            r = c.get("/api/models", auth=creds)
+            assert r.status_code == 401, (creds[0], r.status_code)
+        r = c.get("/api/models", auth=(owner, "x"))
+        assert "did not check the password" in r.json()["error"], "the owner's trust proves nothing"
+
+
+def test_writer_ingest_top_up_and_index_build(runner, db_url, team, tmp_path):
+    """A writer's own ingest, a top-up of it and its index build work through the owner-run functions."""
+    from latentlens.corpus import read_corpus
+    from latentlens.ingest import IngestOptions, ingest
+    from latentlens.models import load_language_model
+    from latentlens.models.tiny import make_tiny_model, sample_corpus_path
+    from tests._ingest_ref import compare, expected_rows
+
+    lm = load_language_model(str(make_tiny_model(tmp_path / "tiny", "llama")), name=f"w-tiny-{TAG}")
+    path = tmp_path / "c.txt"
+    path.write_text("\n".join(sample_corpus_path().read_text(encoding="utf-8").splitlines()[:40]) + "\n")
+    corpus = read_corpus(str(path))
+    writer_url = url_as(db_url, WRITER, PASSWORDS[WRITER])
+    layers = [0, 2]
+
+    def run(limit, build):
+        return ingest(lm, corpus, database_url=writer_url, options=IngestOptions(
+            progress=False, build_index=build, layers=layers, max_contexts_per_token=3, batch_size=8,
+            limit=limit))
+
+    first = run(15, False)
+    assert first.run.status == "done"
+    topped = run(None, True)  # the same corpus, all of it: adds the rest
+    assert topped.run.status == "done" and topped.run.id != first.run.id
+    assert any("recall is not measured" in n for n in topped.notices), topped.notices
+    compare(db_url, lm.name, expected_rows(lm, corpus.texts, layers, skip=2, cap=3), layers)
+    with psycopg.connect(db_url) as conn:
+        counts = conn.execute(
+            "SELECT ml.layer, ml.row_count, (SELECT count(*) FROM token_embedding e "
+            "WHERE e.model_id = m.id AND e.layer = ml.layer), ml.index_kind, ml.version FROM model m "
+            "JOIN model_layer ml ON ml.model_id = m.id WHERE m.name = %s ORDER BY 1", (lm.name,)).fetchall()
+        assert [c[0] for c in counts] == layers
+        assert all(c[1] == c[2] > 0 and c[3] == "hnsw_halfvec" and c[4] >= 2 for c in counts), counts
+        used, stored = conn.execute(
+            "SELECT (SELECT sum(used) FROM token_quota q WHERE q.model_id = m.id), "
+            "(SELECT count(*) FROM token_embedding e WHERE e.model_id = m.id AND e.layer = 0) "
+            "FROM model m WHERE m.name = %s", (lm.name,)).fetchone()
+        assert used == stored, "the quota counts every context stored, once"
+        assert conn.execute("SELECT sentence_count = (SELECT count(*) FROM sentence s WHERE s.corpus_id = c.id) "
+                            "FROM corpus c WHERE c.name = %s", (topped.corpus,)).fetchone()[0]
+        assert {r[0] for r in conn.execute("SELECT created_by FROM ingest_run r JOIN model m ON m.id = r.model_id "
+                                           "WHERE m.name = %s", (lm.name,))} == {WRITER}
+    # another member cannot take over (resume) the writer's run
+    with Store.open(url_as(db_url, WRITER2, PASSWORDS[WRITER2])) as other, \
+         pytest.raises(PermissionDenied, match=f"was started by {WRITER}"):
+        other.claim_run(topped.run, hostname="h", pid=1)
+    # the owner records the recall the writer could not
+    result = runner.invoke(cli, ["index", "calibrate", lm.name, "--json"])
+    assert result.exit_code == 0, result.output
 
 
 def test_writer_cannot_drop_models(db_url, team, filled):
@@ -269,9 +414,9 @@ def test_hostile_model_and_corpus_names_round_trip(db_url, team):
 
 def test_hostile_user_names_neither_break_nor_inject(runner, db_url, team):
     for name in HOSTILE_USERS:
-        result = runner.invoke(cli, ["db", "grant-reader", name])
+        result = runner.invoke(cli, ["db", "grant-reader", name, "--password-env", "PW"], env={"PW": "h-pw"})
         assert result.exit_code == 0, (name, result.output)
-        with psycopg.connect(url_as(db_url, name)) as conn:
+        with psycopg.connect(url_as(db_url, name, "h-pw")) as conn:
             assert conn.execute("SELECT current_user").fetchone()[0] == name
             assert conn.execute("SELECT count(*) FROM model").fetchone()[0] >= 1
     listed = {r["name"]: r["kind"] for r in json.loads(runner.invoke(cli, ["db", "users", "--json"]).output)}
@@ -294,14 +439,22 @@ def test_too_long_and_empty_names_are_refused(runner, team):
 
 def test_revoked_user_can_no_longer_read(runner, db_url, team, filled):
     name = f"gone_{TAG}"
-    assert runner.invoke(cli, ["db", "grant-reader", name]).exit_code == 0
-    with psycopg.connect(url_as(db_url, name)) as conn:
+    gone_url = url_as(db_url, name, "g-pw")
+    assert runner.invoke(cli, ["db", "grant-reader", name, "--password-env", "PW"], env={"PW": "g-pw"}).exit_code == 0
+    with psycopg.connect(gone_url) as conn:
         assert conn.execute("SELECT count(*) FROM token_context").fetchone()[0] > 0
     result = runner.invoke(cli, ["db", "revoke", name])
     assert result.exit_code == 0 and "no longer a reader" in result.output, result.output
-    with psycopg.connect(url_as(db_url, name)) as conn, \
+    with psycopg.connect(gone_url) as conn, \
          pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
         conn.execute("SELECT count(*) FROM token_context")
+    # through latentlens: what happened, not which table the schema check read first
+    with pytest.raises(PermissionDenied, match=f"role {name} has no access to this database"):
+        Store.open(gone_url)
+    result = runner.invoke(cli, ["models", "--database-url", gone_url])
+    assert result.exit_code == 5, result.output
+    assert f"role {name} has no access to this database" in result.output
+    assert "alembic_version" not in result.output and result.output.count("\n") == 1
     result = runner.invoke(cli, ["db", "revoke", name])
     assert result.exit_code == 0 and "was not a member" in result.output
     assert runner.invoke(cli, ["db", "revoke", name, "--drop"]).exit_code == 0
@@ -332,24 +485,24 @@ def test_superuser_sets_up_the_team_of_a_database_another_role_owns(pg_base_url,
 
     owner, dbname, reader, writer = f"own_{TAG}", f"t_roles_owned_{TAG}", f"rd_{TAG}", f"wr_{TAG}"
     with psycopg.connect(pg_base_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(owner)))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'o-pw'").format(sql.Identifier(owner)))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(dbname), sql.Identifier(owner)))
     url = _with_database(pg_base_url, dbname)
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # docker/init.sql's job on a server
-        migrate.upgrade(url_as(url, owner))
+        migrate.upgrade(url_as(url, owner, "o-pw"))
         with psycopg.connect(url) as conn:
             assert not conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = llens_team_role('reader')"
                                     ).fetchone()[0], "no CREATEROLE: the migration leaves the groups to later"
         monkeypatch.setenv("LLENS_DATABASE_URL", url)
-        assert roles.grant(None, reader, "reader")["groups_created"]
-        roles.grant(None, writer, "writer")
+        assert roles.grant(None, reader, "reader", "r-pw")["groups_created"]
+        roles.grant(None, writer, "writer", "w-pw")
         assert [r["kind"] for r in roles.users(None)] == ["owner", "writer", "reader"]
         assert roles.users(None)[0]["name"] == owner
-        with Store.open(url_as(url, writer)) as store:
+        with Store.open(url_as(url, writer, "w-pw")) as store:
             data = fill(store, "m", dim=8, layers=(0, 1), n_sentences=4)
-        with psycopg.connect(url_as(url, reader)) as conn:
+        with psycopg.connect(url_as(url, reader, "r-pw")) as conn:
             q = "[" + ",".join(str(x) for x in data["vectors"][1][0]) + "]"
             assert conn.execute("SELECT count(*) FROM llens_neighbors('m', 1, %s::halfvec, 3)", (q,)
                                 ).fetchone()[0] == 3, "a reader scans a leaf created after the groups"
@@ -370,7 +523,7 @@ def test_superuser_sets_up_the_team_of_a_database_another_role_owns(pg_base_url,
 def test_embedded_default_is_refused(runner, monkeypatch, args):
     monkeypatch.delenv("LLENS_DATABASE_URL", raising=False)
     result = runner.invoke(cli, ["db", *args])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, "a setting that cannot be used: README's exit codes"
     assert result.output.startswith("Error: the embedded server is single-user: set LLENS_DATABASE_URL")
     assert result.output.count("\n") == 1
 
@@ -388,3 +541,56 @@ def test_db_url_never_prints_a_password(runner, url, shown):
     assert "s3cr" not in result.output
     if shown is not None:
         assert result.stdout.strip() == shown
+
+
+def test_writer_imports_an_index(db_url, team, filled, tmp_path):
+    """Import appends too: a writer imports an exported index under a new name, with the same rows."""
+    from latentlens.interop import export_index, import_index
+
+    with Store.open(url_as(db_url, WRITER2, PASSWORDS[WRITER2])) as store:
+        export_index(store, f"team-model-{TAG}", tmp_path / "x")
+        import_index(store, tmp_path / "x", f"imported-{TAG}", corpus_name=f"imported-{TAG}")
+        got, orig = store.get_model(f"imported-{TAG}"), store.get_model(f"team-model-{TAG}")
+        assert [(li.layer, li.row_count) for li in got.layers] == [(li.layer, li.row_count) for li in orig.layers]
+        assert store.get_corpus(f"imported-{TAG}").sentence_count == 12
+
+
+def test_an_older_embedded_data_dir_gets_the_password_rules():
+    """A data dir made before latentlens checked passwords (initdb's "trust") is fixed at the next start."""
+    import shutil
+    import time
+
+    from conftest import server_tmpdir
+
+    from latentlens.db import HBA_MARKER, EmbeddedServer
+
+    base = server_tmpdir()
+    srv = EmbeddedServer(base / "data")
+    try:
+        url = srv.start()
+        hba = srv.pgdata / "pg_hba.conf"
+        assert HBA_MARKER in hba.read_text(), "a new data dir has the rules from the start"
+        member = url_as(url, f"old_{TAG}", "WRONG")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'right'").format(sql.Identifier(f"old_{TAG}")))
+            with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+                psycopg.connect(member)
+            hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n")
+            conn.execute("SELECT pg_reload_conf()")
+        for _ in range(200):  # the reload is a signal: wait until the old rule is in force
+            try:
+                psycopg.connect(member).close()
+                break
+            except psycopg.OperationalError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the trust rule never took effect")
+        srv.start()  # what any llens process does first
+        assert HBA_MARKER in hba.read_text()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(member)
+        with psycopg.connect(url) as conn:  # the owner still needs none
+            assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)

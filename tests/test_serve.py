@@ -251,14 +251,17 @@ def test_read_only_refuses_writes(db_url, ingested):
 def test_team_server_signs_in_as_the_member(db_url, ingested):
     app = create_app(db_url)  # a URL with a host: a team server, so sign-in is on
     assert app.state.llens.auth
-    # the embedded server trusts its socket: any password passes there, but one must be given
+    # the embedded server trusts its owner's socket: a password given for it proves nothing
     parts = urlsplit(db_url)
     owner = (unquote(parts.username or ""), unquote(parts.password or "") or "any")
     reader = f"llens_test_reader_{uuid.uuid4().hex[:8]}"
+    writer = f"llens_test_writer_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(db_url, autocommit=True) as conn:
-        group = conn.execute("SELECT llens_team_role('reader')").fetchone()[0]
+        group, wgroup = conn.execute("SELECT llens_team_role('reader'), llens_team_role('writer')").fetchone()
         conn.execute(f'CREATE ROLE "{reader}" LOGIN PASSWORD \'pw\'')
         conn.execute(f'GRANT "{group}" TO "{reader}"')
+        conn.execute(f'CREATE ROLE "{writer}" LOGIN PASSWORD \'pw\'')
+        conn.execute(f'GRANT "{wgroup}" TO "{writer}"')
     try:
         with TestClient(app) as c:
             r = c.get("/api/models")
@@ -267,7 +270,8 @@ def test_team_server_signs_in_as_the_member(db_url, ingested):
             assert c.get("/models").status_code == 401
             assert c.get("/api/models", auth=("nobody_" + uuid.uuid4().hex[:6], "x")).status_code == 401
             assert c.get("/api/models", auth=(owner[0], "")).status_code == 401
-            assert c.get("/api/models", auth=owner).status_code == 200
+            assert c.get("/api/models", auth=owner).status_code == 401
+            assert c.get("/api/models", auth=(reader, "pw")).status_code == 200
             # a reader queries, but the database refuses its save
             r = c.post("/api/query/text", auth=(reader, "pw"),
                        json={"model": MODEL, "text": "a dog", "k": 1, "query_layers": [1]})
@@ -277,10 +281,11 @@ def test_team_server_signs_in_as_the_member(db_url, ingested):
             assert refused.status_code == 403 and "permission denied" in refused.json()["error"]
             _no_trace(refused)
             # a draft belongs to whoever ran the query
-            assert c.post("/api/analyses", auth=owner, json=draft).status_code == 400
+            assert c.post("/api/analyses", auth=(writer, "pw"), json=draft).status_code == 400
     finally:
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute(f'DROP ROLE IF EXISTS "{reader}"')
+            conn.execute(f'DROP ROLE IF EXISTS "{writer}"')
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from latentlens.errors import DatabaseUnavailable, LatentLensError
+from latentlens.errors import DatabaseUnavailable, LatentLensError, PermissionDenied
 from latentlens.serve.state import ServeState
 
 basic = HTTPBasic(
@@ -56,17 +56,23 @@ def session(request: Request, creds: HTTPBasicCredentials | None = Depends(basic
         user, password = creds.username, creds.password
     try:
         store = state.open_store(user, password)
-    except DatabaseUnavailable as e:
+    except (DatabaseUnavailable, PermissionDenied) as e:
         if state.auth and _refused(e):
             raise SignInRequired(f"the database refused the sign-in of '{user}'") from None
         raise
+    if state.auth and not store.conn.pgconn.used_password:
+        # the server let the role in without checking its password (trust, peer: the
+        # embedded server's owner): the password given here proved nothing
+        store.close()
+        raise SignInRequired(f"the database did not check the password of '{user}': sign in as a member "
+                             "whose password it checks")
     try:
         yield Session(state, store, user)
     finally:
         store.close()
 
 
-def _refused(e: DatabaseUnavailable) -> bool:
+def _refused(e: LatentLensError) -> bool:
     cause = e.__cause__
     if getattr(cause, "sqlstate", None) in ("28P01", "28000", "42501"):
         return True

@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from latentlens.errors import InputError
+from latentlens.errors import InputError, PermissionDenied
 from latentlens.store.base import StoreBase
 from latentlens.store.types import ModelInfo
 
@@ -137,4 +137,5 @@ class AnalysesMixin(StoreBase):
         rows = self._fetch("SELECT created_by FROM analysis WHERE id = %s", (int(analysis_id),))
         if not rows:
             raise InputError(f"no analysis {analysis_id}")
-        raise InputError(f"analysis {analysis_id} belongs to {rows[0][0]}: you can delete only your own")
+        raise PermissionDenied(f"analysis {analysis_id} belongs to {rows[0][0]}: you can delete only your own "
+                               "(what each role may do: docs/team.md)")

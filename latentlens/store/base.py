@@ -37,7 +37,12 @@ class StoreBase:
         url = db.resolve_url(settings)
         conn = db.connect(url)
         store = cls(conn, url)
-        current = migrate.current_revision(conn)
+        try:
+            current = migrate.current_revision(conn)
+        except psycopg.errors.InsufficientPrivilege:
+            user = conn.info.user
+            conn.close()
+            raise PermissionDenied(db.no_access(user)) from None
         conn.commit()
         head = migrate.head_revision()
         if current != head:

@@ -231,10 +231,9 @@ class CatalogMixin(StoreBase):
                 """,
                 {"c": info.id},
             ).fetchall()
-            # counted by what this chunk added: recounting the corpus per chunk is quadratic
-            conn.execute(
-                "UPDATE corpus SET sentence_count = sentence_count + %s WHERE id = %s", (added.rowcount, info.id)
-            )
+            # counted by what this chunk added (recounting the corpus per chunk is quadratic),
+            # through an owner-run function: a writer cannot UPDATE corpus, only add to its count
+            conn.execute("SELECT llens_add_sentences(%s, %s)", (info.id, added.rowcount))
         by_hash = {bytes(h): i for h, i in rows}
         return np.array([by_hash[h] for h in hashes], dtype=np.int64)
 

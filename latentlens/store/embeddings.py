@@ -77,49 +77,36 @@ class EmbeddingsMixin(StoreBase):
             n = len(batch)
             if n:
                 self._copy_embeddings(conn, model, batch)
-                conn.execute(
-                    "UPDATE model_layer SET row_count = row_count + %s, version = version + 1 "
-                    "WHERE model_id = %s AND layer = ANY(%s)",
-                    (n, model.id, sorted(batch.vectors)),
-                )
+                # an owner-run function: a writer cannot UPDATE model_layer, only add to its counts
+                conn.execute("SELECT llens_add_rows(%s, %s, %s)", (model.id, sorted(batch.vectors), n))
             if on_commit is not None:
                 on_commit(conn, n)
         return n
 
     @staticmethod
     def _apply_quota(conn: psycopg.Connection, model: ModelInfo, batch: EmbeddingBatch, cap: int) -> EmbeddingBatch:
-        token_ids = np.unique(batch.token_id).tolist()
-        # Create missing quota rows, then lock them in token-id order so that
-        # concurrent writers queue on shared tokens instead of deadlocking.
-        conn.execute(
-            "INSERT INTO token_quota (model_id, token_id) SELECT %s, t FROM unnest(%s::int[]) AS t ORDER BY t "
-            "ON CONFLICT DO NOTHING",
-            (model.id, token_ids),
-        )
-        rows = conn.execute(
-            "SELECT token_id, used FROM token_quota WHERE model_id = %s AND token_id = ANY(%s::int[]) "
-            "ORDER BY token_id FOR UPDATE",
-            (model.id, token_ids),
-        ).fetchall()
-        used = dict(rows)
-        # first come first served within the batch (rows are in corpus order):
-        # the k-th row of a token is kept if used + k < cap, without a Python loop
+        """Keep each token's first rows (in corpus order) up to what llens_take_quota grants it.
+
+        The function (owner-run: a writer cannot UPDATE token_quota) locks the
+        tokens' quota rows in token-id order, so concurrent writers queue on
+        shared tokens instead of deadlocking.
+        """
         tok = batch.token_id.astype(np.int64)
+        uniq, counts = np.unique(tok, return_counts=True)
+        rows = conn.execute(
+            "SELECT tok, granted FROM llens_take_quota(%s, %s::int[], %s::int[], %s)",
+            (model.id, uniq.tolist(), counts.tolist(), int(cap)),
+        ).fetchall()
+        granted = dict(rows)
+        # the k-th row of a token (k from 0, corpus order) is kept if k < granted, without a Python loop
         order = np.argsort(tok, kind="stable")
         st = tok[order]
         first = np.r_[0, np.flatnonzero(st[1:] != st[:-1]) + 1]
-        rank = np.arange(len(st)) - np.repeat(first, np.diff(np.r_[first, len(st)]))
-        base = np.array([used.get(int(t), 0) for t in st[first]], dtype=np.int64)
+        sizes = np.diff(np.r_[first, len(st)])
+        rank = np.arange(len(st)) - np.repeat(first, sizes)
+        allowed = np.array([granted.get(int(t), 0) for t in st[first]], dtype=np.int64)
         keep = np.zeros(len(batch), dtype=bool)
-        keep[order] = base.repeat(np.diff(np.r_[first, len(st)])) + rank < cap
-        kept_tok, kept_n = np.unique(tok[keep], return_counts=True)
-        granted = dict(zip(kept_tok.tolist(), kept_n.tolist()))
-        if granted:
-            conn.execute(
-                "UPDATE token_quota q SET used = q.used + g.n FROM unnest(%s::int[], %s::int[]) AS g(token_id, n) "
-                "WHERE q.model_id = %s AND q.token_id = g.token_id",
-                (list(granted), list(granted.values()), model.id),
-            )
+        keep[order] = rank < allowed.repeat(sizes)
         return batch.select(keep)
 
     @staticmethod

@@ -9,7 +9,7 @@ import numpy as np
 import psycopg
 from psycopg.types.json import Jsonb
 
-from latentlens.errors import InputError
+from latentlens.errors import InputError, PermissionDenied
 from latentlens.store.base import StoreBase
 from latentlens.store.types import CorpusInfo, ModelInfo, RunInfo
 
@@ -68,14 +68,32 @@ class RunsMixin(StoreBase):
         return [RunInfo(*r) for r in rows]
 
     def claim_run(self, run: RunInfo, *, hostname: str, pid: int, sentences_total: int | None = None) -> bool:
-        """Take over a run (compare-and-swap on its status and pid); False if someone else did."""
+        """Take over a run (compare-and-swap on its status and pid); False if someone else did.
+
+        A writer may take over only the runs it started (row-level security on
+        ingest_run.created_by): another member's run is refused, not silently skipped.
+        """
         rows = self._fetch(
             "UPDATE ingest_run SET status = 'running', hostname = %s, pid = %s, error = NULL, "
             "finished_at = NULL, heartbeat_at = now(), sentences_total = coalesce(%s, sentences_total) "
             "WHERE id = %s AND status = %s AND pid IS NOT DISTINCT FROM %s RETURNING id",
             (hostname, pid, sentences_total, run.id, run.status, run.pid),
         )
+        if not rows:
+            self._check_run_is_mine(run.id)
         return bool(rows)
+
+    def _check_run_is_mine(self, run_id: int) -> None:
+        """Raise PermissionDenied if row-level security hides this run from the user's UPDATEs."""
+        row = self._fetch(
+            "SELECT created_by, current_user, row_security_active('ingest_run') FROM ingest_run WHERE id = %s",
+            (run_id,),
+        )
+        if row and row[0][2] and row[0][0] != row[0][1]:
+            who = row[0][0] or "a member before revision 0006"
+            raise PermissionDenied(
+                f"run {run_id} (same model, corpus, parameters and shard) was started by {who}: only they "
+                "or the database's owner can resume it (what each role may do: docs/team.md)")
 
     @staticmethod
     def advance_run(
@@ -94,7 +112,7 @@ class RunsMixin(StoreBase):
         """Record how a run ended. For 'done', return whether every shard of its run is now done.
 
         The shards of one sharded run (same model, corpus, parameters and
-        shard count) lock each other's rows in id order here, so finishers
+        shard count) take one advisory lock per model here, so finishers
         are serialised and exactly one of them sees all shards done: that
         one builds the indexes.
         """
@@ -102,11 +120,16 @@ class RunsMixin(StoreBase):
             me = conn.execute(
                 "SELECT model_id, corpus_id, params, num_shards FROM ingest_run WHERE id = %s", (run_id,)
             ).fetchone()
-            siblings = conn.execute(
-                "SELECT id, shard, status FROM ingest_run WHERE model_id = %s AND corpus_id = %s "
-                "AND params = %s AND num_shards = %s ORDER BY id FOR UPDATE",
-                (me[0], me[1], Jsonb(me[2]), me[3]),
-            ).fetchall() if me else []
+            siblings = []
+            if me:
+                # an advisory lock, not FOR UPDATE: row-level security would hide the
+                # shards other members started from a writer's row locks
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llens_finish'), %s)", (me[0],))
+                siblings = conn.execute(
+                    "SELECT id, shard, status FROM ingest_run WHERE model_id = %s AND corpus_id = %s "
+                    "AND params = %s AND num_shards = %s ORDER BY id",
+                    (me[0], me[1], Jsonb(me[2]), me[3]),
+                ).fetchall()
             conn.execute(
                 "UPDATE ingest_run SET status = %s, error = %s, heartbeat_at = now(), "
                 "finished_at = CASE WHEN %s = 'done' THEN now() ELSE finished_at END WHERE id = %s",

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from latentlens.db import first_line
-from latentlens.errors import EmptyResult, IndexUnsupported, InputError
+from latentlens.errors import EmptyResult, IndexUnsupported, InputError, PermissionDenied
 from latentlens.pgcopy import HEADER, TRAILER, encode_rows
 from latentlens.store.base import StoreBase
 from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_queries
@@ -57,7 +57,9 @@ class SearchMixin(StoreBase):
         to the SQL function's (16 / 64). ``maintenance_work_mem`` is set for
         the building transaction only (HNSW builds that spill are far slower).
         ``progress`` gets IndexProgress events polled from
-        pg_stat_progress_create_index on a second connection.
+        pg_stat_progress_create_index on a second connection. Each index's
+        recall is then measured (calibrate_index) where the user may record it
+        (the owner): a writer's build leaves that to the owner.
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
@@ -74,6 +76,7 @@ class SearchMixin(StoreBase):
         if ef_construction is not None:
             args.append("p_ef_construction => %(efc)s")
         sql = f"SELECT llens_build_index({', '.join(args)})"
+        calibrate = self.may_calibrate()
         for layer in todo:
             watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
             try:
@@ -83,9 +86,10 @@ class SearchMixin(StoreBase):
                     conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction})
             except psycopg.errors.InvalidParameterValue as e:
                 raise InputError(first_line(e).removeprefix("llens: ")) from None
-            if progress is not None:
-                progress(IndexProgress(layer, "measuring recall", 0, 1))
-            self.calibrate_index(info, layer)
+            if calibrate:
+                if progress is not None:
+                    progress(IndexProgress(layer, "measuring recall", 0, 1))
+                self.calibrate_index(info, layer)
             if progress is not None:
                 progress(IndexProgress(layer, "done", 1, 1, finished=True))
         return todo
@@ -105,6 +109,11 @@ class SearchMixin(StoreBase):
         it, ``recall_ok`` is false and the search policy never uses this index.
         """
         info = self.get_model(model)  # fresh: the caller's may predate the rows just loaded
+        if not self.may_calibrate():  # before the measuring, which takes a while
+            raise PermissionDenied(
+                f"permission denied for database user {self.conn.info.user}: an index's recall sets everyone's "
+                f"default search, so only the database's owner records it (ask them to run "
+                f"`llens index calibrate {info.name}`; what each role may do: docs/team.md)")
         sample = self.sample_layer(info, layer, 8 * queries).astype(np.float32)
         if len(sample) < 2 * k:
             return {}
@@ -128,6 +137,10 @@ class SearchMixin(StoreBase):
                 "UPDATE model_layer SET index_params = coalesce(index_params, '{}'::jsonb) || %s "
                 "WHERE model_id = %s AND layer = %s", (Jsonb(found), info.id, layer))
         return found
+
+    def may_calibrate(self) -> bool:
+        """Whether this user may record an index's recall (model_layer.index_params: the owner's alone)."""
+        return bool(self._fetch("SELECT has_column_privilege('model_layer', 'index_params', 'UPDATE')")[0][0])
 
     def drop_index(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> list[int]:
         info = self.get_model(model) if isinstance(model, str) else model
