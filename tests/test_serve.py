@@ -25,6 +25,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 from latentlens.serve import create_app  # noqa: E402
 
 MODEL = "tiny-llava"
+TEST_HOSTS = ["testserver"]  # the test client's Host
+
+
+def make_app(db_url, **kw):
+    """The app without sign-in and without its token (tested on their own in test_serve_perimeter.py)."""
+    return create_app(db_url, **{"auth": False, "token": None, "allow_hosts": TEST_HOSTS, **kw})
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -45,7 +53,7 @@ def ingested(db_url, tmp_path_factory, one_torch_thread):
 @pytest.fixture(scope="module")
 def client(db_url, ingested):
     # the tests' database URL looks like a team server's: sign-in is tested on its own below
-    with TestClient(create_app(db_url, auth=False)) as c:
+    with TestClient(make_app(db_url)) as c:
         yield c
 
 
@@ -123,7 +131,7 @@ def test_image_query_upload(client, ingested):
 
 def test_progress_of_long_work(db_url, ingested, tmp_path):
     """What /api/status reports: a model's first load, a cold scan cache; then nothing but the query."""
-    app = create_app(db_url, auth=False, cache_dir=tmp_path / "scan")
+    app = make_app(db_url, cache_dir=tmp_path / "scan")
     state = app.state.llens
     seen = []
     activity = state.activity
@@ -152,7 +160,7 @@ def test_bad_uploads_are_clear_4xx(client, db_url, ingested):
     assert r.status_code == 400 and "no-such-model" in r.json()["error"]
     r = _upload(client, ingested["png"], visual_layers="0,9")
     assert r.status_code == 400 and "out of range" in r.json()["error"]
-    with TestClient(create_app(db_url, auth=False, max_upload_bytes=1000)) as small:
+    with TestClient(make_app(db_url, max_upload_bytes=1000)) as small:
         r = _upload(small, ingested["png"] + b"\0" * 2000)  # read, then refused
         assert r.status_code == 413 and "at most" in r.json()["error"]
         r = _upload(small, b"\0" * (1100 * 1024))  # refused before the body is read
@@ -240,7 +248,7 @@ def test_evaluation_table_and_plot(client, db_url):
 
 
 def test_read_only_refuses_writes(db_url, ingested):
-    with TestClient(create_app(db_url, auth=False, read_only=True)) as c:
+    with TestClient(make_app(db_url, read_only=True)) as c:
         r = c.post("/api/analyses", json={"draft": "x"})
         assert r.status_code == 403 and "read-only" in r.json()["error"]
         assert c.delete("/api/analyses/1").status_code == 403
@@ -249,7 +257,7 @@ def test_read_only_refuses_writes(db_url, ingested):
 
 
 def test_team_server_signs_in_as_the_member(db_url, ingested):
-    app = create_app(db_url)  # a URL with a host: a team server, so sign-in is on
+    app = create_app(db_url, allow_hosts=TEST_HOSTS)  # a URL with a host: a team server, so sign-in is on
     assert app.state.llens.auth
     # the embedded server trusts its socket: any password passes there, but one must be given
     parts = urlsplit(db_url)
@@ -298,7 +306,7 @@ def served(db_url, ingested):
     import uvicorn
 
     port = _free_port()
-    app = create_app(db_url, auth=False)
+    app = make_app(db_url, token="browser-token")  # the real perimeter: 127.0.0.1 and the token
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -327,8 +335,12 @@ def test_image_page_in_chromium(served, ingested):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page()
-            page.goto(f"{base}/image")
+            context = browser.new_context()  # one cookie jar for both pages
+            page = context.new_page()
+            assert page.goto(f"{base}/image").status == 401  # the token page
+            page.fill("#token-form input[name=token]", "browser-token")
+            page.click("#token-form button[type=submit]")
+            page.wait_for_url(f"{base}/image")  # the token became a cookie, and left the URL
             page.select_option("#model", MODEL)
             page.set_input_files("#image", str(ingested["image"]))
             page.fill("input[name=visual_layers]", "0,2")
@@ -350,7 +362,7 @@ def test_image_page_in_chromium(served, ingested):
             page.wait_for_url(re.compile(r"/analyses/\d+$"))
             url = page.url
             # the saved analysis, opened by its URL, shows the grid again (no model needed)
-            again = browser.new_page()
+            again = context.new_page()
             again.goto(url + "#patch=5&layer=2")
             sync_api.expect(again.locator("h1")).to_have_text("seen in the browser")
             grid2 = again.frame_locator("#report")
