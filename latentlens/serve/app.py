@@ -84,7 +84,8 @@ def create_app(
 
 
 def wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or bool(request.headers.get("x-fragment"))
+    path = request.url.path
+    return path.startswith("/api/") or path.endswith(".json") or bool(request.headers.get("x-fragment"))
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
