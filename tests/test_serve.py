@@ -384,3 +384,98 @@ def test_serve_command_help_and_missing_extra(monkeypatch):
     r = CliRunner().invoke(cli, ["serve"])
     assert r.exit_code == 2
     assert r.output.strip() == "Error: llens serve needs uvicorn: pip install 'latentlens-db[serve]'"
+
+
+# ---------------------------------------------------------------------------
+# one image reader for every path; the smaller things a new user meets
+
+
+def test_exif_rotated_photo_drawn_upright_like_the_cli(client, ingested, tmp_path):
+    """A phone photo tagged 'rotate 90' (EXIF orientation 6): the saved analysis's page draws the grid
+    on the upright image it was computed on, exactly as `llens report --analysis` does."""
+    import base64
+    import io
+
+    from PIL import Image
+    from vlm_tiny import sample_image
+
+    img = sample_image((96, 64))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    r = client.post("/api/query/image", files={"image": ("phone.jpg", buf.getvalue(), "image/jpeg")},
+                    data={"model": MODEL, "visual_layers": "0", "k": "1", "patches": "center", "save": "true"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == [64, 96]  # computed upright
+    aid = int(r.headers["x-llens-analysis"])
+
+    def embedded_image(html: str) -> Image.Image:
+        m = re.search(r'<img id="image" alt="input image" src="data:image/\w+;base64,([^"]+)"', html)
+        assert m
+        return Image.open(io.BytesIO(base64.b64decode(m.group(1)))).convert("RGB")
+
+    web = client.get(f"/analyses/{aid}/report")
+    assert web.status_code == 200
+    out = CliRunner().invoke(cli, ["report", "--analysis", str(aid), "--out", str(tmp_path / "cli")])
+    assert out.exit_code == 0, out.output
+    cli_html = (tmp_path / "cli" / "report.html").read_text(encoding="utf-8")
+    web_img, cli_img = embedded_image(web.text), embedded_image(cli_html)
+    assert web_img.size == cli_img.size == (64, 96)
+    assert web_img.tobytes() == cli_img.tobytes()
+    data = re.compile(r'<script[^>]*id="llens-data"[^>]*>(.*?)</script>', re.S)
+    assert data.search(web.text).group(1) == data.search(cli_html).group(1)  # the same grid and cells
+    draft = client.get(f"/drafts/{r.headers['x-llens-draft']}/report")  # the unsaved result: the same image
+    assert embedded_image(draft.text).tobytes() == web_img.tobytes()
+
+
+def test_pixel_budget_is_a_setting(db_url, ingested):
+    with TestClient(make_app(db_url, max_image_pixels=96 * 64 - 1)) as c:
+        r = _upload(c, ingested["png"])
+        assert r.status_code == 400 and "96x64 = 0.0 megapixels, over the limit" in r.json()["error"]
+    with TestClient(make_app(db_url, max_image_pixels=96 * 64)) as c:
+        assert _upload(c, ingested["png"]).status_code == 200
+
+
+def test_forms_default_and_unknown_models(client, db_url):
+    from latentlens.store import Store
+
+    with Store.open(db_url) as store:  # sorts first: a text-only model must not be the image form's default
+        store.register_model("a-text-model", hidden_size=8, num_layers=2, architecture="LlamaForCausalLM")
+    page = client.get("/image")
+    assert page.status_code == 200
+    assert re.search(rf'<option value="{MODEL}"[^>]*selected', page.text), page.text
+    assert not re.search(r'<option value="a-text-model"[^>]*selected', page.text)
+    assert "a-text-model (0 stored layers, text only)" in page.text
+    for path in ("/image", "/text", "/search"):
+        r = client.get(path, params={"model": "no-such-model"})
+        assert r.status_code == 400 and "no-such-model" in r.text and 'id="error"' in r.text, path
+    assert re.search(r'<option value="a-text-model"[^>]*selected', client.get("/text?model=a-text-model").text)
+
+
+def test_errors_show_no_server_paths(db_url, ingested, monkeypatch):
+    from pathlib import Path
+
+    from latentlens.errors import InputError
+
+    app = make_app(db_url)
+    home = Path.home()
+
+    def cannot_load(info):
+        raise InputError(f"cannot load a model config from '{home}/models/{info.name}': no config.json")
+
+    monkeypatch.setattr(app.state.llens, "vlm", cannot_load)
+    with TestClient(app) as c:
+        page = c.post("/image", files={"image": ("p.png", ingested["png"], "image/png")}, data={"model": MODEL})
+        assert page.status_code == 400 and f"…/{MODEL}" in page.text and "no config.json" in page.text
+        assert str(home) not in page.text
+        api = _upload(c, ingested["png"])
+        assert str(home) not in api.text and "/api/" not in api.json()["error"]
+
+
+def test_no_swagger_ui_from_a_cdn(client):
+    r = client.get("/docs", follow_redirects=False)
+    assert r.status_code == 308 and r.headers["location"] == "/api-docs"
+    for path in ("/api-docs", "/models"):
+        assert 'href="/docs"' not in client.get(path).text
+    assert client.get("/openapi.json").json()["paths"]["/api/query/image"]
