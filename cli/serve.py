@@ -35,7 +35,7 @@ def _check_extra() -> None:
               help="Largest image upload accepted (bytes counted as they arrive).")
 @click.option("--max-image-mp", type=click.FloatRange(min=0), default=None,
               help="Largest image in megapixels, checked before decoding (default: LLENS_MAX_IMAGE_PIXELS, "
-                   "else 16.8 = 4096x4096, the largest input of any supported VLM; 0: no limit).")
+                   "else 16.8 = 4096x4096, about the largest input a supported VLM takes; 0: no limit).")
 @click.option("--device", help="torch device for the models (default: cuda if available, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
               show_default=True, help="Weights dtype of the vision-language models.")

@@ -19,8 +19,8 @@ ENV_DATABASE_URL = "LLENS_DATABASE_URL"
 ENV_DATA_DIR = "LLENS_DATA_DIR"
 ENV_CACHE_DIR = "LLENS_CACHE_DIR"
 ENV_MAX_IMAGE_PIXELS = "LLENS_MAX_IMAGE_PIXELS"
-#: 4096 x 4096: the largest input any supported VLM's processor takes (Qwen3-VL's 16,777,216
-#: max_pixels; Qwen2-VL's is 12.8 MP, the others a few MP at most): above it every tower downscales
+#: 4096 x 4096: about the largest input a supported VLM takes (the Qwen2-VL / Qwen3-VL processors'
+#: published max_pixels are 12.8 to 16.8 MP, the other towers a few MP): above it every one downscales
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 APP_NAME = "latentlens"
 ROOT_DATA_DIR = Path("/var/lib/latentlens")

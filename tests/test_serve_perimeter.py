@@ -186,6 +186,14 @@ def test_token_flow(embedded):
         assert c.cookies.get(f"llens_token_{embedded.port}") == t
         assert c.get("/analyses").status_code == 200  # the cookie carries it from now on
         assert c.get("/api/models").status_code == 200
+    # no open redirect from a path that starts with '//' (sent raw: clients normalise it)
+    with socket.create_connection(("127.0.0.1", embedded.port), timeout=30) as sock:
+        sock.sendall(f"GET //evil.example/x?token={t} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    assert raw.startswith(b"HTTP/1.1 303") and b"\r\nlocation: /evil.example/x\r\n" in raw.lower(), raw[:300]
 
 
 def test_no_token_opts_out_loudly(tmp_path):

@@ -64,9 +64,10 @@ def create_app(
     """
     state = ServeState(database_url, read_only=read_only, auth=auth, max_upload_bytes=max_upload_bytes,
                        device=device, dtype=dtype, cache_dir=cache_dir, max_image_pixels=max_image_pixels)
-    if token and state.auth:
-        token = None  # members sign in with their database password instead
-    state.token = new_token() if token is True else (token or None)
+    if state.auth or not token:
+        state.token = None  # members sign in with their database password instead
+    else:
+        state.token = new_token() if token is True else str(token)
     # docs_url=None: Swagger UI loads its script from a CDN (blank offline, and foreign script on our origin)
     app = FastAPI(title="latentlens", version=__version__, description=DESCRIPTION, redoc_url=None, docs_url=None)
     app.state.llens = state

@@ -17,7 +17,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -132,7 +132,10 @@ class Perimeter:
         return name in self.hosts or _loopback_ip(name) or (self.any_ip and _is_ip(name))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # the app has none: nothing unchecked gets in that way
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
 
@@ -169,16 +172,14 @@ class Perimeter:
                 # keep the token out of the address bar, history and Referer: a cookie carries it from now on
                 query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"),
                                                                 keep_blank_values=True) if k != "token"])
-                response = RedirectResponse(path + (f"?{query}" if query else ""), status_code=303)
+                here = "/" + quote(path.lstrip("/"), safe="/")  # never '//host': not an open redirect
+                response = RedirectResponse(here + (f"?{query}" if query else ""), status_code=303)
                 response.set_cookie(cookie_name(scope), state.token, httponly=True, samesite="lax",
                                     secure=scope.get("scheme") == "https", path="/")
                 await response(scope, receive, send_with_headers)
                 return
 
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send_with_headers)
-            return
-        if cross_site(headers):
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS") and cross_site(headers):
             await refuse(403, "cross-site request refused: use this server's own pages or the API directly")
             return
         await self._counted(scope, receive, send_with_headers, state.max_upload_bytes, refuse)

@@ -77,7 +77,7 @@ def load_vlm(
 
 def max_image_pixels() -> int | None:
     """The most pixels an image may have (None: no limit): ``LLENS_MAX_IMAGE_PIXELS``, by default
-    4096 x 4096 = 16.8 MP, the largest input any supported VLM takes (see latentlens.config).
+    4096 x 4096 = 16.8 MP, about the largest input a supported VLM takes (see latentlens.config).
 
     Checked from the header, before the pixels are decoded: a 9,400 x 9,400 PNG
     of a few hundred KB would otherwise take gigabytes to decode and convert,
