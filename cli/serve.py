@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import signal
 import sys
 
@@ -71,6 +73,7 @@ def serve(host: str, port: int, read_only: bool, allow_hosts: tuple[str, ...], n
     import uvicorn
 
     from latentlens.serve.app import create_app
+    from latentlens.serve.perimeter import RedactToken
 
     pixels = -1 if max_image_mp is None else int(max_image_mp * 1e6)
     app = create_app(database_url, read_only=read_only, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
@@ -95,4 +98,10 @@ def serve(host: str, port: int, read_only: bool, allow_hosts: tuple[str, ...], n
     # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit normally instead, so the
     # embedded server is detached (and stopped when this was its last user)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, log_level="info")  # configures logging
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())  # ?token=... never reaches a log
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise CommandError(f"could not start the web app on {shown}:{port} (see the lines above)", 1)

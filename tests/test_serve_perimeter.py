@@ -193,6 +193,7 @@ def test_token_flow(embedded):
         raw = b""
         while chunk := sock.recv(65536):
             raw += chunk
+    assert embedded.output().count(t) == 1, "the token is printed once, never logged"
     assert raw.startswith(b"HTTP/1.1 303") and b"\r\nlocation: /evil.example/x\r\n" in raw.lower(), raw[:300]
 
 

@@ -13,6 +13,8 @@ headers that keep other sites from framing or sniffing it.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -99,6 +101,18 @@ def request_token(scope: Scope, headers: Headers) -> tuple[str | None, bool]:
     if scheme.lower() in ("token", "bearer") and value.strip():
         return value.strip(), False
     return Request(scope).cookies.get(cookie_name(scope)), False
+
+
+_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s]*")
+
+
+class RedactToken(logging.Filter):
+    """Blanks ``?token=...`` in uvicorn's access log lines (the URL of a token-carrying request)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1…", a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def cross_site(headers: Headers) -> bool:
