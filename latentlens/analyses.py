@@ -72,7 +72,7 @@ def load_image_analysis(store: Store, analysis_id: int) -> tuple[ImageQueryResul
     The image is read by ``load_image`` like the query read it (EXIF orientation
     applied), so the stored grid is drawn on the pixels it was computed on.
     """
-    from latentlens.vlm.extract import load_image
+    from latentlens.images import load_image
     from latentlens.vlm.query import ImageQueryResult
 
     a = store.get_analysis(analysis_id, with_data=True)

@@ -292,7 +292,7 @@ def test_a_100_megapixel_image(stored, tmp_path, monkeypatch):
 def test_load_image_api_checks(monkeypatch):
     from PIL import Image
 
-    from latentlens.vlm.extract import load_image
+    from latentlens.images import load_image
 
     with pytest.raises(InputError, match="HxW or HxWx3"):
         load_image(np.zeros((4, 4, 5), np.uint8))

@@ -140,7 +140,7 @@ def text_query(
 def read_image(data: bytes, limit: int, max_pixels: int | None) -> Any:
     """An upload as an upright RGB image: its size checked, then ``load_image`` (the one image
     reader of every path: header-checked pixel budget, EXIF orientation)."""
-    from latentlens.vlm.extract import load_image
+    from latentlens.images import load_image
 
     if not data:
         raise InputError("no image was uploaded")
