@@ -76,8 +76,8 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
         llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --save --title "dog"
         llens report --analysis 12 --out dog/       # a saved analysis, without the model
     """
+    from latentlens.images import load_image
     from latentlens.lenses import parse_methods
-    from latentlens.vlm.extract import load_image
     from latentlens.vlm.query import query_image
 
     if analysis_id is not None:

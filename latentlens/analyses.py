@@ -67,9 +67,12 @@ def save_image(store: Store, result: ImageQueryResult, image_bytes: bytes, *, pa
 
 
 def load_image_analysis(store: Store, analysis_id: int) -> tuple[ImageQueryResult, Any, AnalysisInfo]:
-    """A saved image analysis as (result, PIL image, record): renders without the model."""
-    from PIL import Image
+    """A saved image analysis as (result, PIL image, record): renders without the model.
 
+    The image is read by ``load_image`` like the query read it (EXIF orientation
+    applied), so the stored grid is drawn on the pixels it was computed on.
+    """
+    from latentlens.images import load_image
     from latentlens.vlm.query import ImageQueryResult
 
     a = store.get_analysis(analysis_id, with_data=True)
@@ -80,6 +83,5 @@ def load_image_analysis(store: Store, analysis_id: int) -> tuple[ImageQueryResul
         raise InputError(f"analysis {analysis_id} has no stored image")
     if hashlib.sha256(a.input_data).hexdigest() != a.input.get("sha256"):
         raise InputError(f"analysis {analysis_id}: the stored image does not match its sha256")
-    img = Image.open(io.BytesIO(a.input_data))
-    img.load()
-    return ImageQueryResult.from_dict(a.result), img.convert("RGB"), a
+    img = load_image(a.input_data, name=f"of analysis {analysis_id}")
+    return ImageQueryResult.from_dict(a.result), img, a

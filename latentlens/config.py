@@ -18,6 +18,10 @@ from pathlib import Path
 ENV_DATABASE_URL = "LLENS_DATABASE_URL"
 ENV_DATA_DIR = "LLENS_DATA_DIR"
 ENV_CACHE_DIR = "LLENS_CACHE_DIR"
+ENV_MAX_IMAGE_PIXELS = "LLENS_MAX_IMAGE_PIXELS"
+#: 4096 x 4096: about the largest input a supported VLM takes (the Qwen2-VL / Qwen3-VL processors'
+#: published max_pixels are 12.8 to 16.8 MP, the other towers a few MP): above it every one downscales
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 APP_NAME = "latentlens"
 ROOT_DATA_DIR = Path("/var/lib/latentlens")
 
@@ -48,6 +52,21 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+def max_image_pixels() -> int | None:
+    """The pixel budget of an image (width x height), checked from its header before decoding:
+    ``LLENS_MAX_IMAGE_PIXELS`` (0: no limit), else DEFAULT_MAX_IMAGE_PIXELS."""
+    env = os.environ.get(ENV_MAX_IMAGE_PIXELS, "").strip().replace("_", "")
+    if not env:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(env))
+    except ValueError:
+        from latentlens.errors import ConfigError
+
+        raise ConfigError(f"{ENV_MAX_IMAGE_PIXELS} must be a number of pixels (0: no limit), got {env!r}") from None
+    return value if value > 0 else None
 
 
 @dataclass(frozen=True)

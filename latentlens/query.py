@@ -44,6 +44,7 @@ from latentlens.lenses import (
 )
 from latentlens.search import (
     DEFAULT_OOD_THRESHOLD,
+    CostModel,
     LayerSearch,
     Mode,
     QueryKind,
@@ -149,6 +150,15 @@ class Lens:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def share(self, models: dict[str, Any], costs: CostModel | None = None) -> CostModel:
+        """Use ``models`` (loaded language models by stored name) and ``costs`` (a search cost
+        model) held by the caller, so Lenses of one process (a server's requests) load each
+        model once and learn costs together; returns the cost model now in use."""
+        self._models = models
+        if costs is not None:
+            self.searcher.costs = costs
+        return self.searcher.costs
 
     @property
     def scan(self) -> ScanEngine:

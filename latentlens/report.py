@@ -48,7 +48,7 @@ def write_report(
     ``png_method`` picks the method whose top-1 words label report.png
     (default: the first of ``result.methods`` that has any).
     """
-    from latentlens.vlm.extract import load_image
+    from latentlens.images import load_image
 
     img = load_image(image)
     if img.size != tuple(result.image_size):

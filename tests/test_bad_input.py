@@ -271,29 +271,38 @@ def test_an_image_that_is_not_one(stored, tmp_path):
     one_line_error(run("query", stored, "--image", tmp_path / "cut.png"), "cut.png", "truncated or corrupt")
 
 
-def test_a_100_megapixel_image(stored, tmp_path):
+def test_a_100_megapixel_image(stored, tmp_path, monkeypatch):
     from PIL import Image
 
     p = tmp_path / "huge.png"
     Image.new("1", (10_000, 10_000)).save(p)  # 100 MP, ~12 KB on disk, written in a fraction of a second
     assert p.stat().st_size < 100_000
     one_line_error(run("query", stored, "--image", p), str(p), "10000x10000 = 100.0 megapixels",
-                   "over the limit of 89.5 megapixels")
-    Image.new("1", (20_000, 10_000)).save(p)  # over 2x: Pillow's own error, same message
-    one_line_error(run("query", stored, "--image", p), str(p), "200.0 megapixels", "over the limit")
+                   "over the limit of 16.8 megapixels")
+    # under Pillow's own guard (89.5 MP), over the pixel budget (4096 x 4096, the largest VLM input)
+    Image.new("1", (9_400, 9_400)).save(p)
+    one_line_error(run("query", stored, "--image", p), str(p), "9400x9400 = 88.4 megapixels",
+                   "over the limit of 16.8 megapixels (LLENS_MAX_IMAGE_PIXELS)")
+    monkeypatch.setenv("LLENS_MAX_IMAGE_PIXELS", "1000000")
+    one_line_error(run("query", stored, "--image", p), "over the limit of 1.0 megapixels")
+    Image.new("1", (20_000, 10_000)).save(p)  # over 2x Pillow's limit: its own error, refused in open
+    one_line_error(run("query", stored, "--image", p), str(p), "200.0 megapixels", "over Pillow's")
 
 
 def test_load_image_api_checks(monkeypatch):
     from PIL import Image
 
-    from latentlens.vlm.extract import load_image
+    from latentlens.images import load_image
 
     with pytest.raises(InputError, match="HxW or HxWx3"):
         load_image(np.zeros((4, 4, 5), np.uint8))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setenv("LLENS_MAX_IMAGE_PIXELS", "100")
     with pytest.raises(InputError, match="over the limit"):
         load_image(np.zeros((20, 20, 3), np.uint8))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(InputError, match="over the limit"):
+        load_image(Image.new("L", (20, 20)))
+    assert load_image(np.zeros((20, 20, 3), np.uint8), max_pixels=None).size == (20, 20)
+    monkeypatch.setenv("LLENS_MAX_IMAGE_PIXELS", "0")  # no limit
     assert load_image(np.zeros((20, 20, 3), np.uint8)).size == (20, 20)
 
 

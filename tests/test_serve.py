@@ -25,6 +25,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 from latentlens.serve import create_app  # noqa: E402
 
 MODEL = "tiny-llava"
+TEST_HOSTS = ["testserver"]  # the test client's Host
+
+
+def make_app(db_url, **kw):
+    """The app without sign-in and without its token (tested on their own in test_serve_perimeter.py)."""
+    return create_app(db_url, **{"auth": False, "token": None, "allow_hosts": TEST_HOSTS, **kw})
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -45,7 +53,7 @@ def ingested(db_url, tmp_path_factory, one_torch_thread):
 @pytest.fixture(scope="module")
 def client(db_url, ingested):
     # the tests' database URL looks like a team server's: sign-in is tested on its own below
-    with TestClient(create_app(db_url, auth=False)) as c:
+    with TestClient(make_app(db_url)) as c:
         yield c
 
 
@@ -123,7 +131,7 @@ def test_image_query_upload(client, ingested):
 
 def test_progress_of_long_work(db_url, ingested, tmp_path):
     """What /api/status reports: a model's first load, a cold scan cache; then nothing but the query."""
-    app = create_app(db_url, auth=False, cache_dir=tmp_path / "scan")
+    app = make_app(db_url, cache_dir=tmp_path / "scan")
     state = app.state.llens
     seen = []
     activity = state.activity
@@ -152,7 +160,7 @@ def test_bad_uploads_are_clear_4xx(client, db_url, ingested):
     assert r.status_code == 400 and "no-such-model" in r.json()["error"]
     r = _upload(client, ingested["png"], visual_layers="0,9")
     assert r.status_code == 400 and "out of range" in r.json()["error"]
-    with TestClient(create_app(db_url, auth=False, max_upload_bytes=1000)) as small:
+    with TestClient(make_app(db_url, max_upload_bytes=1000)) as small:
         r = _upload(small, ingested["png"] + b"\0" * 2000)  # read, then refused
         assert r.status_code == 413 and "at most" in r.json()["error"]
         r = _upload(small, b"\0" * (1100 * 1024))  # refused before the body is read
@@ -240,7 +248,7 @@ def test_evaluation_table_and_plot(client, db_url):
 
 
 def test_read_only_refuses_writes(db_url, ingested):
-    with TestClient(create_app(db_url, auth=False, read_only=True)) as c:
+    with TestClient(make_app(db_url, read_only=True)) as c:
         r = c.post("/api/analyses", json={"draft": "x"})
         assert r.status_code == 403 and "read-only" in r.json()["error"]
         assert c.delete("/api/analyses/1").status_code == 403
@@ -249,7 +257,7 @@ def test_read_only_refuses_writes(db_url, ingested):
 
 
 def test_team_server_signs_in_as_the_member(db_url, ingested):
-    app = create_app(db_url)  # a URL with a host: a team server, so sign-in is on
+    app = create_app(db_url, allow_hosts=TEST_HOSTS)  # a URL with a host: a team server, so sign-in is on
     assert app.state.llens.auth
     # the embedded server trusts its owner's socket: a password given for it proves nothing
     parts = urlsplit(db_url)
@@ -303,7 +311,7 @@ def served(db_url, ingested):
     import uvicorn
 
     port = _free_port()
-    app = create_app(db_url, auth=False)
+    app = make_app(db_url, token="browser-token")  # the real perimeter: 127.0.0.1 and the token
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -332,8 +340,12 @@ def test_image_page_in_chromium(served, ingested):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page()
-            page.goto(f"{base}/image")
+            context = browser.new_context()  # one cookie jar for both pages
+            page = context.new_page()
+            assert page.goto(f"{base}/image").status == 401  # the token page
+            page.fill("#token-form input[name=token]", "browser-token")
+            page.click("#token-form button[type=submit]")
+            page.wait_for_url(f"{base}/image")  # the token became a cookie, and left the URL
             page.select_option("#model", MODEL)
             page.set_input_files("#image", str(ingested["image"]))
             page.fill("input[name=visual_layers]", "0,2")
@@ -355,7 +367,7 @@ def test_image_page_in_chromium(served, ingested):
             page.wait_for_url(re.compile(r"/analyses/\d+$"))
             url = page.url
             # the saved analysis, opened by its URL, shows the grid again (no model needed)
-            again = browser.new_page()
+            again = context.new_page()
             again.goto(url + "#patch=5&layer=2")
             sync_api.expect(again.locator("h1")).to_have_text("seen in the browser")
             grid2 = again.frame_locator("#report")
@@ -377,3 +389,98 @@ def test_serve_command_help_and_missing_extra(monkeypatch):
     r = CliRunner().invoke(cli, ["serve"])
     assert r.exit_code == 2
     assert r.output.strip() == "Error: llens serve needs uvicorn: pip install 'latentlens-db[serve]'"
+
+
+# ---------------------------------------------------------------------------
+# one image reader for every path; the smaller things a new user meets
+
+
+def test_exif_rotated_photo_drawn_upright_like_the_cli(client, ingested, tmp_path):
+    """A phone photo tagged 'rotate 90' (EXIF orientation 6): the saved analysis's page draws the grid
+    on the upright image it was computed on, exactly as `llens report --analysis` does."""
+    import base64
+    import io
+
+    from PIL import Image
+    from vlm_tiny import sample_image
+
+    img = sample_image((96, 64))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    r = client.post("/api/query/image", files={"image": ("phone.jpg", buf.getvalue(), "image/jpeg")},
+                    data={"model": MODEL, "visual_layers": "0", "k": "1", "patches": "center", "save": "true"})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_size"] == [64, 96]  # computed upright
+    aid = int(r.headers["x-llens-analysis"])
+
+    def embedded_image(html: str) -> Image.Image:
+        m = re.search(r'<img id="image" alt="input image" src="data:image/\w+;base64,([^"]+)"', html)
+        assert m
+        return Image.open(io.BytesIO(base64.b64decode(m.group(1)))).convert("RGB")
+
+    web = client.get(f"/analyses/{aid}/report")
+    assert web.status_code == 200
+    out = CliRunner().invoke(cli, ["report", "--analysis", str(aid), "--out", str(tmp_path / "cli")])
+    assert out.exit_code == 0, out.output
+    cli_html = (tmp_path / "cli" / "report.html").read_text(encoding="utf-8")
+    web_img, cli_img = embedded_image(web.text), embedded_image(cli_html)
+    assert web_img.size == cli_img.size == (64, 96)
+    assert web_img.tobytes() == cli_img.tobytes()
+    data = re.compile(r'<script[^>]*id="llens-data"[^>]*>(.*?)</script>', re.S)
+    assert data.search(web.text).group(1) == data.search(cli_html).group(1)  # the same grid and cells
+    draft = client.get(f"/drafts/{r.headers['x-llens-draft']}/report")  # the unsaved result: the same image
+    assert embedded_image(draft.text).tobytes() == web_img.tobytes()
+
+
+def test_pixel_budget_is_a_setting(db_url, ingested):
+    with TestClient(make_app(db_url, max_image_pixels=96 * 64 - 1)) as c:
+        r = _upload(c, ingested["png"])
+        assert r.status_code == 400 and "96x64 = 0.0 megapixels, over the limit" in r.json()["error"]
+    with TestClient(make_app(db_url, max_image_pixels=96 * 64)) as c:
+        assert _upload(c, ingested["png"]).status_code == 200
+
+
+def test_forms_default_and_unknown_models(client, db_url):
+    from latentlens.store import Store
+
+    with Store.open(db_url) as store:  # sorts first: a text-only model must not be the image form's default
+        store.register_model("a-text-model", hidden_size=8, num_layers=2, architecture="LlamaForCausalLM")
+    page = client.get("/image")
+    assert page.status_code == 200
+    assert re.search(rf'<option value="{MODEL}"[^>]*selected', page.text), page.text
+    assert not re.search(r'<option value="a-text-model"[^>]*selected', page.text)
+    assert "a-text-model (0 stored layers, text only)" in page.text
+    for path in ("/image", "/text", "/search"):
+        r = client.get(path, params={"model": "no-such-model"})
+        assert r.status_code == 400 and "no-such-model" in r.text and 'id="error"' in r.text, path
+    assert re.search(r'<option value="a-text-model"[^>]*selected', client.get("/text?model=a-text-model").text)
+
+
+def test_errors_show_no_server_paths(db_url, ingested, monkeypatch):
+    from pathlib import Path
+
+    from latentlens.errors import InputError
+
+    app = make_app(db_url)
+    home = Path.home()
+
+    def cannot_load(info):
+        raise InputError(f"cannot load a model config from '{home}/models/{info.name}': no config.json")
+
+    monkeypatch.setattr(app.state.llens, "vlm", cannot_load)
+    with TestClient(app) as c:
+        page = c.post("/image", files={"image": ("p.png", ingested["png"], "image/png")}, data={"model": MODEL})
+        assert page.status_code == 400 and f"…/{MODEL}" in page.text and "no config.json" in page.text
+        assert str(home) not in page.text
+        api = _upload(c, ingested["png"])
+        assert str(home) not in api.text and "/api/" not in api.json()["error"]
+
+
+def test_no_swagger_ui_from_a_cdn(client):
+    r = client.get("/docs", follow_redirects=False)
+    assert r.status_code == 308 and r.headers["location"] == "/api-docs"
+    for path in ("/api-docs", "/models"):
+        assert 'href="/docs"' not in client.get(path).text
+    assert client.get("/openapi.json").json()["paths"]["/api/query/image"]

@@ -3,10 +3,11 @@
     from latentlens.serve import create_app
     app = create_app()              # the configured database; see docs/serve.md
 
-Modules: ``app`` (the factory, errors, request guard), ``api`` (JSON under
-/api/), ``pages`` (HTML), ``work`` (what both call in the library),
-``deps`` (sign-in and the per-request connection), ``state`` (what the
-process shares: loaded models, activities, drafts). Needs the ``serve``
+Modules: ``app`` (the factory, errors), ``perimeter`` (what every request
+passes first: Host allow-list, access token, cross-site writes, counted
+uploads), ``api`` (JSON under /api/), ``pages`` (HTML), ``work`` (what both
+call in the library), ``deps`` (sign-in and the per-request connection),
+``state`` (what the process shares: loaded models, activities, drafts). Needs the ``serve``
 extra: ``pip install 'latentlens-db[serve]'``.
 """
 

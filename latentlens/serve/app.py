@@ -10,13 +10,13 @@ error page otherwise; never a stack trace.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from fastapi import FastAPI, Request
-from fastapi.datastructures import Headers
 from fastapi.exceptions import RequestValidationError, StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -33,12 +33,11 @@ from latentlens.errors import (
 )
 from latentlens.serve import api, pages
 from latentlens.serve.deps import SignInRequired
+from latentlens.serve.perimeter import Perimeter, allowed_hosts, new_token
 from latentlens.serve.state import DEFAULT_MAX_UPLOAD, ServeState
-from latentlens.serve.work import Forbidden, NotFound, UploadTooLarge, _mb
+from latentlens.serve.work import Forbidden, NotFound, UploadTooLarge
 
 log = logging.getLogger("latentlens.serve")
-
-UPLOAD_SLACK = 1024 * 1024  # multipart framing and form fields around the image
 
 DESCRIPTION = """\
 The JSON API behind latentlens' web app. Query bodies are exactly what
@@ -50,19 +49,30 @@ credentials (your PostgreSQL user); your database role decides what you may do.
 def create_app(
     database_url: str | None = None, *, read_only: bool = False, auth: bool | None = None,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD, device: str | None = None, dtype: str = "float32",
-    cache_dir: Any = None,
+    cache_dir: Any = None, host: str = "127.0.0.1", allow_hosts: Sequence[str] = (),
+    token: str | bool | None = True, max_image_pixels: int | None = -1,
 ) -> FastAPI:
     """The web app on the configured database (``database_url``, else LLENS_DATABASE_URL, else embedded).
 
     ``auth`` (default: on for a team server, off for the embedded default)
     asks for HTTP Basic credentials and opens the database as that member
-    per request; ``read_only`` refuses every save and delete.
+    per request; ``read_only`` refuses every save and delete. Requests must
+    name ``host``, a loopback name or one of ``allow_hosts`` in their Host
+    header. Without sign-in, ``token`` (True: a random one, in
+    ``app.state.llens.token``; None/False: none) must come with every
+    request. ``max_image_pixels``: -1 is LLENS_MAX_IMAGE_PIXELS' budget.
     """
     state = ServeState(database_url, read_only=read_only, auth=auth, max_upload_bytes=max_upload_bytes,
-                       device=device, dtype=dtype, cache_dir=cache_dir)
-    app = FastAPI(title="latentlens", version=__version__, description=DESCRIPTION, redoc_url=None)
+                       device=device, dtype=dtype, cache_dir=cache_dir, max_image_pixels=max_image_pixels)
+    if state.auth or not token:
+        state.token = None  # members sign in with their database password instead
+    else:
+        state.token = new_token() if token is True else str(token)
+    # docs_url=None: Swagger UI loads its script from a CDN (blank offline, and foreign script on our origin)
+    app = FastAPI(title="latentlens", version=__version__, description=DESCRIPTION, redoc_url=None, docs_url=None)
     app.state.llens = state
-    app.add_middleware(Guard)
+    hosts, any_ip = allowed_hosts(host, allow_hosts)
+    app.add_middleware(Perimeter, hosts=hosts, any_ip=any_ip)
     app.mount("/static", StaticFiles(directory=str(files("latentlens.serve").joinpath("static"))), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
@@ -75,15 +85,36 @@ def create_app(
 
 
 def wants_json(request: Request) -> bool:
-    return request.url.path.startswith("/api/") or bool(request.headers.get("x-fragment"))
+    path = request.url.path
+    return path.startswith("/api/") or path.endswith(".json") or bool(request.headers.get("x-fragment"))
 
 
 def error_response(request: Request, status: int, message: str) -> Response:
-    headers = {"WWW-Authenticate": 'Basic realm="latentlens"'} if status == 401 else None
+    state = request.app.state.llens
+    # Basic only where members sign in: on the token mode a browser would pop up a useless dialog
+    headers = {"WWW-Authenticate": 'Basic realm="latentlens"'} if status == 401 and state.auth else None
+    message = public_message(message)
     if wants_json(request):
         return JSONResponse({"error": message}, status_code=status, headers=headers)
     return pages.TEMPLATES.TemplateResponse(request, "error.html", {"status": status, "message": message},
                                             status_code=status, headers=headers)
+
+
+_ROUTES = ("api", "analyses", "evals", "models", "search", "text", "image", "drafts", "static")
+_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s'\"`,;()<>/]+/)+[^\s'\"`,;()<>/]*")
+
+
+def public_message(message: str) -> str:
+    """``message`` without the server's file paths (a model dir, the cache, a home folder):
+    each becomes ``…/`` and its last part, which is what the user can act on."""
+    def shorten(m: re.Match[str]) -> str:
+        path = m.group(0)
+        parts = [p for p in path.split("/") if p]
+        if parts and parts[0] in _ROUTES:
+            return path  # one of this app's own URLs
+        return "…/" + (parts[-1] if parts else "")
+
+    return _PATH.sub(shorten, message)
 
 
 def status_of(e: LatentLensError) -> int:
@@ -131,63 +162,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, e: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(request, 500, f"internal error (see the server log): {type(e).__name__}")
-
-
-# ---------------------------------------------------------------------------
-# before any body is read: same-origin writes only, and the upload limit
-
-
-SECURITY_HEADERS = [(b"x-frame-options", b"SAMEORIGIN"), (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin")]
-
-
-class Guard:
-    """Refuse cross-site writes (a browser sends cached sign-ins with them) and oversized bodies;
-    no page may be framed by another site."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
-            await send(message)
-
-        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send_with_headers)
-            return
-        headers = Headers(scope=scope)
-        problem = None
-        if _cross_site(headers):
-            problem = (403, "cross-site request refused: use this server's own pages or the API directly")
-        else:
-            limit = scope["app"].state.llens.max_upload_bytes
-            try:
-                length = int(headers.get("content-length") or 0)
-            except ValueError:
-                length = 0
-            if length > limit + UPLOAD_SLACK:
-                problem = (413, f"the upload is {_mb(length)} MB; this server accepts images of at most "
-                                f"{_mb(limit)} MB")
-        if problem is None:
-            await self.app(scope, receive, send_with_headers)
-            return
-        response = error_response(Request(scope), *problem)
-        await response(scope, receive, send_with_headers)
-
-
-def _cross_site(headers: Headers) -> bool:
-    if headers.get("sec-fetch-site") in ("cross-site", "same-site"):
-        return True
-    origin = headers.get("origin")
-    if origin is None:
-        return False  # not a browser's cross-origin request (curl, scripts, the test client)
-    if origin == "null":
-        return True
-    hosts = {headers.get("host"), headers.get("x-forwarded-host")}
-    return urlsplit(origin).netloc not in hosts

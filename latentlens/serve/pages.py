@@ -53,8 +53,26 @@ def fragment(request: Request) -> bool:
     return bool(request.headers.get("x-fragment"))
 
 
-def _models(s: Session) -> list[dict]:
-    return [{"name": m.name, "layers": m.layer_numbers, "rows": m.row_count} for m in s.store.list_models()]
+_VLM_MARKS = ("ForConditionalGeneration", "VL", "Vision", "Llava", "Molmo", "Idefics", "PaliGemma")
+
+
+def is_vlm(architecture: str | None) -> bool:
+    """Whether a stored model's architecture is a vision-language model's (its image side can run)."""
+    return bool(architecture) and any(m in (architecture or "") for m in _VLM_MARKS)
+
+
+def _models(s: Session, chosen: str | None = None) -> list[dict]:
+    """The stored models for a form's menu; ``chosen`` (from the URL) must be one of them."""
+    models = [{"name": m.name, "layers": m.layer_numbers, "rows": m.row_count, "vlm": is_vlm(m.architecture)}
+              for m in s.store.list_models()]
+    if chosen and chosen not in {m["name"] for m in models}:
+        s.store.get_model(chosen)  # UnknownModel: one line naming it and the stored models
+    return models
+
+
+def _default_vlm(models: list[dict], chosen: str | None) -> str | None:
+    """The image form's model: the one asked for, else the first vision-language model."""
+    return chosen or next((m["name"] for m in models if m["vlm"]), None)
 
 
 def text_grid(results: list[dict]) -> dict:
@@ -83,15 +101,15 @@ def models_page(request: Request, s: Session = Depends(session)) -> Response:
 @router.get("/search")
 def search_page(request: Request, model: str | None = None, q: str | None = None, layer: int | None = None,
                 s: Session = Depends(session)) -> Response:
-    models = _models(s)
+    models = _models(s, model)
     found = work.context_search(s.store, model, q, layer=layer) if model and q and q.strip() else None
     return page(request, "search.html", s, models=models, model=model, q=q or "", found=found)
 
 
 @router.get("/text")
 def text_page(request: Request, model: str | None = None, s: Session = Depends(session)) -> Response:
-    return page(request, "text.html", s, models=_models(s), form={"model": model, "k": 5,
-                                                                  "methods": ["latentlens"]})
+    return page(request, "text.html", s, models=_models(s, model), form={"model": model, "k": 5,
+                                                                         "methods": ["latentlens"]})
 
 
 @router.post("/text")
@@ -112,8 +130,9 @@ def text_run(
 
 @router.get("/image")
 def image_page(request: Request, model: str | None = None, s: Session = Depends(session)) -> Response:
-    return page(request, "image.html", s, models=_models(s), form={"model": model, "k": 5, "patches": "all",
-                                                                   "methods": ["latentlens"]})
+    models = _models(s, model)
+    return page(request, "image.html", s, models=models, form={"model": _default_vlm(models, model), "k": 5,
+                                                               "patches": "all", "methods": ["latentlens"]})
 
 
 @router.post("/image")
@@ -143,7 +162,7 @@ def draft_report(draft: str, s: Session = Depends(session)) -> Response:
     d = s.state.get_draft(draft, s.user)
     if d.kind != "image":
         raise work.NotFound("that result has no image grid")
-    img = work.read_image(d.image_bytes or b"", len(d.image_bytes or b"") + 1)
+    img = work.read_image(d.image_bytes or b"", len(d.image_bytes or b"") + 1, s.state.max_image_pixels)
     return HTMLResponse(render_html(d.results, img, title=f"{d.model}: {d.image_name} (not saved)"))
 
 
@@ -162,7 +181,7 @@ def analyses_page(request: Request, model: str = "", author: str = "", title: st
                   s: Session = Depends(session)) -> Response:
     found = s.store.list_analyses(model=model or None, author=author or None, title=title or None,
                                   kind=kind or None, limit=200)
-    return page(request, "analyses.html", s, analyses=found, me=work.current_user(s.store),
+    return page(request, "analyses.html", s, analyses=found, me=s.store.current_user(),
                 filters={"model": model, "author": author, "title": title, "kind": kind})
 
 
@@ -170,7 +189,7 @@ def analyses_page(request: Request, model: str = "", author: str = "", title: st
 def analysis_page(request: Request, analysis_id: int, s: Session = Depends(session)) -> Response:
     a = work.get_analysis(s.store, analysis_id)
     grid = text_grid(a.result) if a.kind in ("text", "vectors") and isinstance(a.result, list) else None
-    return page(request, "analysis.html", s, a=a, grid=grid, me=work.current_user(s.store))
+    return page(request, "analysis.html", s, a=a, grid=grid, me=s.store.current_user())
 
 
 @router.get("/analyses/{analysis_id}/report")
@@ -200,6 +219,12 @@ def evals_page(request: Request, s: Session = Depends(session)) -> Response:
 def eval_page(request: Request, run: str, s: Session = Depends(session)) -> Response:
     info, rows = work.eval_summary(s.store, run)
     return page(request, "eval.html", s, run=info, rows=rows)
+
+
+@router.get("/docs")
+def swagger_moved() -> Response:
+    """Swagger UI needs script from a CDN (a blank page offline): the offline reference instead."""
+    return RedirectResponse("/api-docs", status_code=308)
 
 
 @router.get("/api-docs")

@@ -69,7 +69,7 @@ class ServeState:
     def __init__(
         self, database_url: str | None = None, *, read_only: bool = False, auth: bool | None = None,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD, device: str | None = None, dtype: str = "float32",
-        cache_dir: Any = None,
+        cache_dir: Any = None, max_image_pixels: int | None = -1,
     ):
         settings = Settings.resolve(database_url)
         self.database_url = settings.database_url  # None: the embedded server
@@ -81,6 +81,12 @@ class ServeState:
         if max_upload_bytes < 1:
             raise InputError("the upload limit must be positive")
         self.max_upload_bytes = int(max_upload_bytes)
+        if max_image_pixels == -1:
+            from latentlens.config import max_image_pixels as configured
+
+            max_image_pixels = configured()
+        self.max_image_pixels = max_image_pixels or None  # width x height, checked from the header
+        self.token: str | None = None  # the no-sign-in mode's access token (latentlens.serve.perimeter)
         self.device = device
         self.dtype = dtype
         self.cache_dir = cache_dir
@@ -113,11 +119,8 @@ class ServeState:
         from latentlens.query import Lens
 
         lens = Lens(store, cache_dir=self.cache_dir)
-        lens._models = self.models
         with self._lock:
-            if self._costs is None:
-                self._costs = lens.searcher.costs
-        lens.searcher.costs = self._costs
+            self._costs = lens.share(self.models, self._costs)
         return lens
 
     # ---- models, loaded once --------------------------------------------------

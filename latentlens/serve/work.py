@@ -8,10 +8,8 @@ mistakes raise LatentLensError subclasses (one line, shown in the page or as
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,11 +56,6 @@ def check_k(k: int) -> int:
     if not 1 <= int(k) <= MAX_QUERY_K:
         raise InputError(f"k must be between 1 and {MAX_QUERY_K}")
     return int(k)
-
-
-def current_user(store: Any) -> str:
-    with store.transaction() as conn:
-        return conn.execute("SELECT current_user").fetchone()[0]
 
 
 def forbid_writes(state: ServeState) -> None:
@@ -144,29 +137,16 @@ def text_query(
     return results, draft
 
 
-def read_image(data: bytes, limit: int) -> Any:
-    """Check an upload's size and that Pillow reads it; the RGB image (EXIF rotation applied)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from latentlens.vlm.extract import load_image
+def read_image(data: bytes, limit: int, max_pixels: int | None) -> Any:
+    """An upload as an upright RGB image: its size checked, then ``load_image`` (the one image
+    reader of every path: header-checked pixel budget, EXIF orientation)."""
+    from latentlens.images import load_image
 
     if not data:
         raise InputError("no image was uploaded")
     if len(data) > limit:
         raise UploadTooLarge(f"the image is {_mb(len(data))} MB; this server accepts at most {_mb(limit)} MB")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-    except UnidentifiedImageError:
-        raise InputError("the upload is not an image (any format Pillow reads: PNG, JPEG, WebP, ...)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError("the image has too many pixels to process") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"the image could not be decoded: {msg}") from None
-    return load_image(img)
+    return load_image(data, max_pixels=max_pixels)
 
 
 def _mb(n: int) -> str:
@@ -185,7 +165,7 @@ def image_query(
     from latentlens.store.types import check_layer_range
     from latentlens.vlm.query import parse_patches, query_image
 
-    img = read_image(image_bytes, state.max_upload_bytes)
+    img = read_image(image_bytes, state.max_upload_bytes, state.max_image_pixels)
     methods = parse_methods(methods)
     vls, searched = parse_layers(visual_layers, "visual layers"), parse_layers(layers, "searched layers")
     k = check_k(k)
@@ -281,30 +261,6 @@ def eval_plot(state: ServeState, info: Any, rows: Sequence[Any]) -> bytes:
 # context search: a word or phrase -> its stored occurrences, from llens_contexts (token_context)
 
 
-def _has_bm25(store: Any) -> bool:
-    """pg_textsearch installed, with a bm25 index on sentence(text) to rank by."""
-    with store.transaction() as conn:
-        return bool(conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_textsearch') AND EXISTS ("
-            "SELECT 1 FROM pg_indexes WHERE tablename = 'sentence' AND indexdef ILIKE '%%using bm25%%')"
-        ).fetchone()[0])
-
-
-_SEARCH_SQL = """
-WITH s AS (
-    SELECT s.id, row_number() OVER (ORDER BY {order}) AS rank
-      FROM sentence s
-     WHERE s.text ILIKE %(pat)s
-       AND s.corpus_id IN (SELECT corpus_id FROM ingest_run WHERE model_id = %(mid)s)
-     ORDER BY {order}
-     LIMIT %(cand)s
-)
-SELECT c.sentence_id, c.sentence, c.position, c.token, c.char_start, c.char_end
-  FROM s JOIN llens_contexts(%(model)s) c ON c.sentence_id = s.id AND c.layer = %(layer)s
- ORDER BY s.rank, c.position
-"""
-
-
 def context_search(store: Any, model: str, query: str, *, layer: int | None = None, limit: int = 50) -> dict:
     """Where a word or phrase occurs among a model's stored contexts (whole words, any case).
 
@@ -313,8 +269,6 @@ def context_search(store: Any, model: str, query: str, *, layer: int | None = No
     stored tokens at one layer come from ``llens_contexts``: each
     occurrence with the tokens that cover it.
     """
-    import psycopg
-
     q = " ".join((query or "").split())
     if not q:
         raise InputError("type a word or phrase to search for")
@@ -326,20 +280,8 @@ def context_search(store: Any, model: str, query: str, *, layer: int | None = No
     if not stored:
         raise EmptyResult(f"model '{info.name}' has no stored layers yet: run `llens ingest`")
     layer = info.layer(stored[0] if layer is None else int(layer)).layer
-    escaped = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    args = {"pat": f"%{escaped}%", "mid": info.id, "cand": min(limit * 4, 2000), "model": info.name,
-            "layer": layer, "q": q}
-    ranking = "bm25" if _has_bm25(store) else "sentence order"
-    rows = None
-    if ranking == "bm25":
-        try:
-            with store.transaction() as conn:
-                rows = conn.execute(_SEARCH_SQL.format(order="s.text <@> %(q)s"), args).fetchall()
-        except psycopg.Error:
-            ranking = "sentence order"
-    if rows is None:
-        with store.transaction() as conn:
-            rows = conn.execute(_SEARCH_SQL.format(order="s.id"), args).fetchall()
+    ranking = "bm25" if store.has_bm25() else "sentence order"
+    rows, ranking = store.phrase_tokens(info, q, layer=layer, candidates=min(limit * 4, 2000), ranking=ranking)
     word = re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in q.split()) + r"(?!\w)", re.IGNORECASE)
     by_sentence: dict[int, tuple[str, list[tuple]]] = {}
     for sid, sentence, pos, tok, cs, ce in rows:

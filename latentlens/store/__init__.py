@@ -13,7 +13,8 @@ One module per concern, combined into ``Store``:
 ``base`` (connection, transactions, schema check), ``catalog`` (models,
 layers, vocabularies, corpora, sentences), ``embeddings`` (bulk write and
 read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts), ``evals``
-(evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance).
+(evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance),
+``phrases`` (sentences containing a phrase, for the web app's context search).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from latentlens.store.embeddings import (
     EmbeddingsMixin,
 )
 from latentlens.store.evals import EvalItem, EvalRunInfo, EvalsMixin, EvalVerdict
+from latentlens.store.phrases import PhrasesMixin
 from latentlens.store.runs import RunsMixin
 from latentlens.store.search import SearchMixin
 from latentlens.store.types import (
@@ -41,7 +43,7 @@ from latentlens.store.types import (
 )
 
 
-class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin):
+class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin, PhrasesMixin):
     """Typed access to the latentlens schema over one psycopg connection."""
 
 

@@ -95,6 +95,10 @@ class StoreBase:
         with self.transaction() as conn:
             return conn.execute(sql, params).fetchall()
 
+    def current_user(self) -> str:
+        """The database role this connection acts as (a signed-in member on a team server)."""
+        return str(self._fetch("SELECT current_user")[0][0])
+
     def instance_id(self) -> str:
         """A uuid made when the schema was created: identifies this database in caches."""
         return self._fetch("SELECT value FROM llens_meta WHERE key = 'instance_id'")[0][0]

@@ -7,18 +7,11 @@ architecture is one small ``VisionLanguageModel`` subclass listed in
 
 from __future__ import annotations
 
-import contextlib
-import re
-import struct
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from latentlens.errors import InputError, UnsupportedModel
+from latentlens.images import ImageSource, load_image, max_image_pixels  # noqa: F401  (re-exported)
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
 from latentlens.vlm.gemma3 import Gemma3VLM
 from latentlens.vlm.geometry import parse_resolution
@@ -72,76 +65,6 @@ def load_vlm(
         return adapter.from_pretrained(source, dtype=dtype, device=device, revision=revision)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load {adapter.display_name} model '{source}': {_first_line(e)}") from e
-
-
-def max_image_pixels() -> int | None:
-    """The most pixels an image may have: Pillow's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485 = 89.5 MP by default; None = no limit).
-
-    Pillow only warns between 1x and 2x of it; latentlens refuses anything over
-    it, before decoding (a 100 MP RGB image is 300 MB decoded, and every
-    vision tower resizes to a few megapixels at most). Raise it in Python by
-    setting ``PIL.Image.MAX_IMAGE_PIXELS``; ``llens serve`` uploads use the same limit.
-    """
-    limit = Image.MAX_IMAGE_PIXELS
-    return int(limit) if limit else None
-
-
-def _check_pixels(size: tuple[int, int], what: str = "") -> None:
-    limit = max_image_pixels()
-    w, h = size
-    if limit is not None and w * h > limit:
-        raise InputError(
-            f"{'image ' + what if what else 'the image'} is {w}x{h} = {w * h / 1e6:.1f} megapixels, over the limit of {limit / 1e6:.1f} "
-            "megapixels (Pillow's decompression-bomb guard): downscale it first, e.g. to 4096 pixels on the long side"
-        )
-
-
-def load_image(image: Any) -> Image.Image:
-    """A PIL RGB image from a path, PIL image or HxWx3 uint8 array (EXIF rotation applied).
-
-    A path that is not an image Pillow reads, a truncated or corrupt one, or
-    one over ``max_image_pixels()`` is an InputError naming the file; the
-    size is checked from the header, before the pixels are decoded.
-    """
-    if isinstance(image, Image.Image):
-        img = image
-        _check_pixels(img.size)
-    elif isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise InputError(f"an image array must be HxW or HxWx3 (or x4), got shape {image.shape}")
-        _check_pixels((image.shape[1], image.shape[0]))
-        try:
-            img = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[..., 0])
-        except (TypeError, ValueError) as e:
-            raise InputError(f"cannot make an image of a {image.dtype} array {image.shape}: {_first_line(e)}") from e
-    else:
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"image file not found: {path}")
-        try:
-            with warnings.catch_warnings():  # over 1x the limit Pillow warns: we refuse just below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path)
-            try:
-                _check_pixels(img.size, str(path))
-                img.load()
-            except BaseException:
-                img.close()
-                raise
-        except UnidentifiedImageError:
-            raise InputError(f"cannot read image {path}: not an image file Pillow recognises "
-                             "(PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
-        except Image.DecompressionBombError as e:  # over 2x: Pillow refuses in open, before our check
-            m = re.search(r"\((\d+) pixels\)", str(e))
-            n = f"{int(m.group(1)) / 1e6:.1f} megapixels" if m else "too many pixels"
-            raise InputError(f"image {path} is {n}, over the limit of {(max_image_pixels() or 0) / 1e6:.1f} "
-                             "megapixels (Pillow's decompression-bomb guard): downscale it first") from None
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-            raise InputError(f"cannot read image {path}: truncated or corrupt ({_first_line(e)})") from None
-    with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
-        img = ImageOps.exif_transpose(img) or img  # a broken EXIF block: keep the pixels as stored
-    return img.convert("RGB")
 
 
 def extract_visual_tokens(
