@@ -324,7 +324,8 @@ def test_serve_sign_in_refuses_wrong_passwords(db_url, team, filled):
     from latentlens.serve.app import create_app
 
     owner = urlsplit(db_url).username
-    with TestClient(create_app(db_url)) as c:
+    # sign-in on (a team server's mode); TestClient's Host header is "testserver"
+    with TestClient(create_app(db_url, auth=True, allow_hosts=["testserver"])) as c:
         assert c.get("/api/models", auth=(WRITER, PASSWORDS[WRITER])).status_code == 200
         for creds in ((WRITER, "WRONG"), (READER, PASSWORDS[WRITER]), (owner, "x")):
             r = c.get("/api/models", auth=creds)
