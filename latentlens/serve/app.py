@@ -10,6 +10,7 @@ error page otherwise; never a stack trace.
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from importlib.resources import files
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,6 @@ from fastapi.datastructures import Headers
 from fastapi.exceptions import RequestValidationError, StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.types import Message
 
 from latentlens import __version__
 from latentlens.db import first_line
@@ -154,7 +154,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_headers(message: Message) -> None:
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:  # an ASGI message
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
