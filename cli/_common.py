@@ -25,7 +25,8 @@ class CommandError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
-        self.exit_code = exit_code
+        # click types exit_code as a class variable; each CommandError carries its error's code
+        self.exit_code = exit_code  # type: ignore[misc]
 
 
 def database_option(f: Callable) -> Callable:

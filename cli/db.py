@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from latentlens.cli._common import (
@@ -14,6 +15,9 @@ from latentlens.cli._common import (
     output_format,
     output_options,
 )
+
+if TYPE_CHECKING:
+    from latentlens.roles import Kind
 
 
 @click.group()
@@ -192,7 +196,7 @@ def _password(database_url: str | None, name: str, password_env: str | None, pas
     return None
 
 
-def _grant(database_url: str | None, name: str, kind: str, password_env: str | None,
+def _grant(database_url: str | None, name: str, kind: Kind, password_env: str | None,
            password_file: str | None) -> None:
     from latentlens import roles
 

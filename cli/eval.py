@@ -124,7 +124,7 @@ def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: boo
         run = store.get_eval_run(run_ref)
         rows = summarize(store.eval_counts(run), run.methods)
         records = store.eval_verdicts(run) if export_path else None
-    if export_path:
+    if records is not None:  # export_path was given
         write_jsonl(records, export_path)
         click.echo(f"wrote {len(records)} verdicts to {export_path}", err=True)
     paths = {}

@@ -93,13 +93,17 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
     if kind == "dir" and (revision or cache_dir or force_download):
         raise InputError("--revision, --cache-dir and --force-download apply to a hub repository, "
                          f"not to the directory {index}")
-    if model is None and source is None:
+    if not model and not source:  # an empty --model "" or --source "" names nothing either
         raise InputError("give --model NAME to store the index under, or --source CHECKPOINT "
                          "(the model it was built from, whose name it then gets)")
     size = None if hidden_size.strip().lower() == "auto" else _int(hidden_size, "--hidden-size")
     chosen = parse_int_list(layers, "--layers")
     src = resolve_source(source, read_config=num_layers is None) if source else None  # before any download
-    name = model or src.default_name
+    if model:
+        name = model
+    else:
+        assert src is not None  # no --model, so a --source (checked above)
+        name = src.default_name
     hub = None
     if kind == "hub":
         with open_store(database_url):

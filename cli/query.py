@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from typing import TYPE_CHECKING
 
 import click
 from latentlens.cli._common import (
@@ -14,6 +15,9 @@ from latentlens.cli._common import (
     output_options,
     parse_int_list,
 )
+
+if TYPE_CHECKING:
+    from latentlens.search import Mode
 
 CSV_COLUMNS = [
     "method", "query_index", "query_token", "query_layer", "searched_layer", "rank", "token", "word",
@@ -61,7 +65,7 @@ SENTENCE_WIDTH = 90
 def query(model: str, text: str | None, token: str | None, query_layer: str | None,
           vectors_path: str | None, key: str | None, image: str | None, visual_layers: str | None,
           patches: str, sample: int | None, seed: int, prompt: str | None, resolution: str | None,
-          layers: str | None, per_layer: bool, method: str, k: int, mode: str, exact: bool,
+          layers: str | None, per_layer: bool, method: str, k: int, mode: Mode, exact: bool,
           ef_search: int | None, save: bool, title: str | None, as_json: bool, as_csv: bool,
           database_url: str | None) -> None:
     """Nearest contextual neighbours of a text's tokens, raw vectors, or an image's patches.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 from latentlens.cli._common import (
@@ -98,7 +99,7 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
     if png_layer is not None and vls is not None and png_layer not in vls:
         raise click.BadParameter(f"{png_layer} is not one of --visual-layers", param_hint="--png-layer")
     img = load_image(image)
-    common = dict(k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
+    common: dict[str, Any] = dict(k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
                   device=device, dtype=dtype, methods=methods)
     if "latentlens" not in methods:
         from latentlens.query import baseline_vlm_source

@@ -52,26 +52,26 @@ def status(database_url: str | None) -> dict[str, Any]:
     }
     head = migrate.head_revision()
     with db.connect(target_url, autocommit=True) as conn:
-        row = conn.execute(
+        row = db.one_row(conn.execute(
             "SELECT split_part(version(), ' ', 2), current_database(), "
             "pg_size_pretty(pg_database_size(current_database())), "
             "(SELECT extversion FROM pg_extension WHERE extname = 'vector')"
-        ).fetchone()
+        ))
         info["postgresql"], info["dbname"], info["size"], info["pgvector"] = row
         current = migrate.current_revision(conn)
         info["schema_revision"] = current
         info["schema_head"] = head
         info["schema_current"] = current == head
         if current is not None:
-            counts = conn.execute(
+            counts = db.one_row(conn.execute(
                 "SELECT (SELECT count(*) FROM model), (SELECT count(*) FROM corpus), "
                 "(SELECT count(*) FROM sentence), (SELECT coalesce(sum(row_count), 0) FROM model_layer), "
                 "(SELECT count(*) FROM ingest_run WHERE status = 'running')"
-            ).fetchone()
+            ))
             info["models"], info["corpora"], info["sentences"], info["embeddings"], info["running_ingests"] = (
                 int(x) for x in counts
             )
-        ann = conn.execute("SELECT current_setting(%s, true)", (db.ANN_SETTING,)).fetchone()[0]
+        ann = db.one_row(conn.execute("SELECT current_setting(%s, true)", (db.ANN_SETTING,)))[0]
     info["ann_indexes"] = (
         "disabled: this server's pgvector failed latentlens' ANN probe (llens.ann_index = off); "
         "queries use exact search" if ann == "off" else "available"

@@ -19,6 +19,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
@@ -198,7 +199,8 @@ class EmbeddedServer:
 
     def _configure(self, server) -> None:
         """Apply EMBEDDED_SERVER_SETTINGS on a freshly created cluster and restart it."""
-        from pgserver._commands import pg_ctl
+        # pgserver._commands makes one function per PostgreSQL program at import (setattr)
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
             for key, value in EMBEDDED_SERVER_SETTINGS.items():
@@ -226,7 +228,7 @@ class EmbeddedServer:
             pass
         path.write_text(hba_rules(server.postgres_user))  # in place: keeps the file's owner and mode
         with psycopg.connect(base_url, autocommit=True) as conn:
-            before = conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+            before = one_row(conn.execute("SELECT pg_conf_load_time()"))[0]
             conn.execute("SELECT pg_reload_conf()")
         # the reload is a signal: wait until new connections run under the new rules
         _wait_until(base_url, lambda conn: conn.execute(
@@ -252,7 +254,8 @@ class EmbeddedServer:
         """Stop the server whoever started it; return False if it was not running."""
         if not self.running():
             return False
-        from pgserver._commands import pg_ctl
+        # pgserver._commands makes one function per PostgreSQL program at import (setattr)
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
         user = "pgserver" if _is_root() else None
         with _server_lock():
@@ -373,10 +376,10 @@ def _wait_until(url: str, ready, *, timeout: float, must: bool = True) -> None:
 def ensure_ann_probe(url: str) -> bool:
     """Probe the server unless its recorded answer was measured on this build and CPU."""
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-        version = conn.execute("SELECT version()").fetchone()[0]
-        recorded, key_seen = conn.execute(
+        version = one_row(conn.execute("SELECT version()"))[0]
+        recorded, key_seen = one_row(conn.execute(
             "SELECT current_setting(%s, true), current_setting(%s, true)", (ANN_SETTING, ANN_PROBE_SETTING)
-        ).fetchone()
+        ))
     key = probe_key(version)
     if recorded in ("on", "off") and key_seen == key:
         return recorded == "on"
@@ -406,6 +409,15 @@ def resolve_url(settings: Settings, *, keep_running: bool = False) -> str:
         url = EmbeddedServer(settings.data_dir).start(keep_running=keep_running)
         _embedded_urls[settings.data_dir] = url
     return url
+
+
+def one_row(cursor: psycopg.Cursor[Any]) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, a SELECT without FROM), which
+    psycopg's fetchone() types as optional."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
 
 
 def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:

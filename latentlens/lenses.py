@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from latentlens.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("latentlens", "logitlens", "embeddinglens")
 VOCAB_METHODS = ("logitlens", "embeddinglens")
@@ -79,7 +82,7 @@ class VocabularyLens:
         self.heads = heads
         self.tokenizer = tokenizer
         self.num_layers = int(num_layers)
-        self._inv_norm = None  # 1 / |E_v|, float32, made on first EmbeddingLens call
+        self._inv_norm: torch.Tensor | None = None  # 1 / |E_v|, float32, made on first EmbeddingLens call
         self._norm = None  # the final norm in float32, made on first LogitLens call
         self._decoded: dict[int, str] = {}
 

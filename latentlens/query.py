@@ -536,7 +536,7 @@ def flat_rows(results: Sequence[QueryResult]) -> list[dict]:
     rows = []
     for r in results:
         head = {"query_index": r.index, "query_token": r.query_token, "query_layer": r.query_layer}
-        groups = [(None, r.neighbours)]
+        groups: list[tuple[int | None, list[Neighbour]]] = [(None, r.neighbours)]
         if r.per_layer is not None:
             groups = list(r.per_layer.items())
         for searched, ns in groups:

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from latentlens.errors import InputError
 from latentlens.lenses import SCORES, VOCAB_METHODS
-from latentlens.vlm.geometry import Patch
+from latentlens.vlm.geometry import Patch, as_box
 from latentlens.vlm.query import ImageQueryResult, PatchResult, VisualLayerResult
 
 METHOD_NAMES = {"latentlens": "LatentLens", "logitlens": "LogitLens", "embeddinglens": "EmbeddingLens"}
@@ -144,7 +144,7 @@ def _grid(result: ImageQueryResult) -> list[Patch]:
     """Every patch of the grid; a result built by hand may only know the queried ones."""
     if result.patches:
         return list(result.patches)
-    return [Patch(p.patch_idx, p.row, p.col, tuple(p.box)) for p in result.layers[0].patches]
+    return [Patch(p.patch_idx, p.row, p.col, as_box(p.box)) for p in result.layers[0].patches]
 
 
 def _script_json(obj: Any) -> str:
@@ -169,7 +169,8 @@ def _image_data_uri(img: Image.Image) -> str:
 
 
 def _asset(name: str) -> str:
-    return resources.files("latentlens").joinpath("report_assets", name).read_text(encoding="utf-8")
+    # one part per joinpath: Python 3.10's Traversable takes one
+    return (resources.files("latentlens") / "report_assets" / name).read_text(encoding="utf-8")
 
 
 def render_html(result: ImageQueryResult, img: Image.Image, *, title: str | None = None) -> str:
@@ -307,8 +308,8 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
     pad = max(2, size // 5)
     placed: list[tuple[float, float, float, float]] = []
     tops = [(p, hits[0]) for p in vl.patches if (hits := top_hits(p, method))]
-    for p, (word, _score) in sorted(tops, key=lambda t: -t[1][1]):
-        x0, y0, x1, y1 = (v * scale for v in p.box)
+    for pr, (word, _score) in sorted(tops, key=lambda t: -t[1][1]):
+        x0, y0, x1, y1 = (v * scale for v in pr.box)
         if not (x1 > x0 and y1 > y0):
             continue
         text = _short(word)

@@ -118,7 +118,7 @@ def url_without_password(url: str) -> tuple[str, bool]:
             return "<unparseable connection string>", True
         if not params.pop("password", None):
             return url, False
-        return psycopg.conninfo.make_conninfo(**params), True
+        return psycopg.conninfo.make_conninfo("", **params), True
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -148,7 +148,7 @@ def member_url(url: str, name: str) -> str:
     if "://" not in url:
         params = psycopg.conninfo.conninfo_to_dict(url)
         params["user"] = name
-        return psycopg.conninfo.make_conninfo(**params)
+        return psycopg.conninfo.make_conninfo("", **params)
     parts = urlsplit(url)
     hostport = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{quote(name, safe='')}@{hostport}"))
@@ -168,7 +168,7 @@ def _connect(database_url: str | None) -> Iterator[tuple[psycopg.Connection, str
     conn = db.connect(url, autocommit=True)
     try:
         with _sql_errors("cannot read the database"):
-            ok = conn.execute("SELECT to_regprocedure('llens_team_role(text)') IS NOT NULL").fetchone()[0]
+            ok = db.one_row(conn.execute("SELECT to_regprocedure('llens_team_role(text)') IS NOT NULL"))[0]
         if not ok:
             raise SchemaOutOfDate(
                 "this database has no team roles (schema older than revision 0004): "
@@ -202,12 +202,12 @@ def _sql_errors(action: str, hint: str = _PRIVILEGE_HINT) -> Iterator[None]:
 
 
 def _group_names(conn: psycopg.Connection) -> dict[str, str]:
-    reader, writer = conn.execute("SELECT llens_team_role('reader'), llens_team_role('writer')").fetchone()
+    reader, writer = db.one_row(conn.execute("SELECT llens_team_role('reader'), llens_team_role('writer')"))
     return {"reader": reader, "writer": writer}
 
 
 def _groups_exist(conn: psycopg.Connection, groups: dict[str, str]) -> bool:
-    n = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = ANY(%s)", (list(groups.values()),)).fetchone()[0]
+    n = db.one_row(conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = ANY(%s)", (list(groups.values()),)))[0]
     return n == len(groups)
 
 
@@ -225,7 +225,7 @@ def _role(conn: psycopg.Connection, name: str) -> dict[str, Any] | None:
 
 
 def _can_read_authid(conn: psycopg.Connection) -> bool:
-    return bool(conn.execute("SELECT has_table_privilege('pg_authid', 'SELECT')").fetchone()[0])
+    return bool(db.one_row(conn.execute("SELECT has_table_privilege('pg_authid', 'SELECT')"))[0])
 
 
 def _memberships(conn: psycopg.Connection, name: str, groups: dict[str, str]) -> list[str]:
@@ -387,10 +387,10 @@ def users(database_url: str | None) -> list[dict[str, Any]]:
             "WHERE c.oid = to_regclass('llens_meta')"
         ).fetchone()
         if owner is None:  # pragma: no cover - the schema check above saw the functions
-            owner = conn.execute(
+            owner = db.one_row(conn.execute(
                 "SELECT r.rolname, r.rolcanlogin FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
                 "WHERE d.datname = current_database()"
-            ).fetchone()
+            ))
         rows = conn.execute(
             "SELECT u.rolname, bool_or(g.rolname = %(w)s), u.rolcanlogin FROM pg_auth_members m "
             "JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member "

@@ -168,7 +168,7 @@ class LeafCache:
             with open(tmp / "vectors.f16", "wb") as f:
                 for k, v in self.store.iter_layer(info, layer):
                     v = np.ascontiguousarray(v, dtype=np.float16)
-                    f.write(memoryview(v))
+                    f.write(v.data)
                     keys.append(k)
                     # torch's norm: multithreaded, and ~1.6x numpy's on a copy's worth of rows
                     norms = torch.linalg.vector_norm(torch.from_numpy(v).float(), dim=1).numpy()
@@ -344,7 +344,7 @@ def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: in
     if cache is not None:
         conv, scores = cache.get("conv"), cache.get("scores")
         if (conv is not None and conv.dtype == dtype and conv.shape[1] == dim and conv.shape[0] >= rows
-                and scores.numel() >= nq * rows):
+                and scores is not None and scores.numel() >= nq * rows):
             return conv, scores
     conv = torch.empty((rows, dim), dtype=dtype)
     scores = torch.empty(nq * rows, dtype=dtype)
@@ -413,7 +413,7 @@ class ScanEngine:
         return self._dtype
 
     def search(
-        self, info: ModelInfo, layer: int, queries: torch.Tensor, k: int, *,
+        self, info: ModelInfo, layer: int, queries: np.ndarray | torch.Tensor, k: int, *,
         version: tuple[int, int] | None = None, progress: Callable[[int], None] | None = None,
     ) -> KnnResult:
         """Exact top-k cosine of unit ``queries`` [Q, D] (array or tensor) against one leaf."""

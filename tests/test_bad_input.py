@@ -323,6 +323,14 @@ def _reference_dir(path: Path, layers=(1, 2, 5), listed=None, dim: int = 8) -> P
     return path
 
 
+def test_import_index_empty_model_or_source_names_nothing(tmp_path):
+    """An empty --model "" or --source "" was taken as given, then crashed on the missing source
+    (AttributeError, found by mypy): it is one line, as when neither is given."""
+    d = _reference_dir(tmp_path / "idx", layers=(1,))
+    one_line_error(run("import-index", d, "--model", ""), "give --model NAME")
+    one_line_error(run("import-index", d, "--source", ""), "give --model NAME")
+
+
 def _nothing_imported(db_url, model: str, before: dict, counts) -> None:
     with Store.open(db_url) as s, pytest.raises(UnknownModel):
         s.get_model(model)

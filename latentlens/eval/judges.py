@@ -39,9 +39,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from latentlens.errors import InputError, LatentLensError
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 
 CATEGORIES = ("concrete", "abstract", "global")
 
@@ -375,7 +378,7 @@ class OpenAICompatibleJudge(Judge):
         return {"url": self.url, "model": self.model, "api_key_env": self.api_key_env,
                 "temperature": self.temperature, "max_tokens": self.max_tokens, "prompt": PROMPT_ID}
 
-    def messages(self, task: JudgeTask) -> list[dict]:
+    def messages(self, task: JudgeTask) -> list[ChatCompletionMessageParam]:
         text = PROMPT.format(words=json.dumps(task.words, ensure_ascii=False))
         return [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": _data_url(draw_region(task.image, task.region))}},

@@ -186,7 +186,7 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
 
     from latentlens.vlm.base import DEFAULT_PROMPT
     from latentlens.vlm.extract import extract_visual_tokens, load_image
-    from latentlens.vlm.geometry import parse_resolution
+    from latentlens.vlm.geometry import as_box, parse_resolution
     from latentlens.vlm.query import describe_patches, load_vlm_for
 
     per = options.patches_per_image
@@ -229,7 +229,7 @@ def _judge_images(lens, info, model, vlm, judge, refs, done, run, methods, visua
                         words = distinct(pr.words(method))[:words_k]
                         verdicts.append(_verdict(judge, img, ref.name, p.box, region, words, method,
                                                  vl.visual_layer))
-                item = EvalItem(base + j, ref.name, sha, img.size, p.idx, p.row, p.col, tuple(p.box))
+                item = EvalItem(base + j, ref.name, sha, img.size, p.idx, p.row, p.col, as_box(p.box))
                 if lens.store.record_eval_item(run, item, verdicts):
                     judged += 1
                 bar.update(1)

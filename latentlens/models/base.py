@@ -18,7 +18,7 @@ which for a 262k vocabulary costs more than the blocks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +127,7 @@ class LanguageModel:
         n = len(self.tokenizer)
         return self.tokenizer.batch_decode([[i] for i in range(n)])
 
-    def decode_tokens(self, ids: Sequence[int]) -> list[str]:
+    def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         return self.tokenizer.batch_decode([[int(i)] for i in ids])
 
     # ---- forward ---------------------------------------------------------

@@ -266,7 +266,7 @@ def load_from_store(info: Any, **kw: Any) -> LanguageModel:
             f"model '{info.name}' was stored without a loadable source "
             "(e.g. imported from an index dir): load it with load_language_model instead"
         )
-    args = {
+    args: dict[str, Any] = {
         "gguf_file": p.get("gguf_file"),
         "dtype": p.get("dtype") or "float32",
         "revision": p.get("revision"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 ARCHS = ("llama", "qwen2", "gemma3_text", "llava", "qwen2_vl", "qwen2_5_vl")
 
@@ -70,14 +71,13 @@ def build_model(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 4
     if arch == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**text))
     if arch == "gemma3_text":
-        cfg = tf.Gemma3TextConfig(**text, head_dim=16, sliding_window=8)
-        return tf.Gemma3ForCausalLM(cfg)
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**text, head_dim=16, sliding_window=8))
     if arch == "llava":
-        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, image_size=28, patch_size=14)
-        cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision),
-                             text_config=tf.LlamaConfig(**text), image_token_index=vocab_size - 1)
-        return tf.LlavaForConditionalGeneration(cfg)
+        vision: dict[str, Any] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=28, patch_size=14)
+        return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**text),
+            image_token_index=vocab_size - 1))
     if arch in ("qwen2_vl", "qwen2_5_vl"):
         head_dim = hidden // 4
         section = [head_dim // 8, head_dim // 8 * 3 // 2, head_dim // 8 * 3 // 2]
@@ -87,15 +87,15 @@ def build_model(arch: str, vocab_size: int, *, hidden: int = 64, layers: int = 4
         if arch == "qwen2_vl":
             vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14,
                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
-            cfg = tf.Qwen2VLConfig(text_config=text_cfg, vision_config=vision,
-                                   image_token_id=vocab_size - 1, video_token_id=vocab_size - 2)
-            return tf.Qwen2VLForConditionalGeneration(cfg)
+            return tf.Qwen2VLForConditionalGeneration(tf.Qwen2VLConfig(
+                text_config=text_cfg, vision_config=vision, image_token_id=vocab_size - 1,
+                video_token_id=vocab_size - 2))
         vision = dict(depth=1, hidden_size=32, out_hidden_size=hidden, num_heads=2,
                       intermediate_size=64, patch_size=14, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3, fullatt_block_indexes=[0])
-        cfg = tf.Qwen2_5_VLConfig(text_config=text_cfg, vision_config=vision,
-                                  image_token_id=vocab_size - 1, video_token_id=vocab_size - 2)
-        return tf.Qwen2_5_VLForConditionalGeneration(cfg)
+        return tf.Qwen2_5_VLForConditionalGeneration(tf.Qwen2_5_VLConfig(
+            text_config=text_cfg, vision_config=vision, image_token_id=vocab_size - 1,
+            video_token_id=vocab_size - 2))
     raise ValueError(f"unknown tiny arch {arch!r} (choose from {', '.join(ARCHS)})")
 
 

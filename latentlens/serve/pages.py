@@ -120,7 +120,8 @@ def text_run(
 ) -> Response:
     results, draft = work.text_query(s.state, s.store, user=s.user, model=model, text=text, token=token,
                                      query_layers=query_layers, layers=layers, k=k, methods=methods, mode=mode)
-    ctx = {"grid": text_grid([r.to_dict() for r in results]), "draft": draft, "model": model, "text": text}
+    ctx: dict[str, Any] = {"grid": text_grid([r.to_dict() for r in results]), "draft": draft, "model": model,
+                           "text": text}
     if fragment(request):
         return page(request, "_text_results.html", s, **ctx)
     form = {"model": model, "text": text, "token": token, "query_layers": query_layers, "layers": layers,

@@ -12,7 +12,7 @@ import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from latentlens.errors import EmptyResult, InputError, LatentLensError
 from latentlens.serve.state import Draft, ServeState
@@ -161,7 +161,7 @@ def image_query(
 ) -> tuple[Any, Any, str]:
     """``query_image`` (as `llens query --image`) with the server's VLM; (result, image, draft token)."""
     from latentlens.lenses import parse_methods
-    from latentlens.search import validate_layers
+    from latentlens.search import Mode, validate_layers
     from latentlens.store.types import check_layer_range
     from latentlens.vlm.query import parse_patches, query_image
 
@@ -183,7 +183,7 @@ def image_query(
         with _cold_cache(state, lens, info, searched) if "latentlens" in methods else contextlib.nullcontext():
             result = query_image(lens, info.name, img, visual_layers=vls, layers=searched, k=k, patches=patches,
                                  prompt=(prompt or "").strip() or None, resolution=(resolution or "").strip() or None,
-                                 mode=mode, vlm=vlm, methods=methods)
+                                 mode=cast(Mode, mode), vlm=vlm, methods=methods)  # the search checks it
     name = Path(image_name or "image").name[:200] or "image"
     params = {"visual_layers": result.visual_layers, "layers": searched, "k": k, "patches": patches,
               "methods": methods, "prompt": result.prompt, "resolution": resolution or None, "mode": mode}

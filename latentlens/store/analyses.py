@@ -103,7 +103,7 @@ class AnalysesMixin(StoreBase):
         if not rows:
             raise InputError(f"no analysis {analysis_id} (list them with `llens analyses`)")
         r = rows[0]
-        a = AnalysisInfo(*r[:10], result=r[10])
+        a = AnalysisInfo(*r[:11])  # the _A_COLS, then result
         if with_data:
             a.input_data = bytes(r[11]) if r[11] is not None else None
         return a

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from psycopg.types.json import Jsonb
 
+from latentlens.db import one_row
 from latentlens.errors import InputError, ModelMismatch, UnknownCorpus, UnknownModel
 from latentlens.store.base import StoreBase
 from latentlens.store.types import CorpusInfo, LayerInfo, ModelInfo, text_hash
@@ -83,7 +84,7 @@ class CatalogMixin(StoreBase):
         with self.transaction() as conn:
             # concurrent ingests of one model: the second waits, then sees the rows
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('llens_vocab'), %s)", (info.id,))
-            have = conn.execute("SELECT count(*) FROM token WHERE model_id = %s", (info.id,)).fetchone()[0]
+            have = one_row(conn.execute("SELECT count(*) FROM token WHERE model_id = %s", (info.id,)))[0]
             if have:
                 return 0
             with conn.cursor().copy("COPY token (model_id, token_id, token) FROM STDIN") as copy:

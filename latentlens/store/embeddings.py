@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
 from psycopg import sql
 
+from latentlens.db import one_row
 from latentlens.errors import DimensionMismatch, UnknownLayer
 from latentlens.pgcopy import HEADER, TRAILER, decode_rows, encode_rows, normalize_rows, row_size
 from latentlens.store.base import StoreBase
@@ -35,6 +36,9 @@ SCAN_COLUMNS: tuple[tuple[str, str], ...] = (
 
 class EmbeddingsMixin(StoreBase):
     """Bulk writes (one transaction per batch, all layers) and streaming reads of a leaf."""
+
+    if TYPE_CHECKING:  # CatalogMixin's, which Store combines with this one
+        def get_model(self, name: str | ModelInfo) -> ModelInfo: ...
 
     # ---- embeddings -----------------------------------------------------
 
@@ -97,7 +101,7 @@ class EmbeddingsMixin(StoreBase):
             "SELECT tok, granted FROM llens_take_quota(%s, %s::int[], %s::int[], %s)",
             (model.id, uniq.tolist(), counts.tolist(), int(cap)),
         ).fetchall()
-        granted = dict(rows)
+        granted: dict[int, int] = dict(rows)
         # the k-th row of a token (k from 0, corpus order) is kept if k < granted, without a Python loop
         order = np.argsort(tok, kind="stable")
         st = tok[order]
@@ -207,7 +211,7 @@ class EmbeddingsMixin(StoreBase):
         li = info.layer(layer)
         pct = min(100.0, 100.0 * 1.5 * rows / max(li.row_count, 1))
         with self.transaction() as conn:
-            leaf = conn.execute("SELECT llens_leaf_name(%s, %s)", (info.id, layer)).fetchone()[0]
+            leaf = one_row(conn.execute("SELECT llens_leaf_name(%s, %s)", (info.id, layer)))[0]
             sampled = sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(
                 sql.Identifier(leaf), sql.Literal(pct)) if pct < 100 else sql.Identifier(leaf)
             query = sql.SQL("COPY (SELECT embedding FROM {} LIMIT {}) TO STDOUT (FORMAT BINARY)").format(

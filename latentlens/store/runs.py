@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -16,6 +16,9 @@ from latentlens.store.types import CorpusInfo, ModelInfo, RunInfo
 
 class RunsMixin(StoreBase):
     """Rows of ingest_run: what ran, how far it got, how it ended."""
+
+    if TYPE_CHECKING:  # CatalogMixin's, which Store combines with this one
+        def get_corpus(self, name: str) -> CorpusInfo: ...
 
     # ---- ingest runs ----------------------------------------------------
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -41,6 +42,15 @@ class IndexProgress:
 
 class SearchMixin(StoreBase):
     """Index builds and batched k-NN, one round trip per batch of queries."""
+
+    if TYPE_CHECKING:  # CatalogMixin's and EmbeddingsMixin's, which Store combines with this one
+        def get_model(self, name: str | ModelInfo) -> ModelInfo: ...
+
+        def iter_layer(
+            self, model: ModelInfo | str, layer: int, *, chunk_rows: int = 65536
+        ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+        def sample_layer(self, model: ModelInfo | str, layer: int, rows: int = 2048) -> np.ndarray: ...
 
     # ---- indexes --------------------------------------------------------
 
@@ -309,6 +319,9 @@ class _ProgressWatcher:
             self._thread.join(5)
 
     def _run(self) -> None:
+        progress = self.progress
+        if progress is None:  # __enter__ starts no thread then
+            return
         try:
             with psycopg.connect(self.url, autocommit=True, connect_timeout=10) as conn:
                 while not self._stop.wait(self.interval):
@@ -320,6 +333,6 @@ class _ProgressWatcher:
                         continue
                     phase, td, tt, bd, bt = row
                     done, total, unit = (td, tt, "row") if tt else (bd, bt, "block")
-                    self.progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0), unit=unit))
+                    progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0), unit=unit))
         except psycopg.Error:
             return  # progress is best effort: the build itself reports its errors

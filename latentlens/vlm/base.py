@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -28,6 +28,12 @@ from PIL import Image
 from latentlens.errors import InputError
 from latentlens.store.types import check_layer_range
 from latentlens.vlm.geometry import Patch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# what an adapter's model_class returns (transformers is imported only when a model loads)
+ModelClass: TypeAlias = "type[PreTrainedModel]"
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
@@ -103,7 +109,7 @@ class VisionLanguageModel:
     # ---- loading --------------------------------------------------------
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         raise NotImplementedError
 
     @classmethod
@@ -118,8 +124,11 @@ class VisionLanguageModel:
         from latentlens.models.loading import loading_weights
 
         with loading_weights():
-            model = cls.model_class().from_pretrained(source, revision=revision, dtype=torch_dtype)
-        model = model.to(dev).eval()
+            # transformers hints revision as str; None (the default branch) works as everywhere else
+            model = cls.model_class().from_pretrained(
+                source, revision=revision, dtype=torch_dtype)  # type: ignore[arg-type]
+        # PreTrainedModel.to is wrapped (functools.wraps), which hides its bound signature from mypy
+        model = model.to(dev).eval()  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         image_processor = cls._load_image_processor(source, revision)
         try:

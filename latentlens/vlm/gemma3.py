@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import clip_transform, grid_patches, stretch
 
 
@@ -33,7 +33,7 @@ class Gemma3VLM(VisionLanguageModel):
     )
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Gemma3ForConditionalGeneration
 
         return Gemma3ForConditionalGeneration

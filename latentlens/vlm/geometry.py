@@ -13,7 +13,7 @@ Pure python + numpy: no torch, no transformers, so it is easy to test.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,12 @@ class Patch:
     def center(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def as_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) as a tuple (a result read back from JSON holds lists)."""
+    x0, y0, x1, y1 = box
+    return x0, y0, x1, y1
 
 
 def grid_patches(
@@ -156,10 +162,10 @@ def _resize_size(size_wh: tuple[int, int], size: Any, default_to_square: Any) ->
         return (new_short, new_long) if w <= h else (new_long, new_short)
     if shortest and longest:
         # transformers' get_size_with_aspect_ratio: shortest edge, long edge capped at longest
-        short, long = float(min(w, h)), float(max(w, h))
+        short_f, long_f = float(min(w, h)), float(max(w, h))
         scale_to = float(shortest)
-        if long / short * shortest > longest:
-            scale_to = longest * short / long
+        if long_f / short_f * shortest > longest:
+            scale_to = longest * short_f / long_f
             shortest = int(round(scale_to))
         if (h <= w and h == shortest) or (w <= h and w == shortest):
             return w, h

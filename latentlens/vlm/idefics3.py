@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, Patch, stretch
 
 # the chat templates of HuggingFaceM4/Idefics3-8B-Llama3 and HuggingFaceTB/SmolVLM*
@@ -59,7 +59,7 @@ class Idefics3VLM(VisionLanguageModel):
     fallback_template: ClassVar[str] = IDEFICS3_TEMPLATE
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Idefics3ForConditionalGeneration
 
         return Idefics3ForConditionalGeneration
@@ -154,7 +154,8 @@ def _crop_grid_patches(
         for k in range(n):
             a = (k // side) * crop_px + (k % side) * cell
             lo_hi = (t.inverse_point(a, a)[axis], t.inverse_point(a + cell, a + cell)[axis])
-            out.append(tuple(round(min(max(v, 0.0), float(hi)), 3) for v in lo_hi))
+            lo, up = (round(min(max(v, 0.0), float(hi)), 3) for v in lo_hi)
+            out.append((lo, up))
         return out
 
     xs = edges(grid[1], crop[0], 0, image_size[0])
@@ -169,7 +170,7 @@ class SmolVLM(Idefics3VLM):
     fallback_template: ClassVar[str] = SMOLVLM_TEMPLATE
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import SmolVLMForConditionalGeneration
 
         return SmolVLMForConditionalGeneration

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import grid_patches, stretch
 
 
@@ -44,7 +44,7 @@ class InternVLVLM(VisionLanguageModel):
     )
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import InternVLForConditionalGeneration
 
         return InternVLForConditionalGeneration

@@ -15,7 +15,7 @@ from typing import ClassVar
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import clip_transform, grid_patches, stretch
 
 # towers that prepend a CLS token to their patch tokens
@@ -34,7 +34,7 @@ class LlavaVLM(VisionLanguageModel):
     )
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import LlavaForConditionalGeneration
 
         return LlavaForConditionalGeneration

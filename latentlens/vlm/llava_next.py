@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, grid_patches, stretch
 from latentlens.vlm.llava import LlavaVLM
 
@@ -34,7 +34,7 @@ class LlavaNextVLM(VisionLanguageModel):
     fallback_template: ClassVar[str] = LlavaVLM.fallback_template
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import LlavaNextForConditionalGeneration
 
         return LlavaNextForConditionalGeneration

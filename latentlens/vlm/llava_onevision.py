@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, Patch, stretch
 from latentlens.vlm.qwen2_vl import Qwen2VLM
 
@@ -59,7 +59,7 @@ class LlavaOnevisionVLM(VisionLanguageModel):
     )
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import LlavaOnevisionForConditionalGeneration
 
         return LlavaOnevisionForConditionalGeneration

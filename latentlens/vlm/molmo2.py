@@ -43,14 +43,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, grid_patches, stretch
 
 #: the tokens the processor marks as image tokens (``Molmo2Processor.image_token_ids``)
@@ -79,7 +79,7 @@ class Molmo2VLM(VisionLanguageModel):
         self.processor_options = dict(processor_options or {})
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Molmo2ForConditionalGeneration
 
         return Molmo2ForConditionalGeneration
@@ -222,7 +222,8 @@ class TorchMolmo2ImageProcessor:
     antialiasing, on float tensors: ``torch.nn.functional.interpolate``
     underneath) and ``rescale_and_normalize`` (mean and std scaled by
     1 / rescale_factor, then (x - mean) / std in float32), both done here the
-    same way. Settings come from preprocessor_config.json.
+    same way. Settings come from preprocessor_config.json. (Duck typing: the
+    borrowed methods get this object as ``self``, hence ``cast(Any, self)``.)
     """
 
     model_input_names: ClassVar[list[str]] = ["pixel_values", "image_token_pooling", "image_grids",
@@ -260,7 +261,7 @@ class TorchMolmo2ImageProcessor:
 
         tensors = [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous() for im in images]
         return Molmo2ImageProcessor._preprocess(
-            self, tensors, do_resize=True, size=SizeDict(**self.size),
+            cast(Any, self), tensors, do_resize=True, size=SizeDict(**self.size),
             resample=PILImageResampling(self.resample), do_rescale=self.do_rescale,
             rescale_factor=self.rescale_factor, do_normalize=self.do_normalize, image_mean=self.image_mean,
             image_std=self.image_std, do_convert_rgb=True, max_crops=self.max_crops,
@@ -273,12 +274,12 @@ class TorchMolmo2ImageProcessor:
     def _image_batch_to_patches_and_grids(self, *args: Any, **kw: Any) -> Any:
         from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 
-        return Molmo2ImageProcessor._image_batch_to_patches_and_grids(self, *args, **kw)
+        return Molmo2ImageProcessor._image_batch_to_patches_and_grids(cast(Any, self), *args, **kw)
 
     def _build_overlapping_crops(self, *args: Any, **kw: Any) -> Any:
         from transformers.models.molmo2.image_processing_molmo2 import Molmo2ImageProcessor
 
-        return Molmo2ImageProcessor._build_overlapping_crops(self, *args, **kw)
+        return Molmo2ImageProcessor._build_overlapping_crops(cast(Any, self), *args, **kw)
 
     def resize(self, image: torch.Tensor, size: Any, resample: Any = None, antialias: bool = True,
                **_: Any) -> torch.Tensor:

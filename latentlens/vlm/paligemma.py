@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from latentlens.errors import InputError
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import clip_transform, grid_patches, stretch
 
 
@@ -36,7 +36,7 @@ class PaliGemmaVLM(VisionLanguageModel):
     image_placeholder = "<image>"
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import PaliGemmaForConditionalGeneration
 
         return PaliGemmaForConditionalGeneration

@@ -21,7 +21,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from latentlens.vlm.geometry import Patch
 
 if TYPE_CHECKING:
     from latentlens.query import Lens, Neighbour
+    from latentlens.search import Mode
     from latentlens.vlm.base import VisionLanguageModel
 
 
@@ -225,12 +226,12 @@ def select_patches(
         chosen = [r * cols + c for r in rs for c in cs]
     elif parsed and isinstance(parsed[0], tuple):
         chosen = []
-        for r, c in parsed:
+        for r, c in cast("list[tuple[int, int]]", parsed):  # parse_patches never mixes pairs and indices
             if not (0 <= r < rows and 0 <= c < cols):
                 raise InputError(f"patch {r},{c} is outside the {rows}x{cols} grid (rows 0..{rows - 1}, cols 0..{cols - 1})")
             chosen.append(r * cols + c)
     else:
-        chosen = list(parsed)
+        chosen = list(cast("list[int]", parsed))
         bad = [i for i in chosen if not 0 <= i < n]
         if bad:
             raise InputError(f"patch index {bad[0]} is outside the {rows}x{cols} grid (0..{n - 1})")
@@ -258,7 +259,7 @@ def query_image(
     seed: int = 0,
     prompt: str | None = None,
     resolution: int | str | tuple[int, int] | None = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     exact: bool | None = None,
     device: str | None = None,
     dtype: str = "float32",
@@ -288,6 +289,7 @@ def query_image(
                 raise
     searched: list[int] = []
     if latent:
+        assert info is not None  # a Lens was given and get_model either found the model or raised
         if info.row_count == 0:
             raise EmptyResult(f"model '{info.name}' has no rows yet: run `llens ingest {info.name} corpus.txt`")
         from latentlens.search import validate_layers
@@ -327,9 +329,9 @@ def query_image(
 
 def describe_patches(
     lens: Lens | None, info: Any, vlm: VisionLanguageModel, vt: Any, chosen: Sequence[int],
-    visual_layers: Sequence[int], *, searched: Sequence[int], k: int, mode: str = "auto",
+    visual_layers: Sequence[int], *, searched: Sequence[int], k: int, mode: Mode = "auto",
     exact: bool | None = None, methods: Sequence[str] = ("latentlens",),
-) -> tuple[list[VisualLayerResult], dict]:
+) -> tuple[list[VisualLayerResult], dict | None]:
     """Each method's top-k for the ``chosen`` patches of extracted visual tokens ``vt``, per visual
     layer, and the answer's provenance (the search's, or the model's alone for the baselines).
 
@@ -340,6 +342,8 @@ def describe_patches(
 
     found = None
     if "latentlens" in methods:
+        if lens is None:
+            raise InputError("LatentLens needs the store: pass a Lens")
         queries = np.concatenate([vt.vectors[v][list(chosen)] for v in visual_layers])
         found = lens.neighbors(queries, info.name, layers=list(searched), k=k, mode=mode, exact=exact,
                                query_kind="visual")

@@ -13,12 +13,12 @@ not recomputed.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from latentlens.vlm.base import PreparedImage, VisionLanguageModel
+from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import merged_grid_patches, round_resolution
 
 
@@ -35,13 +35,13 @@ class Qwen2VLM(VisionLanguageModel):
     )
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration
 
     def _vision(self, key: str, default: int) -> int:
-        v = getattr(self.image_processor, key, None)
+        v: Any = getattr(self.image_processor, key, None)
         if v is None:
             v = getattr(self.config.vision_config, key, default)
         return int(v)
@@ -56,7 +56,8 @@ class Qwen2VLM(VisionLanguageModel):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
             kwargs["size"] = {"shortest_edge": w * h, "longest_edge": w * h}
         out = self.image_processor(images=[image], return_tensors="pt", **kwargs)
-        thw = tuple(int(x) for x in out["image_grid_thw"][0])
+        gt, gh, gw = (int(x) for x in out["image_grid_thw"][0])
+        thw = (gt, gh, gw)
         # every processor step is a stretch, so composing with the pre-resize is too
         grid, patches = merged_grid_patches(original, thw, patch, merge)
         return PreparedImage(
@@ -75,7 +76,7 @@ class Qwen25VLM(Qwen2VLM):
     model_types = ("qwen2_5_vl",)
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration

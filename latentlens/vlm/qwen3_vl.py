@@ -29,6 +29,7 @@ visual and stored layer l are the same space, as for the other adapters.
 
 from __future__ import annotations
 
+from latentlens.vlm.base import ModelClass
 from latentlens.vlm.qwen2_vl import Qwen2VLM
 
 
@@ -37,7 +38,7 @@ class Qwen3VLM(Qwen2VLM):
     model_types = ("qwen3_vl",)
 
     @classmethod
-    def model_class(cls) -> type:
+    def model_class(cls) -> ModelClass:
         from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
