@@ -122,6 +122,23 @@ class EmbeddingsMixin(StoreBase):
             )
         return batch.select(keep)
 
+    def count_quota(self, model: ModelInfo, layer: int) -> None:
+        """Raise ``token_quota`` to the contexts each token has in this leaf.
+
+        Rows written without ``max_contexts_per_token`` (an import) take no quota;
+        counting them afterwards makes a later ingest's cap include them. One context
+        is one row of a leaf, and every layer of a model holds the same contexts, so
+        the largest count over the model's leaves is the contexts stored.
+        """
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO token_quota AS q (model_id, token_id, used) "
+                "SELECT %(m)s, token_id, count(*) FROM token_embedding WHERE model_id = %(m)s AND layer = %(l)s "
+                "AND token_id >= 0 GROUP BY token_id ORDER BY token_id "
+                "ON CONFLICT (model_id, token_id) DO UPDATE SET used = greatest(q.used, EXCLUDED.used)",
+                {"m": model.id, "l": layer},
+            )
+
     @staticmethod
     def _copy_embeddings(conn: psycopg.Connection, model: ModelInfo, batch: EmbeddingBatch) -> None:
         n = len(batch)
