@@ -181,7 +181,8 @@ def import_index(
     )
     report = ImportReport(model=info.name, corpus=corpus.name, hidden_size=dim, origin=origin,
                           source=(info.params or {}).get("source"))
-    params = {"origin": origin, "layers": list(files), "content_hash": content_hash}
+    params = {"origin": origin, "layers": list(files), "content_hash": content_hash,
+              "placement": "text" if text is None else "tokenizer"}
     run, report.resumed = _claim(store, info, corpus, params, len(captions))
     report.run = run.id
     if run.status == "done":
@@ -202,7 +203,8 @@ def import_index(
                     raise DimensionMismatch(f"layer {layer} has {emb.shape[1]} dimensions, "
                                             f"layer {first_layer} has {dim}")
             report.layers[layer] = _import_layer(store, info, corpus, run, layer, emb, meta, chunk_rows, progress,
-                                                 placer, counters)
+                                                 placer, counters, counts_rows=layer == first_layer,
+                                                 replace=text is not None)
             del emb, meta
             store.count_quota(info, layer)  # a later ingest's per-token cap counts these contexts
             store.analyze(info, [layer])  # planner statistics for the loaded leaf
@@ -294,7 +296,7 @@ def _model_for_import(
 
 def _import_layer(store: Store, info: ModelInfo, corpus: CorpusInfo, run: RunInfo, layer: int, emb: Any,
                   meta: list[dict], chunk_rows: int, progress: Progress | None, placer: Placer,
-                  counters: dict) -> dict:
+                  counters: dict, counts_rows: bool, replace: bool = False) -> dict:
     n = len(meta)
     try:
         captions = [str(m.get("caption", "")) for m in meta]
@@ -319,8 +321,17 @@ def _import_layer(store: Store, info: ModelInfo, corpus: CorpusInfo, run: RunInf
     if len(have):
         keep &= ~np.isin(keys, have)
     todo = np.flatnonzero(keep)
+    replaced = 0
+    if replace and len(have):  # rows stored without the tokenizer (or by a killed run): place them with it
+        again = np.flatnonzero(np.isin(keys, have))
+        again = again[np.isin(again, first)]
+        for lo in range(0, len(again), chunk_rows):
+            idx = again[lo: lo + chunk_rows]
+            cs, ce, ph = placer.place([captions[i] for i in idx.tolist()], positions[idx], token_ids[idx],
+                                      [tokens[i] for i in idx.tolist()])
+            replaced += store.set_placement(info, layer, sentence_id[idx], positions[idx], cs, ce, ph)
     placer.prepare([captions[i] for i in todo], positions[todo], [tokens[i] for i in todo])
-    out = {"rows": n, "written": 0, "skipped": n - len(todo), "spans_found": 0, "unplaced": 0}
+    out = {"rows": n, "written": 0, "skipped": n - len(todo), "spans_found": 0, "unplaced": 0, "placed_again": replaced}
     counters["layers"][str(layer)] = out
     if not len(todo):
         return out
@@ -338,8 +349,9 @@ def _import_layer(store: Store, info: ModelInfo, corpus: CorpusInfo, run: RunInf
             out["skipped"] += chunk - written
             out["spans_found"] += found
             out["unplaced"] += chunk - found
-            Store.advance_run(conn, run.id, resume_ordinal=0, sentences=0, tokens=0, rows=written,
-                              counters=counters)
+            # rows_written counts contexts, as an ingest's does: those of the first layer imported
+            Store.advance_run(conn, run.id, resume_ordinal=0, sentences=0, tokens=0,
+                              rows=written if counts_rows else 0, counters=counters)
 
         store.write_embeddings(info, EmbeddingBatch(
             sentence_id[idx], positions[idx], token_ids[idx], cs, ce, ph, {layer: vecs},
