@@ -78,7 +78,7 @@ def rows(url: str, model: str, layer: int) -> list[tuple]:
             "FROM token_embedding e JOIN model m ON m.id = e.model_id JOIN sentence s ON s.id = e.sentence_id "
             "LEFT JOIN token t ON t.model_id = e.model_id AND t.token_id = e.token_id "
             "WHERE m.name = %s AND e.layer = %s", (model, layer)).fetchall()
-    return sorted(got)
+    return sorted(got, key=lambda r: tuple(-1 if v is None else v for v in r))
 
 
 def test_imported_rows_equal_ingested_field_by_field(setup):
