@@ -87,19 +87,26 @@ class Placer:
         self.text = text
         self.batch = batch
         self._enc: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # caption -> ids, spans, hashes
+        self._groups: dict[str, list[tuple[int, str]]] = {}
         self._by_text: dict[str, dict[tuple[int, str], tuple[int, int]]] = {}
         self.counts = {"tokenizer": 0, "text": 0, "unplaced": 0, "token_mismatch": 0}
 
     def prepare(self, captions: Sequence[str], positions: np.ndarray, tokens: Sequence[str]) -> None:
         """Group one layer's rows by caption for the text placement (all rows of a caption
-        narrow each other, not only those of one chunk)."""
+        narrow each other, not only those of one chunk); placed lazily, where needed."""
         groups: dict[str, list[tuple[int, str]]] = {}
         for c, p, t in zip(captions, positions.tolist(), tokens, strict=True):
             groups.setdefault(c, []).append((p, t))
+        self._groups = groups
         self._by_text = {}
-        for c, rows in groups.items():
-            rows = list(dict.fromkeys(rows))
-            self._by_text[c] = dict(zip(rows, place_by_text(c, rows), strict=True))
+
+    def _text_span(self, caption: str, position: int, token: str) -> tuple[int, int]:
+        placed = self._by_text.get(caption)
+        if placed is None:
+            rows = list(dict.fromkeys(self._groups.get(caption, [])))
+            placed = self._by_text[caption] = dict(zip(rows, place_by_text(caption, rows), strict=True))
+        span = placed.get((position, token))
+        return span if span is not None else find_span(caption, token)
 
     def _encode(self, captions: Sequence[str]) -> None:
         todo = [c for c in dict.fromkeys(captions) if c not in self._enc]
@@ -118,21 +125,29 @@ class Placer:
         n = len(captions)
         cs, ce = np.full(n, -1, dtype=np.int32), np.full(n, -1, dtype=np.int32)
         ph = np.empty(n, dtype=np.int64)
+        by_tok = np.zeros(n, dtype=bool)
         self._encode(captions)
-        for j, (c, p, tid, tok) in enumerate(zip(captions, positions.tolist(), token_ids.tolist(), tokens,
-                                                 strict=True)):
-            enc = self._enc.get(c)
-            if enc is not None and 0 <= p < len(enc[0]) and int(enc[0][p]) == tid:
-                cs[j], ce[j] = enc[1][p]
-                ph[j] = enc[2][p]
-                self.counts["tokenizer"] += 1
-                continue
-            if enc is not None:
-                self.counts["token_mismatch"] += 1
+        if self.text is not None and n:
+            # the chunk's captions' encodings end to end: each row is one gather, no Python loop
+            uniq = list(dict.fromkeys(captions))
+            lengths = np.array([len(self._enc[c][0]) for c in uniq], dtype=np.int64)
+            start = dict(zip(uniq, (np.cumsum(lengths) - lengths).tolist(), strict=True))
+            ids = np.concatenate([self._enc[c][0] for c in uniq])
+            spans = np.concatenate([self._enc[c][1] for c in uniq]).reshape(-1, 2)
+            hashes = np.concatenate([self._enc[c][2] for c in uniq])
+            pos = np.asarray(positions, dtype=np.int64)
+            row_len = np.array([len(self._enc[c][0]) for c in captions], dtype=np.int64)
+            at = np.array([start[c] for c in captions], dtype=np.int64) + pos
+            inside = (pos >= 0) & (pos < row_len)
+            at = np.where(inside, at, 0)
+            by_tok = inside & (ids[at] == np.asarray(token_ids, dtype=np.int64))
+            cs[by_tok], ce[by_tok] = spans[at[by_tok], 0], spans[at[by_tok], 1]
+            ph[by_tok] = hashes[at[by_tok]]
+            self.counts["tokenizer"] += int(by_tok.sum())
+            self.counts["token_mismatch"] += int((~by_tok).sum())
+        for j in np.flatnonzero(~by_tok).tolist():
+            c, p, tok = captions[j], int(positions[j]), tokens[j]
             ph[j] = text_prefix_hash(c, p)
-            span = self._by_text.get(c, {}).get((p, tok))
-            if span is None:
-                span = find_span(c, tok)
-            cs[j], ce[j] = span
+            cs[j], ce[j] = span = self._text_span(c, p, tok)
             self.counts["text" if span[0] >= 0 else "unplaced"] += 1
         return cs, ce, ph
