@@ -169,8 +169,12 @@ def test_without_source_tokens_placed_by_text_and_loading_says_import_again(setu
     placed = [x for x in rows(url, "nosrc", 1) if x[3] is not None]
     truth = {(x[0], x[1]): (x[3], x[4]) for x in rows(url, "native", 1)}
     assert placed and all(truth[(x[0], x[1])] == (x[3], x[4]) for x in placed)  # placed means placed right
+    from PIL import Image
+
+    Image.new("RGB", (32, 24), "red").save(setup["base"] / "red.png")
     for args in (["ingest", setup["model"], setup["b"], "--name", "nosrc", "--layers", LAYERS, "--no-progress"],
-                 ["query", "nosrc", "--text", "a dog on the grass"]):
+                 ["query", "nosrc", "--text", "a dog on the grass"],
+                 ["query", "nosrc", "--image", setup["base"] / "red.png"]):
         r = llens(*args, "--database-url", url, ok=False)
         assert r.exit_code == 2, r.output
         assert r.output.strip().splitlines() == [f"Error: model 'nosrc': {IMPORTED_WITHOUT_SOURCE}"], r.output

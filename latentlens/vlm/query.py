@@ -301,6 +301,8 @@ def query_image(
         raise InputError("no visual layers chosen")
     if info is not None:
         visual_layers = check_layer_range(visual_layers, info.num_layers, info.name, visual=True)
+    if vlm is None and info is not None:
+        info.require_source()  # imported without --source: its name is no checkpoint to load
     parse_patches(patches)  # a typo fails before the model loads
     if sample is not None and sample < 1:
         raise InputError("--sample must be at least 1")
