@@ -255,9 +255,10 @@ def _model_for_import(
     source: SourceModel | None, text: Any,
 ) -> ModelInfo:
     loadable = source.params() if source is not None else {}
-    tok = {} if text is None else {"architecture": text.architecture,
-                                   "tokenizer_class": type(text.tokenizer).__name__,
-                                   "bos_token_id": text.bos_token_id}
+    tok: dict[str, Any] = {}  # what llens ingest registers of the checkpoint's tokenizer and config
+    if text is not None:
+        tok = {"architecture": text.architecture or "imported", "tokenizer_class": type(text.tokenizer).__name__,
+               "bos_token_id": text.bos_token_id}
     try:
         info = store.get_model(name)
     except UnknownModel:

@@ -97,7 +97,7 @@ class TextSide:
 
     tokenizer: Any
     max_positions: int | None
-    architecture: str
+    architecture: str | None  # as load_language_model records it (None: unknown)
 
     @property
     def bos_token_id(self) -> int | None:

@@ -286,12 +286,13 @@ def load_text_side(source: str, *, gguf_file: str | None = None, revision: str |
     exactly as ingest would.
     """
     source, gguf_file = _split_source(source, gguf_file)
-    load_from, kw = source, {}
+    load_from = source
+    kw: dict[str, Any] = {}
     if revision:
         kw["revision"] = revision
     if gguf_file:
-        cached = next((c for d in DTYPES if ((c := _gguf_cache_dir(source, gguf_file, d)) / "config.json").is_file()),
-                      None)
+        caches = [_gguf_cache_dir(source, gguf_file, d) for d in DTYPES]  # any dtype's holds the tokenizer
+        cached = next((c for c in caches if (c / "config.json").is_file()), None)
         if cached is not None:
             load_from = str(cached)
         else:
@@ -309,5 +310,9 @@ def load_text_side(source: str, *, gguf_file: str | None = None, revision: str |
         raise InputError(f"cannot load the tokenizer of '{source}': {msg}") from None
     text_cfg = adapter.text_config(cfg)
     limit = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
-    arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    if arch is None:  # a GGUF config names none: the class load_language_model would build
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(cfg, "model_type", ""))
     return TextSide(tokenizer=tokenizer, max_positions=limit, architecture=arch)
