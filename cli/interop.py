@@ -88,6 +88,8 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
         llens import-index McGill-NLP/contextual_embeddings-qwen2.5-vl-7b \\
             --source Qwen/Qwen2.5-VL-7B-Instruct --layers 8,16
         llens query Qwen/Qwen2.5-VL-7B-Instruct --image photo.jpg --visual-layers 8,16
+        llens ingest Qwen/Qwen2.5-VL-7B-Instruct more.txt --layers 8,16   # a top-up
+        llens runs --model Qwen/Qwen2.5-VL-7B-Instruct                  # the import's run
         llens import-index ./latentlens-qwen2vl-embeddings --model qwen2vl-ref
         llens import-index ./idx --model smol-ref --layers 8,16 --corpus-name captions
     """
