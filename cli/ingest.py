@@ -115,7 +115,7 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-RUN_COLUMNS = ["id", "model", "corpus", "status", "shard", "sentences", "rows", "duration_s", "error"]
+RUN_COLUMNS = ["id", "kind", "model", "corpus", "status", "shard", "sentences", "rows", "duration_s", "error"]
 
 
 @click.command()
@@ -125,7 +125,7 @@ RUN_COLUMNS = ["id", "model", "corpus", "status", "shard", "sentences", "rows", 
 @database_option
 @handle_errors
 def runs(model, status, as_json, as_csv, database_url):
-    """List ingest runs: status, shard, progress, rows, duration, error.
+    """List runs: ingests and imports (kind), status, shard, progress, rows, duration, error.
 
     \b
     Examples:
@@ -139,7 +139,7 @@ def runs(model, status, as_json, as_csv, database_url):
         rows = []
         for r in store.list_runs(model, status):
             rows.append({
-                "id": r.id, "model": r.model, "corpus": r.corpus, "status": r.status,
+                "id": r.id, "kind": r.kind, "model": r.model, "corpus": r.corpus, "status": r.status,
                 "shard": f"{r.shard}/{r.num_shards}",
                 "sentences": f"{r.sentences_done}/{r.sentences_total if r.sentences_total is not None else '?'}",
                 "sentences_done": r.sentences_done, "sentences_total": r.sentences_total,

@@ -72,7 +72,13 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
     model and corpus. Files are read with torch.load(weights_only=True,
     mmap=True); a file that needs arbitrary unpickling is refused. Captions
     become one corpus, vectors are normalised, and running it again skips rows
-    already imported (so an interrupted import continues).
+    already imported (so an interrupted import continues: the import is
+    recorded as a run, listed by `llens runs`).
+
+    With --source each caption is re-tokenized with the model's tokenizer,
+    exactly as `llens ingest` does, so every token gets its place in its
+    caption (whole words in answers), and a later `llens ingest` onto the
+    model counts the imported rows in its per-token cap and prefix dedup.
 
     Give --source (the model the index was built from) so that `llens query
     NAME --text/--image` loads it and searches the imported rows.
@@ -82,6 +88,8 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
         llens import-index McGill-NLP/contextual_embeddings-qwen2.5-vl-7b \\
             --source Qwen/Qwen2.5-VL-7B-Instruct --layers 8,16
         llens query Qwen/Qwen2.5-VL-7B-Instruct --image photo.jpg --visual-layers 8,16
+        llens ingest Qwen/Qwen2.5-VL-7B-Instruct more.txt --layers 8,16   # a top-up
+        llens runs --model Qwen/Qwen2.5-VL-7B-Instruct                  # the import's run
         llens import-index ./latentlens-qwen2vl-embeddings --model qwen2vl-ref
         llens import-index ./idx --model smol-ref --layers 8,16 --corpus-name captions
     """
@@ -113,16 +121,26 @@ def import_index(index: str, model: str | None, source: str | None, layers: str 
         where, chosen = str(hub.path), hub.layers
     with open_store(database_url) as store, _Bars() as bars:
         rep = run(store, where, name, hidden_size=size, num_layers=num_layers, corpus_name=corpus_name,
-                  layers=chosen, progress=None if no_progress else bars, source=src, hub=hub)
+                  layers=chosen, progress=None if no_progress else bars, source=src, hub=hub,
+                  echo=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
+        return
+    origin = f" from {hub.repo_id} at {hub.commit[:12]}" if hub is not None else ""
+    if rep.already_done:
+        click.echo(f"Run {rep.run} already imported{origin} into model '{rep.model}'; nothing to do.")
         return
     for layer, r in rep.layers.items():
         click.echo(f"layer {layer}: {r['written']} rows written, {r['skipped']} skipped "
                    f"(already stored or duplicate), {r['spans_found']} token spans located")
-    origin = f" from {hub.repo_id} at {hub.commit[:12]}" if hub is not None else ""
     click.echo(f"Imported{origin} into model '{rep.model}' (hidden size {rep.hidden_size}), "
-               f"corpus '{rep.corpus}' ({rep.sentences} sentences).")
+               f"corpus '{rep.corpus}' ({rep.sentences} sentences): run {rep.run}.")
+    pl = rep.placement
+    if pl.get("unplaced"):
+        how = ("with its tokenizer" if rep.source else
+               "by their text (give --source to place every token with the model's tokenizer)")
+        click.echo(f"{pl['unplaced']:,} of {sum(pl[k] for k in ('tokenizer', 'text', 'unplaced')):,} rows "
+                   f"could not be placed in their captions {how}: their word is the token itself.")
     if rep.source:
         click.echo(f"Queries of '{rep.model}' load {rep.source}.")
     else:

@@ -30,6 +30,7 @@ land in the same shard and dedup stays exact across concurrent shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -45,7 +46,7 @@ import numpy as np
 import psycopg
 
 from latentlens.corpus import Corpus
-from latentlens.errors import InputError, LatentLensError, ModelMismatch
+from latentlens.errors import InputError, LatentLensError, ModelMismatch, UnknownModel
 from latentlens.store import CorpusInfo, EmbeddingBatch, ModelInfo, RunInfo, Store
 from latentlens.store.types import check_layer_range
 
@@ -195,6 +196,8 @@ def ingest(
             raise InputError("--skip-positions must be >= 0")
         if opts.max_contexts_per_token is not None and opts.max_contexts_per_token < 1:
             raise InputError("--max-contexts-per-token must be >= 1")
+        with contextlib.suppress(UnknownModel):  # imported without --source: not this checkpoint's rows
+            store.get_model(lm.name).require_source()
         info = store.register_model(lm.name, **lm.store_registration())
         _check_same_model(info, lm, layers)
         info = store.ensure_layers(info, layers)
@@ -231,6 +234,11 @@ def resume(
 
     with Store.open(database_url) as store:
         run = store.get_run(run_id)
+        if run.kind == "import":
+            origin = (run.params.get("origin") or {})
+            where = origin.get("hub_repo") or origin.get("imported_from") or "INDEX"
+            raise InputError(f"run {run_id} is an import: resume it with `llens import-index {where} "
+                             f"--model {run.model}` (rows already stored are skipped)")
         info = store.get_model(run.model)
         cinfo = store.get_corpus(run.corpus)
         if run.status == "done":
@@ -533,6 +541,11 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     else:
         # planner statistics: without them the planner never picks the HNSW index
         store.analyze(info, layers)
+        if not opts.build_index and ann:  # rows went into the indexes as they were: is their recall still true?
+            grown = store.refresh_recall(info, layers)
+            if grown:
+                result.notices.append(f"Measured the recall of the ANN indexes of layers "
+                                      f"{','.join(map(str, grown))} again (their leaves grew).")
         if opts.build_index:
             result.notices.append(
                 "ANN index deferred: other shards are still running; the last shard to finish builds it."

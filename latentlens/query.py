@@ -471,6 +471,8 @@ def baseline_vlm_source(model: str, visual_layers: Sequence[int] | None, databas
     from pathlib import Path
 
     stored = None if Path(model).expanduser().exists() else stored_model(model, database_url)
+    if stored is not None:
+        stored.require_source()
     if visual_layers is None and stored is not None:
         visual_layers = stored.layer_numbers
     if not visual_layers:

@@ -282,7 +282,10 @@ class Searcher:
         if query_kind == "visual":
             return exact("visual queries are out of distribution: exact scan")
         if not li.index_recall_ok:
-            return exact("the index missed its recall target when it was built: exact scan")
+            return exact({
+                "below": "the index missed its recall target when it was measured: exact scan",
+                "stale": "the leaf grew since the index's recall was measured (llens index calibrate): exact scan",
+            }.get(li.index_recall, "the index's recall is unmeasured (llens index calibrate): exact scan"))
 
         cached = self.has_torch and self.scan.cache.cached(info, layer, (li.row_count, li.version)) is not None
         key = (info.id, layer)

@@ -75,7 +75,7 @@ COORDINATOR_FUNCTIONS = frozenset({
     "llens_ensure_layer", "llens_build_index", "llens_drop_index", "llens_analyze", "llens_drop_model",
     "llens_knn", "llens_neighbors", "llens_ann_enabled",
     "llens_team_role", "llens_setup_team_roles", "llens_secure_functions", "llens_writer_grants",
-    "llens_add_rows", "llens_take_quota", "llens_add_sentences",
+    "llens_add_rows", "llens_take_quota", "llens_add_sentences", "llens_count_quota",
 })
 # Functions a query over distributed tables may evaluate (on a worker, too): pure
 # naming helpers, the model-name lookup (reads the reference table model), and

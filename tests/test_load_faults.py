@@ -486,16 +486,24 @@ def test_import_kill_9_twice_then_rerun(setup, db_url):
                 proc.kill()
             proc.communicate()
         state = _import_state(db_url, "imp_killed")
-        # what a kill leaves: whole chunks only, visible under the model's name (an import has no run record)
+        # what a kill leaves: whole chunks only, and its run, still 'running', counting them
         assert 0 < sum(state.values()) < 2 * rows, state
         assert all(n % CHUNK == 0 or n == rows for n in state.values()), state
         assert _counts(db_url, "imp_killed")[0] == sum(state.values())
+        with Store.open(db_url) as store:
+            (run,) = store.list_runs("imp_killed")
+        assert (run.kind, run.status, run.pid) == ("import", "running", proc.pid)
+        assert run.rows_written == state[2]  # contexts: the first layer's rows
         landed.append(sum(state.values()))
     print(f"import killed after {landed} of {2 * rows} rows")
     p = _run(args + ["--json"])
     _ok(p)
     rep = json.loads(p.stdout)
     assert sum(r["written"] for r in rep["layers"].values()) < 2 * rows  # it skipped what was there
+    assert rep["resumed"] and rep["run"] == run.id
+    with Store.open(db_url) as store:
+        (run,) = store.list_runs("imp_killed")
+    assert run.status == "done" and run.rows_written == rows
     assert _import_state(db_url, "imp_killed") == {2: rows, 5: rows}
     assert _counts(db_url, "imp_killed") == (2 * rows, 2 * rows)
     assert _same_import(db_url, "imp_killed", "imp_ref") == 0

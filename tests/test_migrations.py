@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from latentlens import migrate
 
@@ -94,3 +95,33 @@ def test_writers_append_goes_down_and_up(empty_db_url):
 
     migrate.upgrade(empty_db_url)
     assert migrate.current_revision_url(empty_db_url) == migrate.head_revision()
+
+
+def test_0007_import_runs_down_and_up(empty_db_url):
+    """ingest_run.kind: 'ingest' for runs from before 0007; its downgrade drops the import runs
+    (their rows stay, as before 0007) and the column, keeping the ingest runs."""
+    migrate.downgrade(empty_db_url, "base")  # whatever an earlier test left
+    migrate.upgrade(empty_db_url, "0005")
+    assert migrate.current_revision_url(empty_db_url) == "0005"
+    with psycopg.connect(empty_db_url) as conn:
+        conn.execute("INSERT INTO model (name, hidden_size, num_layers) VALUES ('m', 4, 2)")
+        conn.execute("INSERT INTO corpus (name, content_hash) VALUES ('c', 'h')")
+        conn.execute("INSERT INTO ingest_run (model_id, corpus_id, layers) SELECT m.id, c.id, '{1}' FROM model m, corpus c")
+    migrate.upgrade(empty_db_url, "0007")
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT kind FROM ingest_run").fetchall() == [("ingest",)]  # an existing run
+        conn.execute("INSERT INTO ingest_run (model_id, corpus_id, layers, kind) "
+                     "SELECT model_id, corpus_id, layers, 'import' FROM ingest_run")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("INSERT INTO ingest_run (model_id, corpus_id, layers, kind) "
+                         "SELECT model_id, corpus_id, layers, 'other' FROM ingest_run LIMIT 1")
+    migrate.downgrade(empty_db_url, "0005")
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM ingest_run").fetchone()[0] == 1
+        cols = {r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'ingest_run'")}
+    assert "kind" not in cols and "status" in cols
+    migrate.upgrade(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT kind, count(*) FROM ingest_run GROUP BY 1").fetchall() == [("ingest", 1)]
+    migrate.downgrade(empty_db_url, "base")

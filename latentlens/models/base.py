@@ -49,6 +49,67 @@ class TextStates:
     vectors: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> float32 [T, D]
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str], limit: int | None = None) -> list[Encoding]:
+    """Tokenize as fed (see the module docstring), without padding, cut at ``limit`` tokens.
+
+    The one tokenization of latentlens: ingest stores what it returns, and an
+    import with the model's tokenizer places imported tokens with it.
+    """
+    kw: dict[str, Any] = {"add_special_tokens": True, "return_special_tokens_mask": True}
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    if fast:
+        kw["return_offsets_mapping"] = True
+    enc = tokenizer(list(texts), **kw)
+    out = []
+    for i in range(len(texts)):
+        ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+        if fast:
+            spans = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
+        else:
+            spans = np.full((len(ids), 2), -1, dtype=np.int32)
+        special = np.asarray(enc["special_tokens_mask"][i], dtype=bool)
+        spans[special] = -1
+        truncated = limit is not None and len(ids) > limit
+        if truncated:
+            ids, spans = ids[:limit], spans[:limit]
+        out.append(Encoding(ids, spans, truncated))
+    return out
+
+
+def vocabulary(tokenizer: Any) -> list[str]:
+    """Decoded text of every token id of a tokenizer (index = id)."""
+    return list(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
+def detect_bos(tokenizer: Any) -> int | None:
+    """The BOS id if the tokenizer's normal encoding starts with it (then it is fed), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+@dataclass
+class TextSide:
+    """A checkpoint's tokenizer without its weights: what an import needs to place tokens
+    (encode exactly as ingest does) and to register the model as ingest would."""
+
+    tokenizer: Any
+    max_positions: int | None
+    architecture: str | None  # as load_language_model records it (None: unknown)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return detect_bos(self.tokenizer)
+
+    def encode(self, texts: Sequence[str], max_length: int | None = None) -> list[Encoding]:
+        return encode_texts(self.tokenizer, texts, max_length or self.max_positions)
+
+    def vocabulary(self) -> list[str]:
+        return vocabulary(self.tokenizer)
+
+
 class LanguageModel:
     """The decoder stack of a causal LM (or of a VLM's language model) and its tokenizer."""
 
@@ -86,11 +147,7 @@ class LanguageModel:
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
 
     def _detect_bos(self) -> int | None:
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is None:
-            return None
-        ids = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        return int(bos) if ids and ids[0] == bos else None
+        return detect_bos(self.tokenizer)
 
     # ---- tokens ----------------------------------------------------------
 
@@ -101,31 +158,11 @@ class LanguageModel:
 
     def encode(self, texts: Sequence[str], max_length: int | None = None) -> list[Encoding]:
         """Tokenize as fed (see the module docstring), without padding."""
-        limit = max_length or self.max_positions
-        kw: dict[str, Any] = {"add_special_tokens": True, "return_special_tokens_mask": True}
-        fast = bool(getattr(self.tokenizer, "is_fast", False))
-        if fast:
-            kw["return_offsets_mapping"] = True
-        enc = self.tokenizer(list(texts), **kw)
-        out = []
-        for i in range(len(texts)):
-            ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
-            if fast:
-                spans = np.asarray(enc["offset_mapping"][i], dtype=np.int32).reshape(-1, 2)
-            else:
-                spans = np.full((len(ids), 2), -1, dtype=np.int32)
-            special = np.asarray(enc["special_tokens_mask"][i], dtype=bool)
-            spans[special] = -1
-            truncated = limit is not None and len(ids) > limit
-            if truncated:
-                ids, spans = ids[:limit], spans[:limit]
-            out.append(Encoding(ids, spans, truncated))
-        return out
+        return encode_texts(self.tokenizer, texts, max_length or self.max_positions)
 
     def vocabulary(self) -> list[str]:
         """Decoded text of every token id (index = id)."""
-        n = len(self.tokenizer)
-        return self.tokenizer.batch_decode([[i] for i in range(n)])
+        return vocabulary(self.tokenizer)
 
     def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         return self.tokenizer.batch_decode([[int(i)] for i in ids])

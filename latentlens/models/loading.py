@@ -23,7 +23,7 @@ from typing import Any
 from latentlens import config as llens_config
 from latentlens.errors import InputError, LatentLensError
 from latentlens.models.adapters import Adapter, adapter_for_config
-from latentlens.models.base import LanguageModel
+from latentlens.models.base import LanguageModel, TextSide
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -259,6 +259,8 @@ def load_from_store(info: Any, **kw: Any) -> LanguageModel:
 
     Keyword arguments (``dtype``, ``device``) override what was recorded.
     """
+    if hasattr(info, "require_source"):
+        info.require_source()
     p = dict(info.params or {})
     source = p.get("source")
     if not source:
@@ -274,3 +276,43 @@ def load_from_store(info: Any, **kw: Any) -> LanguageModel:
     }
     args.update(kw)
     return load_language_model(source, name=info.name, **args)
+
+
+def load_text_side(source: str, *, gguf_file: str | None = None, revision: str | None = None) -> TextSide:
+    """The tokenizer of ``source`` (and what ingest records of its config), without its weights.
+
+    Loaded the way :func:`load_language_model` loads it (the same adapter hook, the
+    dequantized GGUF cache if there is one), so an import re-tokenizes captions
+    exactly as ingest would.
+    """
+    source, gguf_file = _split_source(source, gguf_file)
+    load_from = source
+    kw: dict[str, Any] = {}
+    if revision:
+        kw["revision"] = revision
+    if gguf_file:
+        caches = [_gguf_cache_dir(source, gguf_file, d) for d in DTYPES]  # any dtype's holds the tokenizer
+        cached = next((c for c in caches if (c / "config.json").is_file()), None)
+        if cached is not None:
+            load_from = str(cached)
+        else:
+            kw["gguf_file"] = gguf_file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = Adapter()._load_config(load_from, **kw)
+            adapter = adapter_for_config(cfg)
+            tokenizer = adapter._load_tokenizer(load_from, **kw)
+    except LatentLensError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load the tokenizer of '{source}': {msg}") from None
+    text_cfg = adapter.text_config(cfg)
+    limit = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    if arch is None:  # a GGUF config names none: the class load_language_model would build
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(cfg, "model_type", ""))
+    return TextSide(tokenizer=tokenizer, max_positions=limit, architecture=arch)

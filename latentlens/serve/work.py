@@ -73,7 +73,7 @@ def models_overview(state: ServeState, store: Any) -> list[dict]:
     runs: dict[str, list[dict]] = {}
     for r in store.list_runs():
         runs.setdefault(r.model, []).append({
-            "id": r.id, "corpus": r.corpus, "status": r.status, "layers": r.layers, "shard": r.shard,
+            "id": r.id, "kind": r.kind, "corpus": r.corpus, "status": r.status, "layers": r.layers, "shard": r.shard,
             "num_shards": r.num_shards, "sentences_done": r.sentences_done, "sentences_total": r.sentences_total,
             "rows_written": r.rows_written, "error": r.error,
             "finished_at": r.finished_at.isoformat() if r.finished_at else None,

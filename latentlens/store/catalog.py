@@ -85,8 +85,14 @@ class CatalogMixin(StoreBase):
             # concurrent ingests of one model: the second waits, then sees the rows
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('llens_vocab'), %s)", (info.id,))
             have = one_row(conn.execute("SELECT count(*) FROM token WHERE model_id = %s", (info.id,)))[0]
-            if have:
+            if have >= len(tokens):
                 return 0
+            if have:  # only the tokens an import without a tokenizer saw: add the rest
+                return conn.execute(
+                    "INSERT INTO token (model_id, token_id, token) SELECT %s, t.i - 1, t.s "
+                    "FROM unnest(%s::text[]) WITH ORDINALITY AS t(s, i) ON CONFLICT DO NOTHING",
+                    (info.id, [tok.replace("\x00", "") for tok in tokens]),
+                ).rowcount
             with conn.cursor().copy("COPY token (model_id, token_id, token) FROM STDIN") as copy:
                 for i, tok in enumerate(tokens):
                     copy.write_row((info.id, i, tok.replace("\x00", "")))

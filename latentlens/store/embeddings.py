@@ -113,6 +113,39 @@ class EmbeddingsMixin(StoreBase):
         keep[order] = rank < allowed.repeat(sizes)
         return batch.select(keep)
 
+    def set_placement(self, model: ModelInfo, layer: int, sentence_id: np.ndarray, position: np.ndarray,
+                      char_start: np.ndarray, char_end: np.ndarray, prefix_hash: np.ndarray) -> int:
+        """Give stored rows their spans and prefix hashes (-1 spans: NULL); return rows changed.
+
+        For rows imported without the model's tokenizer, placed again once it is known.
+        """
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE token_embedding e SET char_start = nullif(u.cs, -1), char_end = nullif(u.ce, -1), "
+                "prefix_hash = u.ph FROM unnest(%(s)s::int8[], %(p)s::int4[], %(cs)s::int4[], %(ce)s::int4[], "
+                "%(ph)s::int8[]) AS u(sid, pos, cs, ce, ph) WHERE e.model_id = %(m)s AND e.layer = %(l)s "
+                "AND e.sentence_id = u.sid AND e.position = u.pos AND (e.char_start IS DISTINCT FROM nullif(u.cs, -1) "
+                "OR e.char_end IS DISTINCT FROM nullif(u.ce, -1) OR e.prefix_hash <> u.ph)",
+                {"m": model.id, "l": layer, "s": sentence_id.tolist(), "p": position.tolist(),
+                 "cs": char_start.tolist(), "ce": char_end.tolist(), "ph": prefix_hash.tolist()},
+            )
+            if cur.rowcount:
+                conn.execute("UPDATE model_layer SET version = version + 1 WHERE model_id = %s AND layer = %s",
+                             (model.id, layer))
+            return cur.rowcount
+
+    def count_quota(self, model: ModelInfo, layer: int) -> None:
+        """Raise ``token_quota`` to the contexts each token has in this leaf.
+
+        Rows written without ``max_contexts_per_token`` (an import) take no quota;
+        counting them afterwards makes a later ingest's cap include them. One context
+        is one row of a leaf, and every layer of a model holds the same contexts, so
+        the largest count over the model's leaves is the contexts stored.
+        """
+        with self.transaction() as conn:
+            # owner-run (writers cannot write token_quota): the counts come from the rows
+            conn.execute("SELECT llens_count_quota(%s, %s)", (model.id, layer))
+
     @staticmethod
     def _copy_embeddings(conn: psycopg.Connection, model: ModelInfo, batch: EmbeddingBatch) -> None:
         n = len(batch)

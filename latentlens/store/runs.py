@@ -26,20 +26,20 @@ class RunsMixin(StoreBase):
         SELECT r.id, m.name, r.model_id, c.name, r.corpus_id, r.layers, r.params, r.shard,
                r.num_shards, r.status, r.sentences_total, r.sentences_done, r.resume_ordinal,
                r.tokens_seen, r.rows_written, r.counters, r.error, r.hostname, r.pid,
-               r.started_at, r.heartbeat_at, r.finished_at
+               r.started_at, r.heartbeat_at, r.finished_at, r.kind
           FROM ingest_run r JOIN model m ON m.id = r.model_id JOIN corpus c ON c.id = r.corpus_id
     """
 
     def create_run(
         self, model: ModelInfo, corpus: CorpusInfo, *, layers: Sequence[int], params: Mapping[str, Any],
         shard: int = 0, num_shards: int = 1, sentences_total: int | None = None,
-        hostname: str | None = None, pid: int | None = None,
+        hostname: str | None = None, pid: int | None = None, kind: str = "ingest",
     ) -> RunInfo:
         rows = self._fetch(
             "INSERT INTO ingest_run (model_id, corpus_id, layers, params, shard, num_shards, "
-            "sentences_total, hostname, pid) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            "sentences_total, hostname, pid, kind) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
             (model.id, corpus.id, list(layers), Jsonb(dict(params)), shard, num_shards,
-             sentences_total, hostname, pid),
+             sentences_total, hostname, pid, kind),
         )
         return self.get_run(rows[0][0])
 
@@ -52,13 +52,14 @@ class RunsMixin(StoreBase):
         return RunInfo(*rows[0])
 
     def find_runs(
-        self, model: ModelInfo, corpus: CorpusInfo, *, params: Mapping[str, Any], shard: int, num_shards: int
+        self, model: ModelInfo, corpus: CorpusInfo, *, params: Mapping[str, Any], shard: int, num_shards: int,
+        kind: str = "ingest",
     ) -> list[RunInfo]:
-        """Runs of the same model, corpus, parameters and shard, newest first."""
+        """Runs of the same kind, model, corpus, parameters and shard, newest first."""
         rows = self._fetch(
             self._RUN_SELECT + " WHERE r.model_id = %s AND r.corpus_id = %s AND r.params = %s "
-            "AND r.shard = %s AND r.num_shards = %s ORDER BY r.id DESC",
-            (model.id, corpus.id, Jsonb(dict(params)), shard, num_shards),
+            "AND r.shard = %s AND r.num_shards = %s AND r.kind = %s ORDER BY r.id DESC",
+            (model.id, corpus.id, Jsonb(dict(params)), shard, num_shards, kind),
         )
         return [RunInfo(*r) for r in rows]
 

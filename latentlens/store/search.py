@@ -25,7 +25,10 @@ BUILD_MAINTENANCE_WORK_MEM = "1GB"
 RECALL_TARGET = 0.97
 EF_LADDER = (40, 64, 100, 160, 250, 400, 640, 1000)
 CALIBRATION_QUERIES = 64
-CALIBRATION_NOISE = 0.5  # norm of the noise added to a unit stored row: cosine ~0.9, a typical text token's best
+# Calibration queries are stored rows turned to these cosines with them (evenly spread):
+# the queries the search policy sends to HNSW are those whose best cosine with a sample
+# of the leaf is at least its out-of-distribution threshold (0.5), up to ~0.95 for text.
+CALIBRATION_COSINES = (0.5, 0.95)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,13 @@ class SearchMixin(StoreBase):
     ) -> dict:
         """Measure the index's recall@k against exact search and record the ef_search it needs.
 
-        Queries are in-distribution (stored rows drawn by page sampling, moved
-        to cosine ~0.9 by random noise): where HNSW is meant to be used; the
-        truth is one exact pass over the leaf. The
+        Queries are those the search policy sends to HNSW: stored rows drawn by
+        page sampling, each turned by a random orthogonal direction to a cosine
+        with it spread evenly over CALIBRATION_COSINES (best sample cosine from
+        the out-of-distribution threshold up); the truth is one exact pass over
+        the leaf. The row count measured at is recorded (``calibrated_rows``):
+        a leaf that outgrows it by RECALL_STALE_GROWTH counts as unmeasured
+        until :meth:`refresh_recall` measures it again. The
         smallest ef_search of EF_LADDER with recall >= ``target`` goes into
         model_layer.index_params (``ef_search``, ``recall_at_10``,
         ``recall_ok``), so every client and llens_knn use it; if none reaches
@@ -128,12 +135,10 @@ class SearchMixin(StoreBase):
         if len(sample) < 2 * k:
             return {}
         rng = np.random.default_rng(0)
-        q = sample[rng.choice(len(sample), min(queries, len(sample)), replace=False)]
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-        noise = rng.normal(size=q.shape).astype(np.float32)
-        q = q + CALIBRATION_NOISE * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+        rows = info.layer(layer).row_count
+        q = calibration_queries(sample, queries, rng)
         kth = self._exact_kth(info, layer, q, k)[:, None] - 1e-4
-        found: dict = {"recall_ok": False, "ef_search": None, "recall_at_10": None}
+        found: dict = {"recall_ok": False, "ef_search": None, "recall_at_10": None, "calibrated_rows": rows}
         for ef in EF_LADDER:
             got = self.knn(info, layer, q, k, ef_search=ef)
             # tie-aware: a hit is any row as similar as the true k-th (stored rows repeat)
@@ -151,6 +156,23 @@ class SearchMixin(StoreBase):
     def may_calibrate(self) -> bool:
         """Whether this user may record an index's recall (model_layer.index_params: the owner's alone)."""
         return bool(self._fetch("SELECT has_column_privilege('model_layer', 'index_params', 'UPDATE')")[0][0])
+
+    def refresh_recall(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> list[int]:
+        """Measure again the recall of each indexed leaf whose figure is missing or outgrown
+        (see LayerInfo.index_recall); return those layers. Called after rows are added to an
+        indexed leaf without rebuilding its index (an import, ``llens ingest --no-index``).
+        Only the owner records recall (model_layer.index_params sets everyone's default
+        search): for a writer nothing is measured, and the stale figure keeps the default exact."""
+        info = self.get_model(model)
+        todo = list(layers) if layers is not None else info.layer_numbers
+        done = []
+        for layer in todo:
+            li = info.layer(layer)
+            if (li.index_kind and li.index_recall in ("stale", "unmeasured") and self.ann_supported()
+                    and self.may_calibrate()):
+                self.calibrate_index(info, layer)
+                done.append(layer)
+        return done
 
     def drop_index(self, model: ModelInfo | str, layers: Sequence[int] | None = None) -> list[int]:
         info = self.get_model(model) if isinstance(model, str) else model
@@ -336,3 +358,15 @@ class _ProgressWatcher:
                     progress(IndexProgress(self.layer, phase, int(done or 0), int(total or 0), unit=unit))
         except psycopg.Error:
             return  # progress is best effort: the build itself reports its errors
+
+
+def calibration_queries(sample: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` unit queries from stored rows, query i at cosine c_i with its row, the c_i
+    evenly spread over CALIBRATION_COSINES (the turn is orthogonal to the row)."""
+    rows = sample[rng.choice(len(sample), min(n, len(sample)), replace=False)].astype(np.float32)
+    rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    noise = rng.normal(size=rows.shape).astype(np.float32)
+    noise -= (noise * rows).sum(axis=1, keepdims=True) * rows
+    noise /= np.maximum(np.linalg.norm(noise, axis=1, keepdims=True), 1e-12)
+    cos = np.linspace(*CALIBRATION_COSINES, len(rows), dtype=np.float32)[:, None]
+    return cos * rows + np.sqrt(1 - cos ** 2) * noise

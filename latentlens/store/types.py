@@ -16,6 +16,7 @@ from latentlens.errors import DimensionMismatch, InputError, UnknownLayer
 MAX_K = 10_000
 # (sentence_id, position, token_id) of a stored row, as the scan cache keeps them
 KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
+IMPORTED_WITHOUT_SOURCE = "this index was imported without --source; import it again with --source CHECKPOINT"
 
 
 def check_layer_range(layers: Any, num_layers: int, model: str, *, visual: bool = False) -> list[int]:
@@ -31,6 +32,12 @@ def check_layer_range(layers: Any, num_layers: int, model: str, *, visual: bool 
         raise UnknownLayer(f"{what} {bad[0] if bad else '(none)'} is out of range for '{model}' "
                            f"(0 = {zero} .. {num_layers} = last block)")
     return chosen
+
+
+# A leaf whose rows grew by more than this share since its index's recall was
+# measured has its recall measured again (Store.refresh_recall) or, until then,
+# counts as unmeasured: the default search keeps off its HNSW index.
+RECALL_STALE_GROWTH = 0.2
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,25 @@ class LayerInfo:
         return int(ef) if ef else None
 
     @property
+    def index_recall(self) -> str:
+        """What is known of this leaf's HNSW recall: 'ok' (measured at the target on this
+        leaf, give or take RECALL_STALE_GROWTH of rows), 'below' (measured, missed it),
+        'unmeasured' (no figure, or one without the row count it was measured at) or
+        'stale' (the leaf grew by more than RECALL_STALE_GROWTH since)."""
+        p = self.index_params or {}
+        if "recall_ok" not in p or not p.get("calibrated_rows"):
+            return "unmeasured"
+        if p["recall_ok"] is not True:
+            return "below"
+        if self.row_count > int(p["calibrated_rows"]) * (1 + RECALL_STALE_GROWTH):
+            return "stale"
+        return "ok"
+
+    @property
     def index_recall_ok(self) -> bool:
-        """False where the build-time calibration found HNSW unable to reach the recall target."""
-        return self.index_params.get("recall_ok", True) is not False
+        """True only where the recall target was measured on (about) the leaf as it is now:
+        a missing or outgrown figure does not count as passing."""
+        return self.index_recall == "ok"
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,18 @@ class ModelInfo:
     def check_layer_range(self, layers: Any) -> None:
         check_layer_range(layers, self.num_layers, self.name)
 
+    @property
+    def loadable(self) -> bool:
+        """Whether a checkpoint is recorded (``llens ingest``, or an import with --source)."""
+        return bool((self.params or {}).get("source"))
+
+    def require_source(self) -> None:
+        """One line instead of a failed load where the model was imported without --source
+        (its name is no checkpoint: loading it would fail or load another model)."""
+        imported = self.architecture == "imported" or "imported_from" in (self.params or {})
+        if imported and not self.loadable:
+            raise InputError(f"model '{self.name}': {IMPORTED_WITHOUT_SOURCE}")
+
     def layer(self, layer: int) -> LayerInfo:
         for li in self.layers:
             if li.layer == layer:
@@ -98,7 +133,8 @@ class CorpusInfo:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One ``llens ingest`` run (one shard of one model over one corpus)."""
+    """One ``llens ingest`` run (one shard of one model over one corpus), or one
+    ``llens import-index`` (``kind`` 'import': a pre-built index loaded, ``params["origin"]``)."""
 
     id: int
     model: str
@@ -122,6 +158,7 @@ class RunInfo:
     started_at: Any
     heartbeat_at: Any
     finished_at: Any
+    kind: str = "ingest"
 
     @property
     def duration_s(self) -> float:

@@ -303,6 +303,8 @@ def query_image(
         raise InputError("no visual layers chosen")
     if info is not None:
         visual_layers = check_layer_range(visual_layers, info.num_layers, info.name, visual=True)
+    if vlm is None and info is not None:
+        info.require_source()  # imported without --source: its name is no checkpoint to load
     parse_patches(patches)  # a typo fails before the model loads
     if sample is not None and sample < 1:
         raise InputError("--sample must be at least 1")
@@ -373,6 +375,7 @@ def load_vlm_for(info: Any, model: str, *, dtype: str, device: str | None) -> Vi
 
     if info is None:
         return load_vlm(model, dtype=dtype, device=device)
+    info.require_source()
     params = info.params or {}
     source = params.get("source") or info.name
     return load_vlm(source, dtype=dtype, device=device, revision=params.get("revision") or info.revision)
