@@ -19,6 +19,9 @@ from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_
 # maintenance_work_mem of the transaction that builds an index (only there:
 # other sessions keep the server's setting)
 BUILD_MAINTENANCE_WORK_MEM = "1GB"
+# model_layer.index_kind: HNSW over halfvec (up to 4000 dimensions); wider,
+# HNSW over the binary quantization or pgvectorscale's DiskANN (sql/0008_wide_index.sql)
+INDEX_KINDS = ("hnsw_halfvec", "hnsw_binary", "diskann")
 # Recall calibration of a new index (calibrate_index): the recall@10 HNSW must
 # reach on in-distribution queries, and the ef_search values tried for it.
 RECALL_TARGET = 0.97
@@ -49,6 +52,7 @@ class SearchMixin(StoreBase):
         m: int | None = None, ef_construction: int | None = None,
         maintenance_work_mem: str | None = BUILD_MAINTENANCE_WORK_MEM,
         progress: Callable[[IndexProgress], None] | None = None,
+        kind: str | None = None,
     ) -> list[int]:
         """Build (or rebuild) each layer's ANN index; return the layers done.
 
@@ -57,7 +61,10 @@ class SearchMixin(StoreBase):
         to the SQL function's (16 / 64). ``maintenance_work_mem`` is set for
         the building transaction only (HNSW builds that spill are far slower).
         ``progress`` gets IndexProgress events polled from
-        pg_stat_progress_create_index on a second connection.
+        pg_stat_progress_create_index on a second connection. ``kind``: None
+        for the default of the model's width (HNSW over halfvec up to 4000
+        dimensions; wider, DiskANN where the server has pgvectorscale, else
+        HNSW over the binary quantization), or one of INDEX_KINDS.
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
@@ -73,6 +80,10 @@ class SearchMixin(StoreBase):
             args.append("p_m => %(hm)s")
         if ef_construction is not None:
             args.append("p_ef_construction => %(efc)s")
+        if kind is not None:
+            if kind not in INDEX_KINDS:
+                raise InputError(f"unknown index kind '{kind}' (use {', '.join(INDEX_KINDS)})")
+            args.append("p_kind => %(kind)s")
         sql = f"SELECT llens_build_index({', '.join(args)})"
         for layer in todo:
             watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
@@ -80,9 +91,11 @@ class SearchMixin(StoreBase):
                 with self.transaction() as conn, watcher:
                     if maintenance_work_mem:
                         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
-                    conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction})
+                    conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction, "kind": kind})
             except psycopg.errors.InvalidParameterValue as e:
                 raise InputError(first_line(e).removeprefix("llens: ")) from None
+            except psycopg.errors.FeatureNotSupported as e:  # diskann without pgvectorscale
+                raise IndexUnsupported(first_line(e).removeprefix("llens: ")) from None
             if progress is not None:
                 progress(IndexProgress(layer, "measuring recall", 0, 1))
             self.calibrate_index(info, layer)

@@ -1,0 +1,191 @@
+"""Layers wider than 4000 dimensions: pgvectorscale's DiskANN by default where the server has it
+(the embedded server does), binary-quantized HNSW where it does not, and exact search when the
+index is gone; both answer through llens_knn with an exact re-rank (sql/0008_wide_index.sql)."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+
+from latentlens.errors import IndexUnsupported, InputError
+from latentlens.query import Lens
+from latentlens.store import EmbeddingBatch, Store
+from latentlens.store.search import RECALL_TARGET
+
+D = 4096
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    """Clustered rows with a shared offset, as hidden states have (what defeats sign bits)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(25, D))
+    offset = 2.0 * rng.normal(size=D)
+    return (centres[rng.integers(0, 25, n)] + 0.7 * rng.normal(size=(n, D)) + offset).astype(np.float32)
+
+
+def fill(store: Store, name: str, data: np.ndarray):
+    info = store.register_model(name, hidden_size=D, num_layers=1, architecture="synthetic")
+    info = store.ensure_layers(info, [1])
+    store.set_vocabulary(info, ["a", "b"])
+    corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
+    n = len(data)
+    ids = store.add_sentences(corpus, [f"{name} sentence {i}" for i in range(n)])
+    store.write_embeddings(info, EmbeddingBatch(
+        sentence_id=ids, position=np.ones(n, np.int32), token_id=np.zeros(n, np.int32),
+        char_start=np.zeros(n, np.int32), char_end=np.ones(n, np.int32),
+        prefix_hash=np.arange(n, dtype=np.int64), vectors={1: data}))
+    return store.get_model(name), ids
+
+
+def exact_kth(data: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
+    v = data.astype(np.float16).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ v.T
+    return -np.sort(-s, axis=1)[:, k - 1]
+
+
+def recall(res, kth: np.ndarray, k: int = 10) -> float:
+    """Tie-aware recall@k: a hit is any row as similar as the true k-th."""
+    return float(np.mean((res.similarity >= kth[:, None] - 1e-4).sum(axis=1) / k))
+
+
+def near(data: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
+    """In-distribution queries: stored rows moved by noise to cosine ~0.9 (as calibration's)."""
+    rng = np.random.default_rng(seed)
+    q = data[rng.choice(len(data), n, replace=False)]
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    noise = rng.normal(size=q.shape)
+    return (q + 0.5 * noise / np.linalg.norm(noise, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def wide(db_url):
+    data = rows(1500)
+    with Store.open(db_url) as s:
+        if not s.conn.execute("SELECT count(*) FROM pg_available_extensions WHERE name = 'vectorscale'").fetchone()[0]:
+            pytest.skip("this server does not ship pgvectorscale (the embedded server does)")
+        s.conn.rollback()
+        info, ids = fill(s, "wide", data)
+        s.build_index(info, [1])
+        return {"data": data, "ids": ids, "info": s.get_model("wide")}
+
+
+def test_wide_layers_get_diskann_with_its_recall_recorded(wide):
+    li = wide["info"].layer(1)
+    assert li.index_kind == "diskann"
+    # build_index measured it: the default policy uses the index only where this holds
+    assert li.index_recall_ok
+    assert li.index_params["recall_at_10"] >= RECALL_TARGET
+
+
+def test_diskann_search_uses_the_index_and_reaches_the_recall_target(wide, db_url):
+    with Store.open(db_url) as s:
+        info = wide["info"]
+        q = near(wide["data"], 40)
+        res = s.knn(info, 1, q, 10)  # at the ef_search the build recorded
+        assert recall(res, exact_kth(wide["data"], q)) >= RECALL_TARGET
+        # exact cosines come back (the re-rank), best first
+        assert np.all(np.diff(res.similarity, axis=1) <= 1e-6)
+        v = wide["data"][np.searchsorted(wide["ids"], res.sentence_id[:, 0])].astype(np.float16).astype(np.float32)
+        cos = np.sum(v * q, axis=1) / np.linalg.norm(v, axis=1) / np.linalg.norm(q, axis=1)
+        np.testing.assert_allclose(res.similarity[:, 0], cos, atol=2e-3)
+        # the plan of llens_knn's candidate query is an index scan of the leaf's DiskANN index
+        qs = "[" + ",".join(map(str, q[0].tolist())) + "]"
+        with s.transaction() as conn:
+            conn.execute("SET LOCAL diskann.query_rescore = 0")
+            plan = "\n".join(r[0] for r in conn.execute(
+                f"EXPLAIN SELECT sentence_id FROM token_embedding_m{info.id}_l1 e "
+                f"ORDER BY e.embedding::vector({D}) <=> %s::halfvec::vector({D}) LIMIT 200", (qs,)))
+        assert f"token_embedding_m{info.id}_l1_ann" in plan and "Index Scan" in plan
+
+
+def test_default_search_sends_in_distribution_text_queries_to_diskann(wide, db_url, tmp_path, monkeypatch):
+    with Lens.connect(db_url, cache_dir=tmp_path / "scan") as lens:
+        # a cost model under which the index is the cheaper path (as on a big leaf)
+        monkeypatch.setattr(lens.searcher.costs, "scan", lambda rows, dim, nq, cached: 5.0 + 0.5 * nq)
+        monkeypatch.setattr(lens.searcher.costs, "ann", lambda key, rows, nq, ef: 1e-3 * nq)
+        q = near(wide["data"], 12, seed=3)
+        got = lens.neighbors(q, "wide", k=10, layers=[1])
+        assert {p for r in got for p in r.search.values()} == {"ann"}
+        kth = exact_kth(wide["data"], q)
+        sims = np.array([[n.similarity for n in r.neighbours] for r in got])
+        assert np.mean((sims >= kth[:, None] - 1e-3).sum(axis=1) / 10) >= RECALL_TARGET
+
+
+def test_kinds_checked_against_the_width(wide, db_url):
+    with Store.open(db_url) as s:
+        with pytest.raises(InputError, match="hnsw_halfvec indexes are for layers of at most 4000"):
+            s.build_index(wide["info"], [1], kind="hnsw_halfvec")
+        with pytest.raises(InputError, match="unknown index kind"):
+            s.build_index(wide["info"], [1], kind="ivfflat")
+        narrow = s.register_model("narrow", hidden_size=8, num_layers=1, architecture="synthetic")
+        s.ensure_layers(narrow, [1])
+        with pytest.raises(InputError, match="diskann indexes are for layers wider than 4000"):
+            s.build_index("narrow", [1], kind="diskann")
+        assert s.get_model("wide").layer(1).index_kind == "diskann"  # untouched
+
+
+def test_a_diskann_scan_leaves_the_session_settings_as_they_were(wide, db_url):
+    with psycopg.connect(db_url) as conn:
+        conn.execute("SET diskann.query_search_list_size = 77")
+        conn.execute("SET diskann.query_rescore = 12")
+        q = "[" + ",".join(map(str, near(wide["data"], 1)[0].tolist())) + "]"
+        n = conn.execute("SELECT count(*) FROM llens_knn(%s, 1, %s::halfvec, 10)", (wide["info"].id, q)).fetchone()
+        assert n[0] == 10
+        assert conn.execute("SHOW diskann.query_search_list_size").fetchone()[0] == "77"
+        assert conn.execute("SHOW diskann.query_rescore").fetchone()[0] == "12"
+
+
+# last in this module: it drops the extension (and every DiskANN index of this module's database)
+def test_without_vectorscale_wide_layers_fall_back_to_binary_hnsw(db_url, wide):
+    """A server without pgvectorscale: the default is binary HNSW, diskann is refused in one
+    line, and a leaf whose DiskANN index went with the extension is searched exactly."""
+    data = rows(600, seed=7)
+    q = near(data, 10, seed=8)
+    kth = exact_kth(data, q)
+    with Store.open(db_url) as s:
+        info, _ = fill(s, "wide-noext", data)
+        s.build_index(info, [1], kind="diskann")
+        s.conn.execute("DROP EXTENSION vectorscale CASCADE")  # takes the index with it
+        s.conn.commit()
+        try:
+            info = s.get_model("wide-noext")
+            assert info.layer(1).index_kind == "diskann"  # recorded, but the index is gone
+            assert recall(s.knn(info, 1, q, 10), kth) == 1.0  # exact scan, no error
+            with pytest.raises(IndexUnsupported, match="vectorscale extension"):
+                s.build_index(info, [1], kind="diskann")
+            s.build_index(info, [1])
+            info = s.get_model("wide-noext")
+            assert info.layer(1).index_kind == "hnsw_binary"
+            assert recall(s.knn(info, 1, q, 10, ef_search=1000), kth) >= 0.8
+        finally:
+            s.conn.rollback()
+            s.conn.execute("CREATE EXTENSION IF NOT EXISTS vectorscale")
+            s.conn.commit()
+
+
+def test_downgrade_drops_diskann_indexes_and_restores_the_old_functions(empty_db_url):
+    from latentlens import migrate
+
+    migrate.upgrade(empty_db_url)
+    data = rows(300, seed=9)
+    with Store.open(empty_db_url) as s:
+        info, _ = fill(s, "wide-down", data)
+        s.build_index(info, [1], kind="diskann")
+    migrate.downgrade(empty_db_url, "0005")
+    with psycopg.connect(empty_db_url) as conn:
+        kind = conn.execute("SELECT index_kind FROM model_layer").fetchone()[0]
+        assert kind is None
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE indexname LIKE '%\\_ann'").fetchone()[0] == 0
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE model_layer SET index_kind = 'diskann'")
+        conn.rollback()
+        # revision 0002's build: binary HNSW for a wide layer, and still SECURITY DEFINER
+        conn.execute("SELECT llens_build_index(%s, 1)", (info.id,))
+        assert conn.execute("SELECT index_kind FROM model_layer").fetchone()[0] == "hnsw_binary"
+        assert conn.execute("SELECT bool_and(prosecdef) FROM pg_proc WHERE proname = 'llens_build_index'"
+                            ).fetchone()[0]
+        conn.commit()
+    migrate.upgrade(empty_db_url)
+    assert migrate.current_revision_url(empty_db_url) == migrate.head_revision()
