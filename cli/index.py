@@ -29,8 +29,8 @@ def index():
 @click.option("--m", "m", type=click.IntRange(2, 100), help="HNSW m (links per node)  [default: 16]")
 @click.option("--ef-construction", type=click.IntRange(4, 1000), help="HNSW ef_construction  [default: 64]")
 @click.option("--kind", type=click.Choice(["hnsw_halfvec", "hnsw_binary", "diskann"]), default=None,
-              help="Index kind  [default: hnsw_halfvec up to 4000 dimensions; wider, diskann where the "
-                   "server has pgvectorscale, else hnsw_binary]")
+              help="Index kind  [default: hnsw_halfvec up to 4000 dimensions, hnsw_binary above; "
+                   "diskann (wider layers, pgvectorscale): better recall, slower]")
 @click.option("--maintenance-work-mem", default="1GB", show_default=True, metavar="SIZE",
               help="PostgreSQL memory for the build (set for the building transaction only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -44,13 +44,15 @@ def build(model, layers, m, ef_construction, kind, maintenance_work_mem, no_prog
     indexed wait until its build is done.
 
     Layers wider than 4000 dimensions (pgvector's HNSW limit for halfvec)
-    get pgvectorscale's DiskANN where the server has it, else HNSW over the
-    binary quantization; both re-rank their candidates by exact cosine.
+    get HNSW over the binary quantization, or with --kind diskann
+    pgvectorscale's StreamingDiskANN (where the server has it: better
+    recall, slower to build and to query); both re-rank their candidates
+    by exact cosine.
 
     \b
     Examples:
         llens index build HuggingFaceTB/SmolLM2-135M --layers 8,16
-        llens index build meta-llama/Llama-3.1-8B --kind hnsw_binary
+        llens index build meta-llama/Llama-3.1-8B --kind diskann
     """
     from latentlens.ingest import IndexBuildProgress
 

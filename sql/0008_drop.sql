@@ -15,4 +15,3 @@ ALTER TABLE model_layer DROP CONSTRAINT IF EXISTS model_layer_index_kind_check;
 ALTER TABLE model_layer ADD CONSTRAINT model_layer_index_kind_check
     CHECK (index_kind IN ('hnsw_halfvec', 'hnsw_binary'));
 DROP FUNCTION IF EXISTS llens_build_index(integer, integer, integer, integer, text);
-DROP FUNCTION IF EXISTS llens_wide_index_kind();

@@ -1,39 +1,35 @@
--- latentlens revision 0008: StreamingDiskANN (pgvectorscale) for layers wider
--- than 4000 dimensions, where pgvector's HNSW cannot index halfvec.
+-- latentlens revision 0008: pgvectorscale's StreamingDiskANN as a second index
+-- kind for layers wider than 4000 dimensions (pgvector's HNSW cannot index
+-- halfvec there), beside HNSW over the binary quantization.
 --
--- Measured on 4096-d clustered rows (docs/query.md): DiskANN's statistical
--- binary quantization (thresholds at each dimension's mean) keeps far more of
--- the neighbourhood than pgvector's binary_quantize (thresholds at 0, which a
--- shared offset in hidden states defeats), at the same 512 bytes a row. Both
--- return candidates by their approximate distance; llens_knn re-ranks them by
--- exact cosine over the stored halfvec.
+-- Measured on 4096-d clustered rows (docs/query.md, bench/wide.py): DiskANN
+-- (statistical binary quantization: thresholds at each dimension's mean,
+-- asymmetric distances) finds the true top-10 almost always where sign-bit
+-- HNSW misses 2-7% of it, but builds 16x slower and answers 5-10x slower,
+-- slower than the exact scan for a few queries at 50k rows. So binary HNSW
+-- stays the default (its calibrated ef_search widens the re-rank until it
+-- reaches the recall target) and DiskANN is there to choose (p_kind): for
+-- SQL-only clients and mode="ann", where recall counts more than speed.
+-- Both return candidates by their approximate distance; llens_knn re-ranks
+-- them by exact cosine over the stored halfvec.
 
 ALTER TABLE model_layer DROP CONSTRAINT IF EXISTS model_layer_index_kind_check;
 ALTER TABLE model_layer ADD CONSTRAINT model_layer_index_kind_check
     CHECK (index_kind IN ('hnsw_halfvec', 'hnsw_binary', 'diskann'));
 
 -- pgvectorscale where the server ships it and this role may create it (the
--- embedded server: yes; a team server: an administrator may run
--- CREATE EXTENSION vectorscale later, builds look for it each time).
+-- embedded server: yes; a team server: a superuser may run
+-- CREATE EXTENSION vectorscale later: builds look for it each time).
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vectorscale') THEN
         BEGIN
             CREATE EXTENSION IF NOT EXISTS vectorscale;
         EXCEPTION WHEN OTHERS THEN
-            RAISE NOTICE 'llens: vectorscale not installed (%); layers over 4000 dimensions get binary-quantized HNSW',
-                SQLERRM;
+            RAISE NOTICE 'llens: vectorscale not installed (%): diskann indexes unavailable', SQLERRM;
         END;
     END IF;
 END;
-$$;
-
--- The index a layer wider than 4000 dimensions gets by default: DiskANN where
--- pgvectorscale is installed, else HNSW over the binary quantization.
-CREATE OR REPLACE FUNCTION llens_wide_index_kind()
-RETURNS text LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vectorscale')
-                THEN 'diskann' ELSE 'hnsw_binary' END
 $$;
 
 -- As in revision 0002, and: kind 'diskann' (candidates from the DiskANN index
@@ -125,9 +121,9 @@ END;
 $$;
 
 -- As in revision 0002, with p_kind: NULL for the default of the layer's width
--- (hnsw_halfvec up to 4000 dimensions, llens_wide_index_kind() above), or
--- 'hnsw_binary' / 'diskann' for a wider layer (to compare them, or to keep
--- HNSW). DiskANN takes its own build parameters (num_neighbors 50,
+-- (hnsw_halfvec up to 4000 dimensions, hnsw_binary above), or 'diskann' for a
+-- wider layer (refused where pgvectorscale is not installed). DiskANN takes
+-- its own build parameters (num_neighbors 50,
 -- search_list_size 100, statistical binary quantization of 1 bit a
 -- dimension); p_m and p_ef_construction are HNSW's.
 DROP FUNCTION IF EXISTS llens_build_index(integer, integer, integer, integer);
@@ -161,7 +157,7 @@ BEGIN
         RAISE EXCEPTION 'llens: m must be 2..100 and ef_construction 4..1000'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    kind := coalesce(kind, CASE WHEN d <= 4000 THEN 'hnsw_halfvec' ELSE llens_wide_index_kind() END);
+    kind := coalesce(kind, CASE WHEN d <= 4000 THEN 'hnsw_halfvec' ELSE 'hnsw_binary' END);
     IF kind NOT IN ('hnsw_halfvec', 'hnsw_binary', 'diskann') THEN
         RAISE EXCEPTION 'llens: unknown index kind "%" (hnsw_halfvec, hnsw_binary or diskann)', kind
             USING ERRCODE = 'invalid_parameter_value';

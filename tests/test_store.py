@@ -274,7 +274,7 @@ def test_binary_index_for_wide_models(store):
     d = 4096
     data = clustered(400, d)
     info, ids = fill(store, "hnsw-wide", d, {1: data})
-    store.build_index(info, [1], kind="hnsw_binary")  # the default is DiskANN where the server has it
+    store.build_index(info, [1])
     info = store.get_model("hnsw-wide")
     assert info.layers[0].index_kind == "hnsw_binary"
     res = store.knn(info, 1, data[:20], k=10)

@@ -63,8 +63,9 @@ class SearchMixin(StoreBase):
         ``progress`` gets IndexProgress events polled from
         pg_stat_progress_create_index on a second connection. ``kind``: None
         for the default of the model's width (HNSW over halfvec up to 4000
-        dimensions; wider, DiskANN where the server has pgvectorscale, else
-        HNSW over the binary quantization), or one of INDEX_KINDS.
+        dimensions, over the binary quantization above), or one of
+        INDEX_KINDS ('diskann': pgvectorscale's, for wide layers, where the
+        server has it; better recall, slower: docs/query.md).
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers

@@ -1,19 +1,20 @@
-"""Wide layers: StreamingDiskANN (pgvectorscale) for hidden sizes over 4000.
+"""Wide layers: pgvectorscale's StreamingDiskANN as an index kind for hidden sizes over 4000.
 
 Revision ID: 0008
 Revises: 0005
 Create Date: 2026-12-03
 
 pgvector's HNSW indexes halfvec up to 4000 dimensions; the 4096-d models
-(Llama-3.1-8B, Qwen3-VL-8B, Molmo2-8B) got HNSW over ``binary_quantize``.
-Measured on 4096-d rows (docs/query.md), pgvectorscale's DiskANN with its
-statistical binary quantization has the better recall at the same speed, so
-it becomes the default for those layers where the server has the extension
-(the embedded server ships it; the migration creates it where it may).
+(Llama-3.1-8B, Qwen3-VL-8B, Molmo2-8B) get HNSW over ``binary_quantize``.
+Measured on 4096-d rows (docs/query.md), DiskANN has the better recall but
+builds 16x and answers 5-10x slower, so binary HNSW stays the default and
+DiskANN is a choice (``llens index build --kind diskann``) where the server
+has the extension (the embedded server ships it; the migration creates it
+where it may).
 
 - ``model_layer.index_kind`` also allows ``'diskann'``.
-- ``llens_build_index`` takes ``p_kind`` (NULL = the default for the width,
-  ``llens_wide_index_kind()``), refusing ``'diskann'`` without the extension.
+- ``llens_build_index`` takes ``p_kind`` (NULL = the default for the width),
+  refusing ``'diskann'`` without the extension or at 4000 dimensions or less.
 - ``llens_knn`` answers from a DiskANN index (re-ranked by exact cosine, as
   the binary HNSW is), re-ranks more candidates when ef grows, and scans
   exactly when a leaf's index has gone.
