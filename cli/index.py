@@ -29,8 +29,8 @@ def index():
 @click.option("--m", "m", type=click.IntRange(2, 100), help="HNSW m (links per node)  [default: 16]")
 @click.option("--ef-construction", type=click.IntRange(4, 1000), help="HNSW ef_construction  [default: 64]")
 @click.option("--kind", type=click.Choice(["hnsw_halfvec", "hnsw_binary", "diskann"]), default=None,
-              help="Index kind  [default: hnsw_halfvec up to 4000 dimensions, hnsw_binary above; "
-                   "diskann (wider layers, pgvectorscale): better recall, slower]")
+              help="Index kind  [default: hnsw_halfvec up to 4000 dimensions; above, hnsw_binary, "
+                   "or diskann (pgvectorscale) where hnsw_binary falls short of its recall target]")
 @click.option("--maintenance-work-mem", default="1GB", show_default=True, metavar="SIZE",
               help="PostgreSQL memory for the build (set for the building transaction only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -44,10 +44,10 @@ def build(model, layers, m, ef_construction, kind, maintenance_work_mem, no_prog
     indexed wait until its build is done.
 
     Layers wider than 4000 dimensions (pgvector's HNSW limit for halfvec)
-    get HNSW over the binary quantization, or with --kind diskann
-    pgvectorscale's StreamingDiskANN (where the server has it: better
-    recall, slower to build and to query); both re-rank their candidates
-    by exact cosine.
+    get HNSW over the binary quantization, replaced by pgvectorscale's
+    StreamingDiskANN (where the server has it) when its measured recall
+    falls short: better recall, 16x slower to build. Both re-rank their
+    candidates by exact cosine.
 
     \b
     Examples:

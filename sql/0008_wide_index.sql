@@ -4,12 +4,12 @@
 --
 -- Measured on 4096-d clustered rows (docs/query.md, bench/wide.py): DiskANN
 -- (statistical binary quantization: thresholds at each dimension's mean,
--- asymmetric distances) finds the true top-10 almost always where sign-bit
--- HNSW misses 2-7% of it, but builds 16x slower and answers 5-10x slower,
--- slower than the exact scan for a few queries at 50k rows. So binary HNSW
--- stays the default (its calibrated ef_search widens the re-rank until it
--- reaches the recall target) and DiskANN is there to choose (p_kind): for
--- SQL-only clients and mode="ann", where recall counts more than speed.
+-- asymmetric distances) finds the true top-10 where sign-bit HNSW re-ranking
+-- 200 candidates misses 2-16% of it, at 1.6-2.2x HNSW's time a query, less
+-- than HNSW needs to re-rank enough candidates for the same recall; but it
+-- builds 16x slower. So llens_build_index still builds binary HNSW by default
+-- and the library (Store.build_index) replaces it by DiskANN on a leaf where
+-- its recall calibration says it falls short; p_kind asks for either.
 -- Both return candidates by their approximate distance; llens_knn re-ranks
 -- them by exact cosine over the stored halfvec.
 

@@ -200,3 +200,37 @@ def test_downgrade_drops_diskann_indexes_and_restores_the_old_functions(empty_db
         conn.commit()
     migrate.upgrade(empty_db_url)
     assert migrate.current_revision_url(empty_db_url) == migrate.head_revision()
+
+
+def test_binary_hnsw_that_misses_the_recall_target_is_replaced_by_diskann(db_url):
+    """Rows whose sign bits barely differ (a large positive offset on every dimension): binary
+    HNSW's candidates are chance, its calibration fails, and the default build keeps DiskANN,
+    whose quantization thresholds each dimension at its mean."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(25, D))
+    data = (8.0 + centres[rng.integers(0, 25, 1500)] + 0.7 * rng.normal(size=(1500, D))).astype(np.float32)
+    with Store.open(db_url) as s:
+        if not s.vectorscale_installed():
+            pytest.skip("this server has no pgvectorscale")
+        info, _ = fill(s, "wide-offset", data)
+        events = []
+        s.build_index(info, [1], progress=events.append)
+        li = s.get_model("wide-offset").layer(1)
+        assert li.index_kind == "diskann"
+        assert li.index_recall_ok and li.index_params["recall_at_10"] >= RECALL_TARGET
+        assert any("short of its recall target" in e.phase for e in events)
+        # and binary HNSW alone, asked for, keeps its failed calibration: the policy will not use it
+        s.build_index(info, [1], kind="hnsw_binary")
+        li = s.get_model("wide-offset").layer(1)
+        assert li.index_kind == "hnsw_binary" and not li.index_recall_ok
+
+
+def test_cli_index_build_kind(wide, db_url):
+    from click.testing import CliRunner
+    from latentlens.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["index", "build", wide["info"].name, "--kind", "hnsw_halfvec", "--no-progress"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "at most 4000" in res.output
+    res = CliRunner().invoke(cli, ["index", "build", wide["info"].name, "--kind", wide["kind"], "--no-progress"])
+    assert res.exit_code == 0, res.output

@@ -27,6 +27,9 @@ INDEX_KINDS = ("hnsw_halfvec", "hnsw_binary", "diskann")
 RECALL_TARGET = 0.97
 EF_LADDER = (40, 64, 100, 160, 250, 400, 640, 1000)
 CALIBRATION_QUERIES = 64
+# A wide layer's binary HNSW is kept if it reaches the target at this ef_search or less
+# (llens_knn re-ranks max(200, ef) candidates: beyond 200 it costs more than DiskANN)
+WIDE_BINARY_MAX_EF = 200
 CALIBRATION_NOISE = 0.5  # norm of the noise added to a unit stored row: cosine ~0.9, a typical text token's best
 
 
@@ -65,7 +68,10 @@ class SearchMixin(StoreBase):
         for the default of the model's width (HNSW over halfvec up to 4000
         dimensions, over the binary quantization above), or one of
         INDEX_KINDS ('diskann': pgvectorscale's, for wide layers, where the
-        server has it; better recall, slower: docs/query.md).
+        server has it; better recall, slower to build: docs/query.md). By
+        default a wide layer whose binary HNSW misses the recall target, or
+        needs more than WIDE_BINARY_MAX_EF for it, gets DiskANN instead where
+        the server has it (measured per leaf, the better kept).
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
@@ -86,23 +92,45 @@ class SearchMixin(StoreBase):
                 raise InputError(f"unknown index kind '{kind}' (use {', '.join(INDEX_KINDS)})")
             args.append("p_kind => %(kind)s")
         sql = f"SELECT llens_build_index({', '.join(args)})"
+        fallback = f"SELECT llens_build_index({', '.join([*args, 'p_kind => %(kind)s'])})" if kind is None else None
         for layer in todo:
-            watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
-            try:
-                with self.transaction() as conn, watcher:
-                    if maintenance_work_mem:
-                        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
-                    conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction, "kind": kind})
-            except psycopg.errors.InvalidParameterValue as e:
-                raise InputError(first_line(e).removeprefix("llens: ")) from None
-            except psycopg.errors.FeatureNotSupported as e:  # diskann without pgvectorscale
-                raise IndexUnsupported(first_line(e).removeprefix("llens: ")) from None
-            if progress is not None:
-                progress(IndexProgress(layer, "measuring recall", 0, 1))
-            self.calibrate_index(info, layer)
+            found = self._build_one(info, layer, sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction,
+                                                        "kind": kind}, maintenance_work_mem, progress)
+            # binary HNSW that misses the recall target (sign bits that barely differ between
+            # rows, as with a large shared offset), or reaches it only by re-ranking more than its
+            # base 200 candidates (then slower than DiskANN, measured: docs/query.md): DiskANN,
+            # where the server has it
+            if (fallback is not None and info.hidden_size > 4000 and found
+                    and (not found["recall_ok"] or found["ef_search"] > WIDE_BINARY_MAX_EF)
+                    and self.vectorscale_installed()):
+                if progress is not None:
+                    progress(IndexProgress(layer, "binary HNSW short of its recall target: DiskANN", 0, 1))
+                self._build_one(info, layer, fallback, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction,
+                                                        "kind": "diskann"}, maintenance_work_mem, progress)
             if progress is not None:
                 progress(IndexProgress(layer, "done", 1, 1, finished=True))
         return todo
+
+    def _build_one(self, info: ModelInfo, layer: int, sql: str, params: dict, maintenance_work_mem: str | None,
+                   progress: Callable[[IndexProgress], None] | None) -> dict:
+        """One llens_build_index call, then its recall calibration (returned)."""
+        watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
+        try:
+            with self.transaction() as conn, watcher:
+                if maintenance_work_mem:
+                    conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+                conn.execute(sql, params)
+        except psycopg.errors.InvalidParameterValue as e:
+            raise InputError(first_line(e).removeprefix("llens: ")) from None
+        except psycopg.errors.FeatureNotSupported as e:  # diskann without pgvectorscale
+            raise IndexUnsupported(first_line(e).removeprefix("llens: ")) from None
+        if progress is not None:
+            progress(IndexProgress(layer, "measuring recall", 0, 1))
+        return self.calibrate_index(info, layer)
+
+    def vectorscale_installed(self) -> bool:
+        """Whether this database has pgvectorscale (DiskANN indexes for layers over 4000 dimensions)."""
+        return bool(self._fetch("SELECT count(*) FROM pg_extension WHERE extname = 'vectorscale'")[0][0])
 
     def calibrate_index(
         self, model: ModelInfo | str, layer: int, *, queries: int = CALIBRATION_QUERIES, k: int = 10,

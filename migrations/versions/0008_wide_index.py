@@ -6,11 +6,12 @@ Create Date: 2026-12-03
 
 pgvector's HNSW indexes halfvec up to 4000 dimensions; the 4096-d models
 (Llama-3.1-8B, Qwen3-VL-8B, Molmo2-8B) get HNSW over ``binary_quantize``.
-Measured on 4096-d rows (docs/query.md), DiskANN has the better recall but
-builds 16x and answers 5-10x slower, so binary HNSW stays the default and
-DiskANN is a choice (``llens index build --kind diskann``) where the server
-has the extension (the embedded server ships it; the migration creates it
-where it may).
+Measured on 4096-d rows (docs/query.md), DiskANN has the better recall for
+its time a query, but builds 16x slower: binary HNSW is still built first,
+and Store.build_index replaces it by DiskANN on a leaf where its recall
+calibration falls short; ``llens index build --kind`` asks for either.
+DiskANN needs the extension (the embedded server ships it; the migration
+creates it where it may).
 
 - ``model_layer.index_kind`` also allows ``'diskann'``.
 - ``llens_build_index`` takes ``p_kind`` (NULL = the default for the width),
