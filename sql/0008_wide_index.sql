@@ -5,9 +5,8 @@
 -- Measured on 4096-d clustered rows (docs/query.md, bench/wide.py): DiskANN
 -- (statistical binary quantization: thresholds at each dimension's mean,
 -- asymmetric distances) finds the true top-10 where sign-bit HNSW re-ranking
--- 200 candidates misses 2-16% of it, at 1.6-2.2x HNSW's time a query, less
--- than HNSW needs to re-rank enough candidates for the same recall; but it
--- builds 16x slower. So llens_build_index still builds binary HNSW by default
+-- 200 candidates misses 7-16% of it, at about twice HNSW's time a query: what
+-- HNSW needs to re-rank 400 candidates (recall 0.99); but it builds 16x slower. So llens_build_index still builds binary HNSW by default
 -- and the library (Store.build_index) replaces it by DiskANN on a leaf where
 -- its recall calibration says it falls short; p_kind asks for either.
 -- Both return candidates by their approximate distance; llens_knn re-ranks

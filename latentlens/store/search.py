@@ -27,9 +27,10 @@ INDEX_KINDS = ("hnsw_halfvec", "hnsw_binary", "diskann")
 RECALL_TARGET = 0.97
 EF_LADDER = (40, 64, 100, 160, 250, 400, 640, 1000)
 CALIBRATION_QUERIES = 64
-# A wide layer's binary HNSW is kept if it reaches the target at this ef_search or less
-# (llens_knn re-ranks max(200, ef) candidates: beyond 200 it costs more than DiskANN)
-WIDE_BINARY_MAX_EF = 200
+# A wide layer's binary HNSW is kept if it reaches the target at this ef_search or less:
+# llens_knn re-ranks max(200, ef) candidates, and beyond ~400 that costs more a query than
+# DiskANN, whose recall is then higher too (measured at 50k x 4096: docs/query.md)
+WIDE_BINARY_MAX_EF = 400
 CALIBRATION_NOISE = 0.5  # norm of the noise added to a unit stored row: cosine ~0.9, a typical text token's best
 
 
@@ -97,9 +98,8 @@ class SearchMixin(StoreBase):
             found = self._build_one(info, layer, sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction,
                                                         "kind": kind}, maintenance_work_mem, progress)
             # binary HNSW that misses the recall target (sign bits that barely differ between
-            # rows, as with a large shared offset), or reaches it only by re-ranking more than its
-            # base 200 candidates (then slower than DiskANN, measured: docs/query.md): DiskANN,
-            # where the server has it
+            # rows, as with a large shared offset), or reaches it only by re-ranking so many
+            # candidates that DiskANN is faster: DiskANN, where the server has it
             if (fallback is not None and info.hidden_size > 4000 and found
                     and (not found["recall_ok"] or found["ef_search"] > WIDE_BINARY_MAX_EF)
                     and self.vectorscale_installed()):
