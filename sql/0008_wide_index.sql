@@ -52,6 +52,7 @@ DECLARE
     old_ef  text;
     old_ls  text;
     old_rs  text;
+    dk      boolean := false;  -- diskann settings to restore
     ef      integer;
     needed  integer;
     ncand   integer;
@@ -86,6 +87,7 @@ BEGIN
                     '(e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s))::float8 FROM %2$I e '
                     'ORDER BY e.embedding::halfvec(%1$s) <=> $1::halfvec(%1$s) LIMIT $2', d, leaf);
     ELSIF kind = 'diskann' THEN
+        dk := true;
         old_ls := current_setting('diskann.query_search_list_size', true);
         old_rs := current_setting('diskann.query_rescore', true);
         PERFORM set_config('diskann.query_search_list_size', least(ef, 1000)::text, true);
@@ -112,7 +114,7 @@ BEGIN
     IF old_ef IS NOT NULL THEN
         PERFORM set_config('hnsw.ef_search', old_ef, true);
     END IF;
-    IF kind = 'diskann' THEN
+    IF dk THEN
         PERFORM set_config('diskann.query_search_list_size', coalesce(old_ls, '100'), true);
         PERFORM set_config('diskann.query_rescore', coalesce(old_rs, '50'), true);
     END IF;

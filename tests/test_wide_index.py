@@ -140,10 +140,12 @@ def test_a_diskann_scan_leaves_the_session_settings_as_they_were(wide, db_url):
         conn.execute("SET diskann.query_search_list_size = 77")
         conn.execute("SET diskann.query_rescore = 12")
         q = "[" + ",".join(map(str, near(wide["data"], 1)[0].tolist())) + "]"
-        n = conn.execute("SELECT count(*) FROM llens_knn(%s, 1, %s::halfvec, 10)", (wide["info"].id, q)).fetchone()
-        assert n[0] == 10
-        assert conn.execute("SHOW diskann.query_search_list_size").fetchone()[0] == "77"
-        assert conn.execute("SHOW diskann.query_rescore").fetchone()[0] == "12"
+        for exact in (False, True):
+            n = conn.execute("SELECT count(*) FROM llens_knn(%s, 1, %s::halfvec, 10, %s)",
+                             (wide["info"].id, q, exact)).fetchone()
+            assert n[0] == 10
+            assert conn.execute("SHOW diskann.query_search_list_size").fetchone()[0] == "77"
+            assert conn.execute("SHOW diskann.query_rescore").fetchone()[0] == "12"
 
 
 def test_without_vectorscale_diskann_is_refused_and_a_lost_index_scanned_exactly(empty_db_url):
