@@ -12,7 +12,7 @@ import pytest
 from latentlens.errors import IndexUnsupported, InputError
 from latentlens.query import Lens
 from latentlens.store import EmbeddingBatch, Store
-from latentlens.store.search import RECALL_TARGET
+from latentlens.store.search import RECALL_TARGET, WIDE_BINARY_MAX_EF
 
 D = 4096
 
@@ -37,6 +37,13 @@ def fill(store: Store, name: str, data: np.ndarray):
         char_start=np.zeros(n, np.int32), char_end=np.ones(n, np.int32),
         prefix_hash=np.arange(n, dtype=np.int64), vectors={1: data}))
     return store.get_model(name), ids
+
+
+def offset_rows(n: int, seed: int = 4) -> np.ndarray:
+    """Clustered rows on a large positive offset: their sign bits are (nearly) all ones."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(25, D))
+    return (8.0 + centres[rng.integers(0, 25, n)] + 0.7 * rng.normal(size=(n, D))).astype(np.float32)
 
 
 def exact_kth(data: np.ndarray, q: np.ndarray, k: int = 10) -> np.ndarray:
@@ -172,6 +179,13 @@ def test_without_vectorscale_diskann_is_refused_and_a_lost_index_scanned_exactly
             info = s.get_model("wide-noext")
             assert info.layer(1).index_kind == "hnsw_binary"
             assert recall(s.knn(info, 1, q, 10, ef_search=1000), kth) >= 0.8
+            # where binary HNSW falls short there is no DiskANN to turn to: it stays, with what
+            # its calibration measured (on 600 rows it re-ranks nearly all of them), no error
+            offset, _ = fill(s, "wide-noext-offset", offset_rows(600))
+            s.build_index(offset, [1])
+            li = s.get_model("wide-noext-offset").layer(1)
+            assert li.index_kind == "hnsw_binary"
+            assert not li.index_recall_ok or li.index_params["ef_search"] > WIDE_BINARY_MAX_EF
         finally:
             s.conn.rollback()
             s.conn.execute("CREATE EXTENSION IF NOT EXISTS vectorscale")
@@ -208,9 +222,7 @@ def test_binary_hnsw_that_misses_the_recall_target_is_replaced_by_diskann(db_url
     """Rows whose sign bits barely differ (a large positive offset on every dimension): binary
     HNSW's candidates are chance, its calibration fails, and the default build keeps DiskANN,
     whose quantization thresholds each dimension at its mean."""
-    rng = np.random.default_rng(4)
-    centres = rng.normal(size=(25, D))
-    data = (8.0 + centres[rng.integers(0, 25, 1500)] + 0.7 * rng.normal(size=(1500, D))).astype(np.float32)
+    data = offset_rows(1500)
     with Store.open(db_url) as s:
         if not s.vectorscale_installed():
             pytest.skip("this server has no pgvectorscale")
