@@ -262,8 +262,8 @@ class Searcher:
     ) -> LayerSearch:
         li = info.layer(layer)
         nq = len(q)
-        # binary-quantized indexes re-rank 10k candidates, and HNSW returns at most 1000
-        max_k = HNSW_MAX_K if li.index_kind != "hnsw_binary" else HNSW_MAX_K // 10
+        # wide layers' indexes (binary HNSW, DiskANN) re-rank 10k candidates, at most 1000
+        max_k = HNSW_MAX_K if li.index_kind == "hnsw_halfvec" else HNSW_MAX_K // 10
         ann_ok = li.index_kind is not None and k <= max_k and server_ann
         ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 

@@ -20,6 +20,9 @@ from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_
 # maintenance_work_mem of the transaction that builds an index (only there:
 # other sessions keep the server's setting)
 BUILD_MAINTENANCE_WORK_MEM = "1GB"
+# model_layer.index_kind: HNSW over halfvec (up to 4000 dimensions); wider,
+# HNSW over the binary quantization or pgvectorscale's DiskANN (sql/0008_wide_index.sql)
+INDEX_KINDS = ("hnsw_halfvec", "hnsw_binary", "diskann")
 # Recall calibration of a new index (calibrate_index): the recall@10 HNSW must
 # reach on in-distribution queries, and the ef_search values tried for it.
 RECALL_TARGET = 0.97
@@ -29,6 +32,10 @@ CALIBRATION_QUERIES = 64
 # the queries the search policy sends to HNSW are those whose best cosine with a sample
 # of the leaf is at least its out-of-distribution threshold (0.5), up to ~0.95 for text.
 CALIBRATION_COSINES = (0.5, 0.95)
+# A wide layer's binary HNSW is kept if it reaches the target at this ef_search or less:
+# llens_knn re-ranks max(200, ef) candidates, and beyond ~400 that costs more a query than
+# DiskANN, whose recall is then higher too (measured at 50k x 4096: docs/query.md)
+WIDE_BINARY_MAX_EF = 400
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class SearchMixin(StoreBase):
         m: int | None = None, ef_construction: int | None = None,
         maintenance_work_mem: str | None = BUILD_MAINTENANCE_WORK_MEM,
         progress: Callable[[IndexProgress], None] | None = None,
+        kind: str | None = None,
     ) -> list[int]:
         """Build (or rebuild) each layer's ANN index; return the layers done.
 
@@ -70,9 +78,17 @@ class SearchMixin(StoreBase):
         to the SQL function's (16 / 64). ``maintenance_work_mem`` is set for
         the building transaction only (HNSW builds that spill are far slower).
         ``progress`` gets IndexProgress events polled from
-        pg_stat_progress_create_index on a second connection. Each index's
-        recall is then measured (calibrate_index) where the user may record it
-        (the owner): a writer's build leaves that to the owner.
+        pg_stat_progress_create_index on a second connection. ``kind``: None
+        for the default of the model's width (HNSW over halfvec up to 4000
+        dimensions, over the binary quantization above), or one of
+        INDEX_KINDS ('diskann': pgvectorscale's, for wide layers, where the
+        server has it; better recall, slower to build: docs/query.md). By
+        default a wide layer whose binary HNSW misses the recall target, or
+        needs more than WIDE_BINARY_MAX_EF for it, gets DiskANN instead where
+        the server has it (measured per leaf, the better kept).
+        Each index's recall is then measured (calibrate_index) where the user
+        may record it (the owner): a writer's build leaves that to the owner
+        (and keeps the width's default kind).
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
@@ -88,24 +104,53 @@ class SearchMixin(StoreBase):
             args.append("p_m => %(hm)s")
         if ef_construction is not None:
             args.append("p_ef_construction => %(efc)s")
+        if kind is not None:
+            if kind not in INDEX_KINDS:
+                raise InputError(f"unknown index kind '{kind}' (use {', '.join(INDEX_KINDS)})")
+            args.append("p_kind => %(kind)s")
         sql = f"SELECT llens_build_index({', '.join(args)})"
+        fallback = f"SELECT llens_build_index({', '.join([*args, 'p_kind => %(kind)s'])})" if kind is None else None
         calibrate = self.may_calibrate()
         for layer in todo:
-            watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
-            try:
-                with self.transaction() as conn, watcher:
-                    if maintenance_work_mem:
-                        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
-                    conn.execute(sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction})
-            except psycopg.errors.InvalidParameterValue as e:
-                raise InputError(first_line(e).removeprefix("llens: ")) from None
-            if calibrate:
+            found = self._build_one(info, layer, sql, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction,
+                                                        "kind": kind}, maintenance_work_mem, progress, calibrate)
+            # binary HNSW that misses the recall target (sign bits that barely differ between
+            # rows, as with a large shared offset), or reaches it only by re-ranking so many
+            # candidates that DiskANN is faster: DiskANN, where the server has it
+            if (fallback is not None and info.hidden_size > 4000 and found
+                    and (not found["recall_ok"] or found["ef_search"] > WIDE_BINARY_MAX_EF)
+                    and self.vectorscale_installed()):
                 if progress is not None:
-                    progress(IndexProgress(layer, "measuring recall", 0, 1))
-                self.calibrate_index(info, layer)
+                    progress(IndexProgress(layer, "binary HNSW short of its recall target: DiskANN", 0, 1))
+                self._build_one(info, layer, fallback, {"m": info.id, "l": layer, "hm": m, "efc": ef_construction,
+                                                        "kind": "diskann"}, maintenance_work_mem, progress, calibrate)
             if progress is not None:
                 progress(IndexProgress(layer, "done", 1, 1, finished=True))
         return todo
+
+    def _build_one(self, info: ModelInfo, layer: int, sql: str, params: dict, maintenance_work_mem: str | None,
+                   progress: Callable[[IndexProgress], None] | None, calibrate: bool) -> dict:
+        """One llens_build_index call, then its recall calibration (returned; {} when
+        this user may not record it)."""
+        watcher = _ProgressWatcher(self.url, self.conn.info.backend_pid, layer, progress)
+        try:
+            with self.transaction() as conn, watcher:
+                if maintenance_work_mem:
+                    conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
+                conn.execute(sql, params)
+        except psycopg.errors.InvalidParameterValue as e:
+            raise InputError(first_line(e).removeprefix("llens: ")) from None
+        except psycopg.errors.FeatureNotSupported as e:  # diskann without pgvectorscale
+            raise IndexUnsupported(first_line(e).removeprefix("llens: ")) from None
+        if not calibrate:
+            return {}
+        if progress is not None:
+            progress(IndexProgress(layer, "measuring recall", 0, 1))
+        return self.calibrate_index(info, layer)
+
+    def vectorscale_installed(self) -> bool:
+        """Whether this database has pgvectorscale (DiskANN indexes for layers over 4000 dimensions)."""
+        return bool(self._fetch("SELECT count(*) FROM pg_extension WHERE extname = 'vectorscale'")[0][0])
 
     def calibrate_index(
         self, model: ModelInfo | str, layer: int, *, queries: int = CALIBRATION_QUERIES, k: int = 10,
