@@ -273,7 +273,8 @@ def _judge_images(lens, info, model, vlm, judge, refs, stored, run, methods, vis
                         interrupts.check()
                         verdicts.append(_verdict(judge, img, ref.name, p.box, region, words, method,
                                                  vl.visual_layer))
-                item = EvalItem(base + j, ref.name, sha, img.size, p.idx, p.row, p.col, tuple(p.box))
+                x0, y0, x1, y1 = p.box
+                item = EvalItem(base + j, ref.name, sha, img.size, p.idx, p.row, p.col, (x0, y0, x1, y1))
                 if lens.store.record_eval_item(run, item, verdicts):
                     judged_now += 1
                 bar.update(1)
