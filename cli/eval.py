@@ -94,8 +94,8 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
                           echo=lambda m: click.echo(m, err=True))
     except JudgeError as e:
         raise JudgeError(f"{e} (judged patches are kept: run the same command again to resume)") from e
-    except KeyboardInterrupt:
-        click.echo("Interrupted: judged patches are kept; run the same command again to resume.", err=True)
+    except KeyboardInterrupt:  # whatever it interrupted, the database included: one line, 130
+        click.echo("interrupted; run the same command to resume", err=True)
         sys.exit(130)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))

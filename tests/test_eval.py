@@ -324,7 +324,7 @@ def test_review_guards(setup, db_url, tmp_path):
     sample_image((64, 64)).transpose(Image.Transpose.ROTATE_90).save(imgs / "img0.png")
     sample_image((64, 96)).save(imgs / "img1.png")
     r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 2 and "img1.png changed since this run judged it" in r.output
+    assert r.exit_code == 2 and "img0.png changed since this run judged it" in r.output
     # labels that name none of the images: an error, not a silent 0%
     other_ann = tmp_path / "other.jsonl"
     other_ann.write_text(json.dumps({"image": "elsewhere.png", "x": 0, "y": 0, "w": 5, "h": 5, "names": ["dog"]}))
@@ -352,3 +352,262 @@ def test_parse_answer_skips_braces_before_the_json():
     text = ('<think>maybe {"x": 1} or {broken</think> {"reasoning": "r", "concrete_words": ["dog"], '
             '"abstract_words": [], "global_words": []}')
     assert parse_answer(text, ["dog"])["concrete_words"] == ["dog"]
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: always 130 and one line, whatever the process was doing
+
+
+INTERRUPTED = "interrupted; run the same command to resume"
+
+
+def _eval_proc(setup, run, judge=("--judge", "eval_judges:SlowLabels")):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "latentlens.cli", "eval", setup["name"], "--images", str(setup["images"]),
+           "--visual-layers", "0,2", "--patches-per-image", "3", "--annotations", str(setup["ann"]),
+           "--no-progress", "--run", run, *judge]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _items(conn, run) -> tuple[str | None, int]:
+    row = conn.execute("SELECT status, items_done FROM eval_run WHERE name = %s", (run,)).fetchone()
+    return (row[0], row[1]) if row else (None, 0)
+
+
+@pytest.mark.slow
+def test_sigint_at_any_point_exits_130_and_resumes_to_the_uninterrupted_verdicts(setup, db_url):
+    """SIGINT used to land inside psycopg at times (2 of 9 just after the first patch): exit 3,
+    "lost the database" and a traceback. Interrupt one run again and again, each time a little later."""
+    judge = ("--judge", "eval_judges:SlowLabels")
+    r = _eval(setup, run="sigint-straight", judge=judge)
+    assert r.exit_code == 0, r.output
+    want = _verdicts(db_url, "sigint-straight")
+    # when: 'run' = as soon as it is running, N = once N more patches are recorded
+    for when in ("run", 1, 1, 2, 1):
+        proc = _eval_proc(setup, "sigint", judge)
+        deadline = time.time() + 120
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            start = _items(conn, "sigint")[1]
+            while time.time() < deadline and proc.poll() is None:
+                status, n = _items(conn, "sigint")
+                if status == "running" and (when == "run" or n >= start + when):
+                    break
+                time.sleep(0.005)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, (when, err)
+        assert "Traceback" not in err and "lost the database" not in err, err
+        assert err.strip().splitlines()[-1] == INTERRUPTED, err
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert _items(conn, "sigint")[0] == "interrupted"
+    r = _eval(setup, run="sigint", judge=judge)
+    assert r.exit_code == 0, r.output
+    assert _verdicts(db_url, "sigint") == want
+
+
+def test_ctrl_c_inside_a_database_call_is_130_not_a_lost_database(setup, db_url, monkeypatch):
+    """The interrupt arrives while psycopg waits on the server (a slow INSERT here)."""
+    import threading
+
+    from latentlens.store import Store
+
+    real = Store.record_eval_item
+
+    def slow_record(self, run, item, verdicts):
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        self._fetch("SELECT pg_sleep(1)")
+        return real(self, run, item, verdicts)
+
+    monkeypatch.setattr(Store, "record_eval_item", slow_record)
+    r = _eval(setup, "--num-images", "1", run="ctrl-c-db")
+    assert r.exit_code == 130, r.output
+    assert INTERRUPTED in r.output and "lost the database" not in r.output
+    monkeypatch.setattr(Store, "record_eval_item", real)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        # the connection stayed usable: the run is recorded as interrupted, not left "running"
+        assert _items(conn, "ctrl-c-db")[0] == "interrupted"
+    r = _eval(setup, "--num-images", "1", run="ctrl-c-db")
+    assert r.exit_code == 0, r.output
+    assert len(_verdicts(db_url, "ctrl-c-db")) == 3 * 2 * 3
+
+
+def test_sigint_never_leaves_psycopg_half_way(db_url):
+    """Unguarded, a SIGINT between psycopg's send and its read left the connection busy: the rollback
+    failed ("error ignored in rollback"), then every statement raised "another command is already in
+    progress", which the CLI reported as a lost database (exit 3; this loop without the guard fails
+    within a few interrupts). Guarded, every interrupt is a KeyboardInterrupt outside psycopg and the
+    connection stays usable."""
+    import contextlib
+    import random
+    import threading
+
+    from psycopg.types.json import Jsonb
+
+    from latentlens.eval.interrupts import deferred_in_psycopg
+    from latentlens.store import Store
+
+    rng = random.Random(0)
+    interrupts = 0
+    with Store.open(db_url) as store, deferred_in_psycopg() as guard:
+        for _ in range(40):
+            timer = threading.Timer(rng.uniform(0, 0.01), os.kill, (os.getpid(), signal.SIGINT))
+            try:
+                timer.start()
+                for _ in range(50):
+                    with store.transaction() as conn:
+                        conn.execute("CREATE TEMP TABLE IF NOT EXISTS t (a int, j jsonb)")
+                        with conn.cursor() as cur:
+                            cur.executemany("INSERT INTO t VALUES (%s, %s)", [(k, Jsonb({"k": k})) for k in range(20)])
+                        conn.execute("SELECT count(*) FROM t").fetchall()
+                    guard.check()  # where the runner checks: after each database call
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                interrupts += 1
+            while timer.is_alive():
+                with contextlib.suppress(KeyboardInterrupt):
+                    timer.join()
+            assert store._fetch("SELECT 1") == [(1,)]
+    assert interrupts >= 30
+
+
+# ---------------------------------------------------------------------------
+# a resume never mixes models or patches
+
+
+def _partial(db_url, run, drop_item):
+    """Make a finished run look interrupted with one item still to judge."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM eval_item WHERE item = %s AND run_id = (SELECT id FROM eval_run WHERE name = %s)",
+                     (drop_item, run))
+        conn.execute("UPDATE eval_run SET status = 'interrupted', items_done = items_done - 1 WHERE name = %s",
+                     (run,))
+
+
+def test_resume_with_a_changed_model_is_refused(setup, db_url, tmp_path):
+    """The fingerprint named the model but not its weights, revision or processor: a resume judged the
+    rest with whatever model the dir held by then, mixing verdicts of two models."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "vlm"
+    shutil.copytree(setup["dir"], model)
+    args = ["eval", str(model), "--images", str(setup["images"]), "--num-images", "2", "--visual-layers", "1",
+            "--methods", "logitlens", "--patches-per-image", "2", "--judge", "labels",
+            "--annotations", str(setup["ann"]), "--no-progress", "--run", "model-changed"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    want = _verdicts(db_url, "model-changed")
+    _partial(db_url, "model-changed", 3)
+    weights = model / "model.safetensors"
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + np.float32(1e-3)  # one tensor of many, slightly: a fine-tune's step
+    save_file(tensors, weights, metadata={"format": "pt"})
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    assert "was judged with another" in r.output and "its weights changed since" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    weights.write_bytes(original)
+    proc = model / "preprocessor_config.json"
+    proc_text = proc.read_text()
+    cfg = json.loads(proc_text)
+    cfg["image_mean"] = [0.5, 0.5, 0.5]
+    proc.write_text(json.dumps(cfg))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and "its processor changed since" in r.output, r.output
+    proc.write_text(proc_text)
+    # the same bytes copied elsewhere and touched: the same model (no mtimes, no paths)
+    os.utime(weights, (1, 1))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    assert _verdicts(db_url, "model-changed") == want
+
+
+def test_model_identity_of_a_hub_id_is_its_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from latentlens.errors import InputError
+    from latentlens.eval.identity import model_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--org--vlm"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = model_identity("org/vlm")
+    assert first["commit"] == "a" * 40 and first["kind"] == "hub"
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on: another model
+    assert model_identity("org/vlm")["commit"] == "b" * 40
+    assert model_identity("org/vlm", "c" * 40)["commit"] == "c" * 40  # a pinned commit needs no lookup
+    with pytest.raises(InputError, match="cannot resolve model 'org/other' to a commit") as e:
+        model_identity("org/other")
+    assert "\n" not in str(e.value)
+
+
+def test_resume_compares_the_stored_patches_with_the_draw(setup, db_url, monkeypatch):
+    """Resume skipped items by number only: a draw that changed (another processor or latentlens)
+    judged other patches under the same numbers."""
+    from latentlens.eval import runner
+
+    r = _eval(setup, "--num-images", "2", "--methods", "logitlens", run="redraw")
+    assert r.exit_code == 0, r.output
+    _partial(db_url, "redraw", 4)
+    draw = runner.choose_patches
+    monkeypatch.setattr(runner, "choose_patches", lambda patches, per, seed, i: draw(patches, per, seed + 1, i))
+    r = _eval(setup, "--num-images", "2", "--methods", "logitlens", run="redraw")
+    assert r.exit_code == 2, r.output
+    assert "of eval run 'redraw' is patch" in r.output and "the draw now gives patch" in r.output
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT items_done FROM eval_run WHERE name = 'redraw'").fetchone()[0] == 5
+    monkeypatch.setattr(runner, "choose_patches", draw)
+    r = _eval(setup, "--num-images", "2", "--methods", "logitlens", run="redraw")
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+
+
+def test_list_reads_pg_locks_and_never_takes_a_runs_lock(setup, db_url):
+    """--list took and released each running run's lock: an eval starting in that moment failed
+    "being judged". It reads pg_locks now."""
+    from latentlens.store import Store
+
+    r = _eval(setup, "--num-images", "1", "--methods", "logitlens", run="listed")
+    assert r.exit_code == 0, r.output
+    with Store.open(db_url) as holder, Store.open(db_url) as lister:
+        run = holder.get_eval_run("listed")
+        holder.set_eval_status(run, "running")
+        statements: list[str] = []
+        fetch = lister._fetch
+
+        def spy(sql, params=()):
+            statements.append(sql)
+            return fetch(sql, params)
+
+        lister._fetch = spy  # type: ignore[method-assign]
+        assert holder.lock_eval_run(run)
+        assert {r.name: r.status for r in lister.list_eval_runs()}["listed"] == "running"
+        holder.unlock_eval_run(run)
+        assert {r.name: r.status for r in lister.list_eval_runs()}["listed"] == "stopped"
+        assert not any("advisory_lock" in s or "advisory_unlock" in s for s in statements), statements
+        # listing over and over while a run starts: it always gets its lock
+        import threading
+
+        stop = threading.Event()
+
+        def list_forever():
+            with Store.open(db_url) as s:
+                while not stop.is_set():
+                    s.list_eval_runs()
+
+        t = threading.Thread(target=list_forever)
+        t.start()
+        try:
+            for _ in range(200):
+                assert holder.lock_eval_run(run)
+                holder.unlock_eval_run(run)
+        finally:
+            stop.set()
+            t.join()

@@ -70,6 +70,17 @@ class EvalVerdict:
     answer: dict = field(default_factory=dict)
 
 
+def _model_change(old: Any, new: Any) -> str | None:
+    """What differs between two model identities (latentlens.eval.identity), or None."""
+    if old == new:
+        return None
+    if not isinstance(old, dict):
+        return "the run was recorded before latentlens fingerprinted models, so its model cannot be checked"
+    parts = [k for k in ("kind", "repo", "revision", "commit", "weights", "processor", "config")
+             if old.get(k) != (new or {}).get(k)]
+    return f"its {', '.join(parts) or 'identity'} changed since"
+
+
 class EvalsMixin(StoreBase):
     """Rows of eval_run / eval_item / eval_verdict."""
 
@@ -105,6 +116,10 @@ class EvalsMixin(StoreBase):
             )
         run = self.get_eval_run(name)
         if run.fingerprint != fingerprint:
+            changed = _model_change(run.settings.get("vlm"), settings.get("vlm"))
+            if changed:
+                raise InputError(f"eval run '{name}' was judged with another {run.model}: {changed}; "
+                                 "restore that model, or choose another --run name")
             raise InputError(
                 f"eval run '{name}' exists with other settings (model {run.model}, judge {run.judge}, "
                 f"methods {','.join(run.methods)}): choose another --run name"
@@ -122,13 +137,24 @@ class EvalsMixin(StoreBase):
 
     def list_eval_runs(self) -> list[EvalRunInfo]:
         """Every run; one recorded as running that nobody holds the lock of (its process died:
-        kill -9, a crash) is shown as ``stopped``, a rerun resumes it."""
+        kill -9, a crash) is shown as ``stopped``, a rerun resumes it.
+
+        Who holds a lock is read from ``pg_locks``: taking and releasing each lock to test it
+        made an eval starting in that moment fail as "being judged"."""
         runs = [EvalRunInfo(*r) for r in self._fetch(self._EVAL_SELECT + " ORDER BY id")]
-        for r in runs:
-            if r.status == "running" and self.lock_eval_run(r):
-                self.unlock_eval_run(r)
-                r.status = "stopped"
+        if any(r.status == "running" for r in runs):
+            held = self.held_eval_locks()
+            for r in runs:
+                if r.status == "running" and r.id not in held:
+                    r.status = "stopped"
         return runs
+
+    def held_eval_locks(self) -> set[int]:
+        """Ids of the runs whose lock (``lock_eval_run``) some session of this database holds."""
+        return {int(r[0]) for r in self._fetch(
+            "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 "
+            "AND classid = hashtext('llens_eval')::oid "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")}
 
     def set_eval_status(self, run: EvalRunInfo, status: str, error: str | None = None,
                         *, hostname: str | None = None, pid: int | None = None) -> None:
@@ -153,12 +179,12 @@ class EvalsMixin(StoreBase):
             (run.id,))[0]
         return f"{host or '?'} pid {pid or '?'} (last seen {int(age or 0)} s ago)"
 
-    def eval_image_hashes(self, run: EvalRunInfo) -> dict[str, str]:
-        """sha256 of each image as it was when its items were judged."""
-        return dict(self._fetch("SELECT DISTINCT image, image_sha256 FROM eval_item WHERE run_id = %s", (run.id,)))
-
-    def eval_done_items(self, run: EvalRunInfo) -> set[int]:
-        return {r[0] for r in self._fetch("SELECT item FROM eval_item WHERE run_id = %s", (run.id,))}
+    def eval_items(self, run: EvalRunInfo) -> dict[int, EvalItem]:
+        """The run's judged items by number: what a resume compares with the patches it draws."""
+        return {r[0]: EvalItem(r[0], r[1], r[2], (r[3][0], r[3][1]), r[4], r[5], r[6],
+                               (r[7][0], r[7][1], r[7][2], r[7][3]))
+                for r in self._fetch("SELECT item, image, image_sha256, image_size, patch_idx, patch_row, "
+                                     "patch_col, box FROM eval_item WHERE run_id = %s", (run.id,))}
 
     def record_eval_item(self, run: EvalRunInfo, item: EvalItem, verdicts: Sequence[EvalVerdict]) -> bool:
         """Write one item and all its verdicts atomically; False if the item was already recorded."""
