@@ -13,13 +13,15 @@ One module per concern, combined into ``Store``:
 ``base`` (connection, transactions, schema check), ``catalog`` (models,
 layers, vocabularies, corpora, sentences), ``embeddings`` (bulk write and
 read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts), ``evals``
-(evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance).
+(evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance),
+``atlas`` (visual tokens of image collections and their neighbours).
 """
 
 from __future__ import annotations
 
-from latentlens.errors import LatentLensError
+from latentlens.errors import LatentLensError, UnknownAtlas
 from latentlens.store.analyses import AnalysesMixin, AnalysisInfo
+from latentlens.store.atlas import AtlasHit, AtlasInfo, AtlasMixin, AtlasRunInfo
 from latentlens.store.catalog import CatalogMixin
 from latentlens.store.embeddings import (
     EMBEDDING_COLUMNS,
@@ -41,13 +43,13 @@ from latentlens.store.types import (
 )
 
 
-class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin):
+class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin, AtlasMixin):
     """Typed access to the latentlens schema over one psycopg connection."""
 
 
 __all__ = [
     "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
-    "AnalysisInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
+    "AnalysisInfo", "AtlasHit", "AtlasInfo", "AtlasRunInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
     "LatentLensError",
-    "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
+    "LayerInfo", "ModelInfo", "RunInfo", "Store", "UnknownAtlas", "text_hash",
 ]

@@ -1,0 +1,31 @@
+"""The atlas: visual tokens of an image collection and their neighbours, found by word.
+
+Revision ID: 0010
+Revises: 0005
+Create Date: 2026-12-03
+
+``llens atlas build`` runs a VLM over a collection and stores, per image (content hash,
+path, size), per patch (box in image pixels) and per visual layer, the visual token
+(``atlas_token``, partitioned by RANGE (atlas_id, layer) like ``token_embedding``, a leaf
+and an ANN index per (atlas, layer)) and its top-k LatentLens neighbours
+(``atlas_neighbour``, indexed by lower(word)). Users call ``llens_atlas_find`` (patches
+whose top-k words include a word), ``llens_atlas_nearest`` (nearest visual tokens of a
+vector) and the view ``atlas_patch_word``. New tables only: nothing existing changes.
+"""
+
+from __future__ import annotations
+
+from latentlens.migrations.sqlfiles import apply_sql
+
+revision = "0010"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    apply_sql("0010_atlas.sql")
+
+
+def downgrade() -> None:
+    apply_sql("0010_drop.sql")
