@@ -340,36 +340,89 @@ $$;
 
 -- Team roles: readers read the atlas like everything else; writers build
 -- atlases (leaf DDL and index builds run as the owner, as for token_embedding).
-DO $$
+-- Revision 0004's two functions, with the atlas' tables and functions added
+-- (0010_drop.sql restores them).
+CREATE OR REPLACE FUNCTION llens_secure_functions()
+RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     f text;
-    r text := llens_team_role('reader');
     w text := llens_team_role('writer');
+    has_writer boolean := EXISTS (SELECT 1 FROM pg_roles WHERE rolname = llens_team_role('writer'));
 BEGIN
     FOR f IN
-        SELECT p.oid::regprocedure::text FROM pg_proc p
+        SELECT p.oid::regprocedure::text
+          FROM pg_proc p
          WHERE p.pronamespace = current_schema()::regnamespace
-           AND p.proname IN ('llens_atlas_ensure_layer', 'llens_atlas_build_index')
+           AND p.proname IN ('llens_ensure_layer', 'llens_build_index', 'llens_drop_index', 'llens_analyze',
+                             'llens_atlas_ensure_layer', 'llens_atlas_build_index')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = %I, pg_temp', f, current_schema());
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
-        IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = w) THEN
+        IF has_writer THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, w);
         END IF;
     END LOOP;
     FOR f IN
-        SELECT p.oid::regprocedure::text FROM pg_proc p
-         WHERE p.pronamespace = current_schema()::regnamespace AND p.proname = 'llens_atlas_drop'
+        SELECT p.oid::regprocedure::text
+          FROM pg_proc p
+         WHERE p.pronamespace = current_schema()::regnamespace
+           AND p.proname IN ('llens_drop_model', 'llens_setup_team_roles', 'llens_secure_functions',
+                             'llens_atlas_drop')
     LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
     END LOOP;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
-        EXECUTE format('GRANT SELECT ON atlas, atlas_layer, atlas_image, atlas_patch, atlas_token, '
-                       'atlas_neighbour, atlas_run, atlas_patch_word TO %I', r);
+END;
+$$;
+
+-- Create the two group roles (if missing) and give them their privileges.
+-- Needs CREATEROLE; safe to run again (`llens db grant-*` runs it).
+CREATE OR REPLACE FUNCTION llens_setup_team_roles()
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    r text := llens_team_role('reader');
+    w text := llens_team_role('writer');
+    s text := current_schema();
+    -- the role whose future tables and sequences the groups get: the owner of
+    -- the schema's functions (llens_ensure_layer creates leaves as it), not the
+    -- caller, which may be a superuser setting up a database someone else owns
+    o text := (SELECT pg_get_userbyid(p.proowner) FROM pg_proc p
+                WHERE p.pronamespace = current_schema()::regnamespace
+                  AND p.proname = 'llens_ensure_layer' LIMIT 1);
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+        EXECUTE format('CREATE ROLE %I NOLOGIN', r);
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = w) THEN
-        EXECUTE format('GRANT INSERT, UPDATE ON atlas, atlas_layer, atlas_image, atlas_patch, atlas_token, '
-                       'atlas_neighbour, atlas_run TO %I', w);
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = w) THEN
+        EXECUTE format('CREATE ROLE %I NOLOGIN', w);
     END IF;
+    EXECUTE format('GRANT %I TO %I', r, w);
+    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I', current_database(), r);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', s, r);
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO %I', s, r);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA %I GRANT SELECT ON TABLES TO %I',
+                   coalesce(o, current_user), s, r);
+    EXECUTE format('GRANT INSERT, UPDATE ON model, model_layer, token, corpus, sentence, ingest_run, '
+                   'token_quota, token_embedding, eval_run, eval_item, eval_verdict, analysis, '
+                   'atlas, atlas_layer, atlas_image, atlas_patch, atlas_token, atlas_neighbour, atlas_run TO %I', w);
+    EXECUTE format('GRANT DELETE ON analysis, eval_run, eval_item, eval_verdict TO %I', w);
+    EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO %I', s, w);
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA %I GRANT USAGE ON SEQUENCES TO %I',
+                   coalesce(o, current_user), s, w);
+    PERFORM llens_secure_functions();
+    INSERT INTO llens_meta (key, value) VALUES ('reader_role', r), ('writer_role', w)
+        ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;
+    RETURN r || ',' || w;
+END;
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = llens_team_role('writer')) THEN
+        PERFORM llens_setup_team_roles();
+    ELSE
+        PERFORM llens_secure_functions();
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    PERFORM llens_secure_functions();
 END;
 $$;
