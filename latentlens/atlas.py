@@ -431,6 +431,43 @@ def find_text(lens: Lens, atlas: str, text: str, *, token: str | None = None, la
 # the gallery
 
 
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def open_stored_image(path: str, content_hash: str | None) -> tuple[Any, str]:
+    """(PIL image or None, state) for an atlas image: "ok", "missing", "changed" or "unreadable".
+
+    The file must still hold the bytes that were hashed at build time: a
+    moved or edited image is not shown as if it were the one analysed, and
+    the web app never serves a file a database row merely names (only the
+    content that row's hash vouches for).
+    """
+    from latentlens.vlm.extract import load_image
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None, "missing"
+    if content_hash is not None:
+        key = (str(p), st.st_mtime_ns, st.st_size)
+        digest = _VERIFIED.get(key)
+        if digest is None:
+            try:
+                digest = hash_images([p])[0].content_hash
+            except InputError:
+                return None, "unreadable"
+            if len(_VERIFIED) > 4096:
+                _VERIFIED.clear()
+            _VERIFIED[key] = digest
+        if digest != content_hash:
+            return None, "changed"
+    try:
+        return load_image(p), "ok"
+    except LatentLensError:
+        return None, "unreadable"
+
+
 def write_gallery(hits: Sequence[AtlasHit], out: str | Path, *, title: str, thumb: int = 160) -> Path:
     """One self-contained HTML file: per hit, the patch crop and the whole image with its box.
 
@@ -443,8 +480,6 @@ def write_gallery(hits: Sequence[AtlasHit], out: str | Path, *, title: str, thum
 
     from PIL import Image, ImageDraw
 
-    from latentlens.vlm.extract import load_image
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "atlas.html" if out.is_dir() or not out.suffix else out
@@ -455,19 +490,18 @@ def write_gallery(hits: Sequence[AtlasHit], out: str | Path, *, title: str, thum
         img.save(buf, format="JPEG", quality=85)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-    cache: dict[str, Image.Image | None] = {}
+    cache: dict[str, tuple[Any, str]] = {}
     cards = []
     for h in hits:
         if h.path not in cache:
-            try:
-                cache[h.path] = load_image(h.path)
-            except LatentLensError:
-                cache[h.path] = None
-        img = cache[h.path]
+            cache[h.path] = open_stored_image(h.path, h.content_hash)
+        img, state = cache[h.path]
         label = (f"{html.escape(Path(h.path).name)} · patch {h.row},{h.col} · L{h.layer} · "
                  f"{h.similarity:.3f}" + (f" · rank {h.rank}" if h.rank else ""))
         if img is None:
-            cards.append(f'<figure class="card missing"><div>image not found:<br>{html.escape(h.path)}</div>'
+            why = {"missing": "image not found", "changed": "image changed since the atlas was built",
+                   "unreadable": "image unreadable"}[state]
+            cards.append(f'<figure class="card missing"><div>{why}:<br>{html.escape(h.path)}</div>'
                          f"<figcaption>{label}</figcaption></figure>")
             continue
         x0, y0, x1, y1 = h.box

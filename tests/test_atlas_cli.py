@@ -114,9 +114,19 @@ def test_gallery_marks_a_moved_image(built, tmp_path, db_url):
 
     with Store.open(db_url) as store:
         hits = atl.find_word(store, "photos", _top_word(db_url), layer=2, k=1)
+    real = hits[0].path
     hits[0].path = str(tmp_path / "gone.png")
     page = atl.write_gallery(hits, tmp_path / "m.html", title="moved").read_text(encoding="utf-8")
     assert "image not found" in page and "gone.png" in page
+    # a file at the stored path that is not the analysed content is not shown as if it were
+    other = tmp_path / "other.png"
+    sample_image((50, 50)).save(other)
+    hits[0].path = str(other)
+    page = atl.write_gallery(hits, tmp_path / "c.html", title="changed").read_text(encoding="utf-8")
+    assert "image changed since the atlas was built" in page and "data:image" not in page
+    hits[0].path = real
+    page = atl.write_gallery(hits, tmp_path / "ok.html", title="ok").read_text(encoding="utf-8")
+    assert page.count("data:image/jpeg;base64,") == 2
 
 
 @pytest.mark.parametrize("args, code, message", [
