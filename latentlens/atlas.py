@@ -199,6 +199,8 @@ def build(
     paths = collect_images(images)  # a bad --images fails before the model loads
     files = hash_images(paths)
     name = name or default_name(images)
+    if not name.strip() or "/" in name or any(ord(c) < 32 for c in name):
+        raise InputError(f"atlas name {name!r}: use a non-empty name without '/' or control characters")
     source = str((info.params or {}).get("source") or info.name)
     params = opts.params(searched, source)
     atlas = _open_atlas(store, name, info, layers, params)
@@ -425,6 +427,40 @@ def find_text(lens: Lens, atlas: str, text: str, *, token: str | None = None, la
     found.sort(key=lambda t: -t[3])
     how = {"token": st.tokens[pos], "position": int(pos), "layers": layers, "search": paths}
     return store.atlas_patch_hits(info, found[:k]), how
+
+
+def stored_image_result(store: Store, atlas: str, image_id: int) -> tuple[Any, Any, dict]:
+    """One atlas image as an ImageQueryResult rebuilt from the stored rows (no model runs), the
+    image (None when its file is missing or changed) and its record: what `llens report` draws."""
+    from latentlens.errors import UnknownModel
+    from latentlens.query import Neighbour
+    from latentlens.vlm.geometry import Patch
+    from latentlens.vlm.query import ImageQueryResult, PatchResult, VisualLayerResult
+
+    info = store.get_atlas(atlas)
+    image, patches, rows = store.atlas_image_detail(info, image_id)
+    try:
+        model = store.get_model(info.model)
+        ctx = store.contexts(model, [(r[7], r[8], r[9]) for r in rows])
+    except UnknownModel:  # the text index was dropped since: words and scores remain
+        ctx = {}
+    grid_patches = [Patch(int(p[0]), int(p[1]), int(p[2]), (p[3], p[4], p[5], p[6])) for p in patches]
+    by: dict[tuple[int, int], list] = {}
+    for layer, patch, _rank, tid, token, _word, sim, tl, sid, pos in rows:
+        c = ctx.get((tl, sid, pos))
+        by.setdefault((layer, patch), []).append(Neighbour(
+            token=token, token_id=tid, similarity=float(sim), layer=tl, sentence_id=sid,
+            sentence=c.sentence if c else "", position=pos,
+            char_start=c.char_start if c else None, char_end=c.char_end if c else None))
+    layers = [VisualLayerResult(v, [PatchResult(p.idx, p.row, p.col, p.box, by.get((v, p.idx), []))
+                                    for p in grid_patches]) for v in info.layers]
+    result = ImageQueryResult(
+        model=info.model, image_size=tuple(image["size"]), grid=tuple(image["grid"]), layers=layers,
+        prompt=info.params.get("prompt", ""), searched_layers=list(info.params.get("text_layers") or []),
+        k=int(info.params.get("k") or DEFAULT_K), patches=grid_patches)
+    img, state = open_stored_image(image["path"], image["content_hash"])
+    image["state"] = state
+    return result, img, image
 
 
 # --------------------------------------------------------------------------

@@ -428,6 +428,19 @@ class AtlasMixin(StoreBase):
         r = rows[0]
         return {"image_id": r[0], "path": r[1], "content_hash": r[2], "size": [r[3], r[4]], "grid": [r[5], r[6]]}
 
+    def atlas_image_detail(self, atlas: AtlasInfo, image_id: int) -> tuple[dict, list[tuple], list[tuple]]:
+        """An image's record, its patches (patch, row, col, x0, y0, x1, y1) and its stored neighbours
+        (layer, patch, rank, token_id, token, word, similarity, text_layer, sentence_id, position)."""
+        image = self.atlas_image(atlas, image_id)
+        patches = self._fetch(
+            "SELECT patch, row, col, x0, y0, x1, y1 FROM atlas_patch WHERE atlas_id = %s AND image_id = %s "
+            "ORDER BY patch", (atlas.id, int(image_id)))
+        neighbours = self._fetch(
+            "SELECT layer, patch, rank, token_id, token, word, similarity, text_layer, sentence_id, position "
+            "FROM atlas_neighbour WHERE atlas_id = %s AND image_id = %s ORDER BY layer, patch, rank",
+            (atlas.id, int(image_id)))
+        return image, patches, neighbours
+
 
 def _halfvec_text(v: np.ndarray) -> str:
     return "[" + ",".join(f"{float(x):.6g}" for x in v) + "]"
