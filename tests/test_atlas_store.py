@@ -189,3 +189,25 @@ def test_a_writer_builds_and_a_reader_finds(db_url, team):
             r.create_atlas("by-reader", r.get_model("writer-model"), [2], {})
         with pytest.raises(PermissionDenied):
             r.drop_atlas("by-writer")
+
+
+def test_words_round_trip_whatever_their_characters(db_url):
+    """Neighbour rows go in by COPY's text format: tabs, newlines, backslashes and a literal \\N survive."""
+    odd = ["tab\there", "new\nline", "back\\slash", "\\N", "cr\rlf", "ünï 用户 'q' \"d\"", "nul\x00byte"]
+    with Store.open(db_url) as store:
+        info = store.register_model("odd-words", hidden_size=DIM, num_layers=4, architecture="synthetic")
+        atlas = store.create_atlas("odd", info, [1], {"k": K})
+        run = store.create_atlas_run(atlas, source="x", shard=0, num_shards=1, images_total=1, hostname="h", pid=1)
+        rows = synthetic_rows(np.random.default_rng(3), 999, [1])
+        n = len(rows.nb_word)
+        rows.nb_word = [odd[i % len(odd)] for i in range(n)]
+        rows.nb_token = [None if i % 2 else odd[i % len(odd)] for i in range(n)]
+        store.write_atlas_image(atlas, run.id, rows)
+        with psycopg.connect(db_url) as conn:
+            got = conn.execute("SELECT word, token FROM atlas_neighbour WHERE atlas_id = %s "
+                               "ORDER BY layer, patch, rank", (atlas.id,)).fetchall()
+    want = [(w.replace("\x00", ""), None if t is None else t.replace("\x00", ""))
+            for w, t in zip(rows.nb_word, rows.nb_token)]
+    assert got == want
+    with Store.open(db_url) as store:
+        assert atl.find_word(store, "odd", "BACK\\slash", k=1)

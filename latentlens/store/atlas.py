@@ -297,16 +297,12 @@ class AtlasMixin(StoreBase):
             cols = ", ".join(name for name, _ in ATLAS_TOKEN_COLUMNS)
             with conn.cursor().copy(f"COPY atlas_token ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(b"".join(parts))
-            conn.execute(
-                "INSERT INTO atlas_neighbour (atlas_id, layer, image_id, patch, rank, token_id, token, word, "
-                "similarity, text_layer, sentence_id, position) "
-                "SELECT %s, t.l, %s, t.p, t.r, t.ti, t.tk, t.w, t.s, t.tl, t.si, t.po FROM unnest("
-                "%s::int[], %s::int[], %s::smallint[], %s::int[], %s::text[], %s::text[], %s::real[], "
-                "%s::int[], %s::bigint[], %s::int[]) AS t(l, p, r, ti, tk, w, s, tl, si, po)",
-                (atlas.id, image_id, rows.nb_layer.tolist(), rows.nb_patch.tolist(), rows.nb_rank.tolist(),
-                 rows.nb_token_id.tolist(), [None if t is None else t.replace("\x00", "") for t in rows.nb_token],
-                 [w.replace("\x00", "") for w in rows.nb_word], rows.nb_similarity.tolist(),
-                 rows.nb_text_layer.tolist(), rows.nb_sentence_id.tolist(), rows.nb_position.tolist()))
+            # text COPY built with one join: an image brings P x layers x k rows (11.5k at 576
+            # patches, 2 layers, k = 10); INSERT ... unnest of Python lists took 6x as long
+            with conn.cursor().copy(
+                "COPY atlas_neighbour (atlas_id, layer, image_id, patch, rank, token_id, token, word, similarity, "
+                "text_layer, sentence_id, position) FROM STDIN") as copy:
+                copy.write(_neighbour_copy(atlas.id, image_id, rows))
             conn.execute(
                 "UPDATE atlas_layer SET row_count = row_count + %s WHERE atlas_id = %s AND layer = ANY(%s)",
                 (n, atlas.id, sorted(rows.vectors)))
@@ -440,6 +436,27 @@ class AtlasMixin(StoreBase):
             "FROM atlas_neighbour WHERE atlas_id = %s AND image_id = %s ORDER BY layer, patch, rank",
             (atlas.id, int(image_id)))
         return image, patches, neighbours
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
+
+
+def _copy_text(value: str | None) -> str:
+    return "\\N" if value is None else value.translate(_COPY_ESCAPES)
+
+
+def _neighbour_copy(atlas_id: int, image_id: int, rows: AtlasImageRows) -> bytes:
+    """The neighbour rows of one image in COPY's text format."""
+    head = f"{atlas_id}\t"
+    mid = f"\t{image_id}\t"
+    lines = [
+        f"{head}{lay}{mid}{p}\t{r}\t{t}\t{_copy_text(tok)}\t{_copy_text(w)}\t{s!r}\t{tl}\t{sid}\t{pos}\n"
+        for lay, p, r, t, tok, w, s, tl, sid, pos in zip(
+            rows.nb_layer.tolist(), rows.nb_patch.tolist(), rows.nb_rank.tolist(), rows.nb_token_id.tolist(),
+            rows.nb_token, rows.nb_word, rows.nb_similarity.tolist(), rows.nb_text_layer.tolist(),
+            rows.nb_sentence_id.tolist(), rows.nb_position.tolist())
+    ]
+    return "".join(lines).encode("utf-8")
 
 
 def _halfvec_text(v: np.ndarray) -> str:
