@@ -29,7 +29,8 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @click.option("--judge", "judge_name", metavar="NAME",
               help="openai-compatible, labels, or module:Class (a latentlens.eval.Judge subclass).")
 @click.option("--url", help="openai-compatible: the endpoint's base URL (e.g. http://127.0.0.1:8000/v1).")
-@click.option("--judge-model", "--model", "judge_model", help="openai-compatible: the judge model's name.")
+@click.option("--judge-model", "judge_model", help="openai-compatible: the judge model's name.")
+@click.option("--model", "judge_model_old", hidden=True, help="The old spelling of --judge-model.")
 @click.option("--api-key-env", metavar="VAR", help="openai-compatible: environment variable holding the API key.")
 @click.option("--annotations", type=click.Path(dir_okay=False),
               help="labels: JSON lines {image, x, y, w, h, names} of labelled regions.")
@@ -48,7 +49,7 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @database_option
 @handle_errors
 def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, methods, words, seed, prompt,
-          resolution, judge_name, url, judge_model, api_key_env, annotations, run_name, summary_run, out_dir,
+          resolution, judge_name, url, judge_model, judge_model_old, api_key_env, annotations, run_name, summary_run, out_dir,
           export_path, list_runs, dtype, device, no_progress, as_json, database_url) -> None:
     """Measure how many visual tokens each method makes interpretable.
 
@@ -63,7 +64,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
     \b
     Examples:
         llens eval llava-hf/llava-1.5-7b-hf --images val2017/ --num-images 100 \\
-            --judge openai-compatible --url http://127.0.0.1:8000/v1 --model Qwen2.5-VL-72B
+            --judge openai-compatible --url http://127.0.0.1:8000/v1 --judge-model Qwen2.5-VL-72B
         llens eval tiny-llava --images imgs/ --judge labels --annotations regions.jsonl
         llens eval ./llava-dir --images imgs/ --methods logitlens,embeddinglens \\
             --visual-layers 0,8 --judge labels --annotations regions.jsonl   # baselines: no index needed
@@ -77,6 +78,10 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
     if summary_run:
         _summary(database_url, summary_run, out_dir, export_path, as_json, files=True)
         return
+    if judge_model_old is not None:
+        if judge_model is not None and judge_model != judge_model_old:
+            raise click.UsageError("--model is the old spelling of --judge-model: give one of them")
+        judge_model = judge_model_old
     if not vlm or not images or not judge_name:
         raise click.UsageError("give VLM, --images and --judge (or --summary RUN, or --list)")
     from latentlens.eval import EvalOptions, JudgeError, make_judge, run_eval
