@@ -39,6 +39,8 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @click.option("--summary", "summary_run", metavar="RUN", help="Summarise a recorded run (name or id) instead.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where to write RUN-summary.png and RUN-summary.csv (with --summary default: .).")
+@click.option("--format", "plot_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="With --summary or --out: the figure's file format.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), help="Write the run's verdicts as JSON lines.")
 @click.option("--list", "list_runs", is_flag=True,
               help="List recorded eval runs (status 'stopped': its process died; rerun to resume).")
@@ -50,7 +52,7 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @handle_errors
 def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, methods, words, seed, prompt,
           resolution, judge_name, url, judge_model, judge_model_old, api_key_env, annotations, run_name, summary_run, out_dir,
-          export_path, list_runs, dtype, device, no_progress, as_json, database_url) -> None:
+          plot_format, export_path, list_runs, dtype, device, no_progress, as_json, database_url) -> None:
     """Measure how many visual tokens each method makes interpretable.
 
     Samples patches of VLM's visual tokens (never padding), takes each
@@ -69,6 +71,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
         llens eval ./llava-dir --images imgs/ --methods logitlens,embeddinglens \\
             --visual-layers 0,8 --judge labels --annotations regions.jsonl   # baselines: no index needed
         llens eval --summary eval-3f2a9c01d4e5 --out results/   # % per method x layer, PNG, CSV
+        llens eval --summary eval-3f2a9c01d4e5 --format pdf     # the figure as PDF (or svg)
         llens eval --summary eval-3f2a9c01d4e5 --export verdicts.jsonl
         llens eval --list
     """
@@ -76,7 +79,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
         _list(database_url, as_json)
         return
     if summary_run:
-        _summary(database_url, summary_run, out_dir, export_path, as_json, files=True)
+        _summary(database_url, summary_run, out_dir, export_path, as_json, files=True, fmt=plot_format)
         return
     if judge_model_old is not None:
         if judge_model is not None and judge_model != judge_model_old:
@@ -108,7 +111,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
         run = result.run
         state = "was already complete" if result.already_done else f"judged {result.judged} patches"
         click.echo(f"eval run '{run.name}' {state} ({run.items_done} in all)", err=True)
-        _summary(database_url, run.name, out_dir, export_path, False, files=out_dir is not None)
+        _summary(database_url, run.name, out_dir, export_path, False, files=out_dir is not None, fmt=plot_format)
 
 
 def _list(database_url, as_json) -> None:
@@ -122,12 +125,14 @@ def _list(database_url, as_json) -> None:
            "by": r.created_by, "started": r.started_at.strftime("%Y-%m-%d %H:%M")} for r in runs], "table")
 
 
-def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: bool) -> None:
+def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: bool, fmt: str = "png") -> None:
     from latentlens.eval import summarize, write_csv, write_jsonl, write_plot
+    from latentlens.eval.summary import plot_labels
 
     with open_store(database_url) as store:
         run = store.get_eval_run(run_ref)
         rows = summarize(store.eval_counts(run), run.methods)
+        images, patches = store.eval_sample_size(run)
         records = store.eval_verdicts(run) if export_path else None
     if export_path:
         write_jsonl(records, export_path)
@@ -138,8 +143,8 @@ def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: boo
         out.mkdir(parents=True, exist_ok=True)
         stem = _file_stem(run.name)
         paths["csv"] = str(write_csv(rows, out / f"{stem}-summary.csv"))
-        paths["png"] = str(write_plot(rows, out / f"{stem}-summary.png",
-                                      title=f"{run.model} - judge {run.judge} - run {run.name}"))
+        title, caption = plot_labels(run, images, patches)
+        paths[fmt] = str(write_plot(rows, out / f"{stem}-summary.{fmt}", title=title, caption=caption, fmt=fmt))
     if as_json:
         click.echo(json.dumps({"run": run.to_dict(), "summary": [r.to_dict() for r in rows], "files": paths},
                               indent=2, default=str))
@@ -148,7 +153,7 @@ def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: boo
            "interpretable": r.interpretable, "%": f"{r.pct:.1f}", "95% CI": f"{r.ci_low:.1f}-{r.ci_high:.1f}"}
           for r in rows], "table")
     if paths:
-        click.echo(f"wrote {paths['png']} and {paths['csv']}", err=True)
+        click.echo(f"wrote {paths[fmt]} and {paths['csv']}", err=True)
     elif not rows:
         click.echo(f"run '{run.name}' has no verdicts yet", err=True)
 
