@@ -542,7 +542,7 @@ def write_gallery(hits: Sequence[AtlasHit], out: str | Path, *, title: str, thum
             continue
         x0, y0, x1, y1 = h.box
         crop = img.crop((int(x0), int(y0), max(int(x0) + 1, int(round(x1))), max(int(y0) + 1, int(round(y1)))))
-        crop = crop.resize((thumb, max(1, round(thumb * crop.height / max(crop.width, 1)))), Image.NEAREST)
+        crop = crop.resize((thumb, max(1, round(thumb * crop.height / max(crop.width, 1)))), Image.Resampling.NEAREST)
         whole = img.copy()
         whole.thumbnail((thumb * 2, thumb * 2))
         s = whole.width / img.width

@@ -160,7 +160,9 @@ _RUN_SELECT = """
 
 def _atlas(row: tuple) -> AtlasInfo:
     layers = [AtlasLayer(int(lr[0]), int(lr[1]), kind or None) for lr, kind in zip(row[10], row[11])]
-    return AtlasInfo(*row[:9], images=int(row[9]), layer_info=layers)
+    return AtlasInfo(id=row[0], name=row[1], model_id=row[2], model=row[3], hidden_size=row[4], layers=list(row[5]),
+                     params=dict(row[6]), created_by=row[7], created_at=row[8], images=int(row[9]),
+                     layer_info=layers)
 
 
 class AtlasMixin(StoreBase):
@@ -171,11 +173,11 @@ class AtlasMixin(StoreBase):
     def create_atlas(self, name: str, model: ModelInfo, layers: Sequence[int], params: Mapping[str, Any]) -> AtlasInfo:
         try:
             with self.transaction() as conn:
-                aid = conn.execute(
+                aid = _one(conn.execute(
                     "INSERT INTO atlas (name, model_id, model, hidden_size, layers, params) "
                     "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                     (name, model.id, model.name, model.hidden_size, sorted(layers), Jsonb(dict(params))),
-                ).fetchone()[0]
+                ).fetchone())
                 for layer in sorted(layers):
                     conn.execute("SELECT llens_atlas_ensure_layer(%s, %s)", (aid, layer))
         except psycopg.errors.UniqueViolation:
@@ -333,7 +335,7 @@ class AtlasMixin(StoreBase):
         """Planner statistics of the leaves and the neighbour table (the word index needs them)."""
         with self.transaction() as conn:
             for layer in atlas.layers:
-                leaf = conn.execute("SELECT llens_atlas_leaf_name(%s, %s)", (atlas.id, layer)).fetchone()[0]
+                leaf = _one(conn.execute("SELECT llens_atlas_leaf_name(%s, %s)", (atlas.id, layer)).fetchone())
                 conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(leaf)))
             conn.execute("ANALYZE atlas_neighbour")
 
@@ -378,7 +380,7 @@ class AtlasMixin(StoreBase):
         li = atlas.layer(layer)
         pct = min(100.0, 100.0 * 1.5 * rows / max(li.row_count, 1))
         with self.transaction() as conn:
-            leaf = conn.execute("SELECT llens_atlas_leaf_name(%s, %s)", (atlas.id, layer)).fetchone()[0]
+            leaf = _one(conn.execute("SELECT llens_atlas_leaf_name(%s, %s)", (atlas.id, layer)).fetchone())
             src = sql.SQL("{} TABLESAMPLE SYSTEM ({}) REPEATABLE (0)").format(
                 sql.Identifier(leaf), sql.Literal(pct)) if pct < 100 else sql.Identifier(leaf)
             payload = bytearray()
@@ -436,6 +438,12 @@ class AtlasMixin(StoreBase):
             "FROM atlas_neighbour WHERE atlas_id = %s AND image_id = %s ORDER BY layer, patch, rank",
             (atlas.id, int(image_id)))
         return image, patches, neighbours
+
+
+def _one(row: tuple | None) -> Any:
+    """The first column of a row a statement always returns."""
+    assert row is not None
+    return row[0]
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": ""})
