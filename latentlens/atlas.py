@@ -5,7 +5,7 @@ paths) and stores, per image (sha256 of its bytes, path, size), per patch
 (box in image pixels) and per visual layer, the visual token and its top-k
 LatentLens neighbours (whole word, token, similarity, stored context). Like
 ``llens ingest`` a build is a recorded run: each image's rows commit with the
-run's progress, so re-running the same command continues exactly where a
+run's progress (on a writer thread, while the model runs on the next image), so re-running the same command continues exactly where a
 killed one stopped (images are keyed by content, already stored ones are
 skipped); ``--shard i/n`` splits images by their hash, and the last shard
 to finish builds each layer's ANN index.
@@ -17,10 +17,13 @@ stored visual tokens of that layer, by exact scan or HNSW (``search_policy``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ DEFAULT_K = 10
 # misses there, so "auto" answers it exactly (as latentlens.search does for the text index)
 OOD_THRESHOLD = 0.5
 STALE_HEARTBEAT_S = 600
+QUEUE_IMAGES = 2  # images computed ahead of the writer
 Echo = Callable[[str], None]
 
 
@@ -212,6 +216,7 @@ def build(
     counters.setdefault("unreadable", 0)
     counters["duplicates_in_collection"] = len(paths) - len(files)
     bar = None
+    writer: _Writer | None = None
     try:
         if todo:
             vlm = vlm or load_vlm_for(info, info.name, dtype=opts.dtype, device=opts.device)
@@ -224,26 +229,29 @@ def build(
 
                 bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"atlas {atlas.name}", unit="img",
                            file=sys.stderr, dynamic_ncols=True)
+            writer = _Writer(store.url, atlas, run.id, bar)
+            writer.start()
             for n, f in enumerate(todo, 1):
                 rows = _describe_image(lens, info, vlm, f, layers, searched, k, opts, echo)
                 if rows is None:
                     counters["unreadable"] += 1
-                    store.heartbeat_atlas_run(run.id, counters)
-                else:
-                    store.write_atlas_image(atlas, run.id, rows, counters)
-                if bar is not None:
-                    bar.update(1)
+                writer.put(rows, dict(counters))
                 if on_image is not None:
                     on_image(n)
+            writer.close()
         last = store.finish_atlas_run(run.id, "done", counters=counters)
     except KeyboardInterrupt:
-        store.finish_atlas_run(run.id, "interrupted", "interrupted by the user", counters)
+        if writer is not None:
+            writer.close(drain=True, quiet=True)  # what was computed is stored: the run's count says so
+        store.finish_atlas_run(run.id, "interrupted", "interrupted by the user", writer.counters if writer else counters)
         echo(f"Atlas run {run.id} was interrupted: run the same command again to continue.")
         raise
     except BaseException as e:
+        if writer is not None:
+            writer.close(drain=False, quiet=True)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         try:
-            store.finish_atlas_run(run.id, "failed", msg, counters)
+            store.finish_atlas_run(run.id, "failed", msg, writer.counters if writer else counters)
         except Exception:  # noqa: BLE001 - the database is gone: keep the cause
             raise e from None
         raise
@@ -263,6 +271,70 @@ def build(
         echo(msg)
     return AtlasBuildResult(store.get_atlas(atlas.name), store.get_atlas_run(run.id), len(mine),
                             len(mine) - len(todo), resumed=resumed, notices=notices)
+
+
+class _Writer(threading.Thread):
+    """Stores images on its own connection while the main thread runs the model on the next ones.
+
+    A bounded queue (QUEUE_IMAGES) keeps memory flat; the first error stops it and is raised in
+    the main thread at its next hand-off. Each image commits with the run's progress, in order.
+    """
+
+    def __init__(self, url: str, atlas: AtlasInfo, run_id: int, bar: Any):
+        super().__init__(name="llens-atlas-writer", daemon=True)
+        self.url, self.atlas, self.run_id, self.bar = url, atlas, run_id, bar
+        self.queue: queue.Queue[tuple[AtlasImageRows | None, dict] | None] = queue.Queue(maxsize=QUEUE_IMAGES)
+        self.error: BaseException | None = None
+        self.counters: dict = {}
+
+    def run(self) -> None:
+        try:
+            with Store.open(self.url, upgrade=False) as store:
+                while True:
+                    item = self.queue.get()
+                    if item is None:
+                        return
+                    rows, counters = item
+                    if rows is None:
+                        store.heartbeat_atlas_run(self.run_id, counters)
+                    else:
+                        store.write_atlas_image(self.atlas, self.run_id, rows, counters)
+                    self.counters = counters
+                    if self.bar is not None:
+                        self.bar.update(1)
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+
+    def put(self, rows: AtlasImageRows | None, counters: dict) -> None:
+        while True:
+            self._check()
+            if not self.is_alive():
+                raise LatentLensError("the atlas writer stopped unexpectedly")
+            try:
+                self.queue.put((rows, counters), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, *, drain: bool = True, quiet: bool = False) -> None:
+        """Wait for what is queued (``drain``), or drop it; then raise the writer's error, if any."""
+        if not drain:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self.queue.get_nowait()
+        while self.is_alive():
+            try:
+                self.queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self.join()
+        if not quiet:
+            self._check()
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def _open_atlas(store: Store, name: str, info: ModelInfo, layers: list[int], params: dict) -> AtlasInfo:

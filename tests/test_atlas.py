@@ -251,3 +251,34 @@ def test_collect_images_from_a_list(tmp_path):
         atl.collect_images(tmp_path / "empty")
     files = atl.hash_images(atl.collect_images(folder))
     assert len(files) == 3  # the copy of a.png is the same content
+
+
+def test_a_failing_write_fails_the_run_and_a_rerun_finishes(world, monkeypatch, tmp_path):
+    """The writer thread's error reaches the caller; an unreadable file is skipped and counted."""
+    if world["arch"] != "llava":
+        pytest.skip("the run machinery is architecture-neutral: checked once")
+    lens = world["lens"]
+    images = tmp_path / "imgs"
+    shutil.copytree(world["images"], images)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    opts = atl.AtlasOptions(layers=[L], k=2, progress=False)
+    real = Store.write_atlas_image
+    calls = []
+
+    def flaky(self, atlas, run_id, rows, counters=None):
+        calls.append(rows.path)
+        if len(calls) == 2:
+            raise InputError("disk on fire")
+        return real(self, atlas, run_id, rows, counters)
+
+    monkeypatch.setattr(Store, "write_atlas_image", flaky)
+    with pytest.raises(InputError, match="disk on fire"):
+        atl.build(lens, world["vlm"].name, images, name="flaky", options=opts, vlm=world["vlm"], echo=lambda m: None)
+    info = lens.store.get_atlas("flaky")
+    run = lens.store.atlas_runs(info)[0]
+    assert run.status == "failed" and run.error == "disk on fire" and info.images == 1
+    monkeypatch.setattr(Store, "write_atlas_image", real)
+    said = []
+    done = atl.build(lens, world["vlm"].name, images, name="flaky", options=opts, vlm=world["vlm"], echo=said.append)
+    assert done.resumed and done.atlas.images == 3 and done.run.counters["unreadable"] == 1
+    assert any("broken.png" in m and "Skipped" in m for m in said)
