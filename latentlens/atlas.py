@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentlens.errors import InputError, LatentLensError, ModelMismatch, UnknownAtlas
+from latentlens.errors import InputError, LatentLensError, ModelMismatch
 from latentlens.store import AtlasHit, AtlasInfo, AtlasRunInfo, ModelInfo, Store
 from latentlens.store.atlas import AtlasImageRows
 from latentlens.store.types import check_k, check_layer_range
@@ -338,10 +338,9 @@ class _Writer(threading.Thread):
 
 
 def _open_atlas(store: Store, name: str, info: ModelInfo, layers: list[int], params: dict) -> AtlasInfo:
-    try:
-        atlas = store.get_atlas(name)
-    except UnknownAtlas:
-        return store.create_atlas(name, info, layers, params)
+    atlas, created = store.ensure_atlas(name, info, layers, params)
+    if created:
+        return atlas
     if atlas.model_id != info.id or atlas.layers != layers or atlas.params != params:
         differs = [what for what, a, b in (("model", atlas.model_id, info.id), ("layers", atlas.layers, layers))
                    if a != b] + [key for key in sorted(set(params) | set(atlas.params))

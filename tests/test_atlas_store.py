@@ -211,3 +211,27 @@ def test_words_round_trip_whatever_their_characters(db_url):
     assert got == want
     with Store.open(db_url) as store:
         assert atl.find_word(store, "odd", "BACK\\slash", k=1)
+
+
+def test_shards_starting_at_once_share_one_atlas(db_url):
+    """Every shard of a build opens the atlas at its start: one creates it, the others get it."""
+    import threading
+
+    with Store.open(db_url) as store:
+        info = store.register_model("race-model", hidden_size=DIM, num_layers=4, architecture="synthetic")
+    for attempt in range(4):
+        barrier = threading.Barrier(3)
+        got: list = []
+
+        def open_it(name=f"race-{attempt}", barrier=barrier, got=got):
+            with Store.open(db_url) as s:
+                barrier.wait()
+                got.append(s.ensure_atlas(name, info, [1, 2], {"k": K}))
+
+        threads = [threading.Thread(target=open_it) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 3 and len({a.id for a, _ in got}) == 1 and sum(c for _, c in got) == 1
+        assert [li.layer for li in got[0][0].layer_info] == [1, 2]

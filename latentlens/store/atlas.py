@@ -171,18 +171,27 @@ class AtlasMixin(StoreBase):
     # ---- catalog --------------------------------------------------------
 
     def create_atlas(self, name: str, model: ModelInfo, layers: Sequence[int], params: Mapping[str, Any]) -> AtlasInfo:
-        try:
-            with self.transaction() as conn:
-                aid = _one(conn.execute(
-                    "INSERT INTO atlas (name, model_id, model, hidden_size, layers, params) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                    (name, model.id, model.name, model.hidden_size, sorted(layers), Jsonb(dict(params))),
-                ).fetchone())
+        atlas, created = self.ensure_atlas(name, model, layers, params)
+        if not created:
+            raise InputError(f"an atlas named '{name}' already exists")
+        return atlas
+
+    def ensure_atlas(self, name: str, model: ModelInfo, layers: Sequence[int], params: Mapping[str, Any]
+                     ) -> tuple[AtlasInfo, bool]:
+        """The atlas ``name``, created with these settings if missing: (atlas, created).
+
+        Safe when the shards of one build start at once: one creates it, the others get it.
+        """
+        with self.transaction() as conn:
+            row = conn.execute(
+                "INSERT INTO atlas (name, model_id, model, hidden_size, layers, params) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+                (name, model.id, model.name, model.hidden_size, sorted(layers), Jsonb(dict(params))),
+            ).fetchone()
+            if row is not None:
                 for layer in sorted(layers):
-                    conn.execute("SELECT llens_atlas_ensure_layer(%s, %s)", (aid, layer))
-        except psycopg.errors.UniqueViolation:
-            raise InputError(f"an atlas named '{name}' already exists") from None
-        return self.get_atlas(name)
+                    conn.execute("SELECT llens_atlas_ensure_layer(%s, %s)", (row[0], layer))
+        return self.get_atlas(name), row is not None
 
     def get_atlas(self, name: str) -> AtlasInfo:
         rows = self._fetch(_ATLAS_SELECT + " WHERE a.name = %s", (name,))
