@@ -614,21 +614,21 @@ def write_gallery(hits: Sequence[AtlasHit], out: str | Path, *, title: str, thum
         x0, y0, x1, y1 = h.box
         crop = img.crop((int(x0), int(y0), max(int(x0) + 1, int(round(x1))), max(int(y0) + 1, int(round(y1)))))
         crop = crop.resize((thumb, max(1, round(thumb * crop.height / max(crop.width, 1)))), Image.Resampling.NEAREST)
-        whole = img.copy()
-        whole.thumbnail((thumb * 2, thumb * 2))
-        s = whole.width / img.width
+        s = thumb * 1.5 / max(img.width, img.height)  # small images are enlarged too
+        whole = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.LANCZOS)
         ImageDraw.Draw(whole).rectangle((x0 * s, y0 * s, x1 * s - 1, y1 * s - 1), outline=(255, 40, 40), width=2)
         cards.append(
             f'<figure class="card" data-image="{h.image_id}" data-patch="{h.patch}" data-layer="{h.layer}">'
-            f'<img class="crop" alt="patch crop" src="{data_uri(crop)}">'
-            f'<img class="whole" alt="{html.escape(Path(h.path).name)}" src="{data_uri(whole)}">'
+            f'<div class="pair"><img class="crop" alt="patch crop" src="{data_uri(crop)}">'
+            f'<img class="whole" alt="{html.escape(Path(h.path).name)}" src="{data_uri(whole)}"></div>'
             f'<figcaption title="{html.escape(h.path)}">{label}</figcaption></figure>')
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
         "body{font-family:system-ui,sans-serif;margin:1rem;background:#fafafa}"
         ".grid{display:flex;flex-wrap:wrap;gap:12px}"
         ".card{margin:0;padding:8px;background:#fff;border:1px solid #ddd;border-radius:6px;width:min-content}"
-        ".card img{display:block;margin-bottom:4px;image-rendering:pixelated}"
+        ".pair{display:flex;gap:8px;align-items:flex-start;margin-bottom:4px}"
+        ".card img{display:block;image-rendering:pixelated}"
         ".card img.whole{image-rendering:auto}"
         "figcaption{font-size:12px;color:#333;white-space:nowrap}"
         ".missing div{width:160px;height:160px;color:#a00;font-size:12px;overflow-wrap:anywhere}"
