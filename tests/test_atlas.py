@@ -282,3 +282,39 @@ def test_a_failing_write_fails_the_run_and_a_rerun_finishes(world, monkeypatch, 
     done = atl.build(lens, world["vlm"].name, images, name="flaky", options=opts, vlm=world["vlm"], echo=said.append)
     assert done.resumed and done.atlas.images == 3 and done.run.counters["unreadable"] == 1
     assert any("broken.png" in m and "Skipped" in m for m in said)
+
+
+def _more_builders() -> dict:
+    from test_vlm_more_a import build_llava_onevision, build_qwen3_vl
+    from vlm_tiny import build_gemma3, build_llava_next
+    from vlm_tiny_idefics3 import build_idefics3
+    from vlm_tiny_internvl import build_internvl
+    from vlm_tiny_paligemma import build_paligemma
+
+    return {
+        "llava_next": build_llava_next, "qwen2": build_qwen, "gemma3": build_gemma3, "idefics3": build_idefics3,
+        "smolvlm": lambda d: build_idefics3(d, smol=True), "paligemma": build_paligemma,
+        "internvl": build_internvl, "qwen3_vl": build_qwen3_vl, "llava_onevision": build_llava_onevision,
+    }
+
+
+@pytest.mark.parametrize("arch", ["llava_next", "qwen2", "gemma3", "idefics3", "smolvlm", "paligemma", "internvl",
+                                  "qwen3_vl", "llava_onevision"])
+def test_every_other_family_finds_its_planted_word(arch, db_url, tmp_path, one_torch_thread):
+    """The other adapters of the registry: a word planted on one patch comes back first."""
+    model_dir = _more_builders()[arch](tmp_path / f"tiny-{arch}-atlas")
+    vlm = load_vlm(str(model_dir))
+    images = tmp_path / "images"
+    make_images(images)
+    (images / "c.png").unlink()
+    (images / "sub_copy_of_a.png").unlink()
+    with Lens.connect(db_url) as lens:
+        ingest_text(lens.store, vlm, CORPUS)
+        vt = extract_visual_tokens(vlm, images / "a.png", layers=[L])
+        mid = len(vt.patches) // 2
+        plant(lens.store, vlm.name, f"more-{arch}", [("my old dog sleeps", "dog", vt.vectors[L][mid])])
+        atl.build(lens, vlm.name, images, name=f"more-{arch}", vlm=vlm, echo=lambda m: None,
+                  options=atl.AtlasOptions(layers=[L], k=2, progress=False))
+        hit = atl.find_word(lens.store, f"more-{arch}", "dog", layer=L, k=1)[0]
+    assert hit.path.endswith("/a.png") and hit.patch == mid and hit.rank == 1 and hit.similarity > 0.99
+    assert np.allclose(hit.box, vt.patches[mid].box, atol=1e-3)
