@@ -86,6 +86,10 @@ def build(model: str, images: str, layers: str | None, name: str | None, k: int,
     if as_json:
         click.echo(json.dumps(s, indent=2, default=str))
         return
+    if s["already_done"]:
+        click.echo(f"Atlas '{s['atlas']}' already holds every image of this collection (shard {s['shard']}: "
+                   f"{s['images_in_shard']:,} images, stored by run {s['run']}); nothing to do.")
+        return
     c = s["counters"]
     click.echo(
         f"Atlas '{s['atlas']}' ({s['model']}, layers {','.join(map(str, s['layers']))}, k {s['k']}): run {s['run']} "
@@ -177,6 +181,33 @@ def list_(as_json: bool, as_csv: bool, database_url: str | None) -> None:
     with open_store(database_url) as store:
         rows = [a.to_dict() for a in store.list_atlases()]
     emit(rows, fmt, None if fmt == "json" else ["atlas", "model", "layers", "images", "created_by"])
+
+
+@atlas.command()
+@click.argument("name")
+@output_options
+@database_option
+@handle_errors
+def runs(name: str, as_json: bool, as_csv: bool, database_url: str | None) -> None:
+    """List the builds of atlas NAME: shard, status, images, patches, duration, error.
+
+    A run whose status is 'running' but whose process is gone was killed: run the
+    same build command again to continue it.
+
+    \b
+    Example:
+        llens atlas runs photos --json
+    """
+    fmt = output_format(as_json, as_csv)
+    with open_store(database_url) as store:
+        info = store.get_atlas(name)
+        rows = [{"id": r.id, "shard": f"{r.shard}/{r.num_shards}", "status": r.status,
+                 "images": f"{r.images_done}/{r.images_total if r.images_total is not None else '?'}",
+                 "images_done": r.images_done, "images_total": r.images_total, "patches": r.patches_done,
+                 "duration_s": round(r.duration_s, 1), "error": r.error, "source": r.source,
+                 "counters": r.counters, "host": r.hostname, "pid": r.pid, "started_at": r.started_at}
+                for r in sorted(store.atlas_runs(info), key=lambda r: r.id)]
+    emit(rows, fmt, None if fmt == "json" else ["id", "shard", "status", "images", "patches", "duration_s", "error"])
 
 
 @atlas.command()

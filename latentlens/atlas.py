@@ -154,6 +154,7 @@ class AtlasBuildResult:
     skipped_done: int  # already in the atlas before this run
     resumed: bool = False
     notices: list[str] = field(default_factory=list)
+    already_done: bool = False  # nothing to store: ``run`` is the last run that did
 
     def summary(self) -> dict:
         r = self.run
@@ -163,7 +164,7 @@ class AtlasBuildResult:
             "images_in_shard": self.images, "already_stored": self.skipped_done,
             "images_done": r.images_done, "patches_done": r.patches_done, "atlas_images": self.atlas.images,
             "counters": r.counters, "duration_s": round(r.duration_s, 1), "resumed": self.resumed,
-            "notices": self.notices,
+            "already_done": self.already_done, "notices": self.notices,
         }
 
 
@@ -211,6 +212,10 @@ def build(
     done = store.atlas_hashes(atlas)
     mine = [f for f in files if f.shard_key % nshards == shard]
     todo = [f for f in mine if f.content_hash not in done]
+    previous = store.atlas_runs(atlas, shard=shard, num_shards=nshards)
+    if not todo and previous and all(r.status == "done" for r in previous):
+        # every image of this shard is stored and no run is unfinished: nothing to record
+        return AtlasBuildResult(atlas, previous[0], len(mine), len(mine), already_done=True)
     run, resumed = _start_run(store, atlas, str(images), shard, nshards, len(mine), echo)
     counters = dict(run.counters)
     counters.setdefault("unreadable", 0)

@@ -181,7 +181,8 @@ def test_rerun_is_a_no_op_and_other_params_are_refused(world):
     opts = atl.AtlasOptions(layers=[0, L], k=3, progress=False)
     again = atl.build(lens, world["vlm"].name, world["images"], name=world["name"], options=opts,
                       vlm=world["vlm"], echo=lambda m: None)
-    assert again.skipped_done == 3 and again.run.images_done == 0 and again.atlas.images == 3
+    assert again.already_done and again.skipped_done == 3 and again.atlas.images == 3
+    assert again.run.id == world["result"].run.id  # no new run recorded for nothing
     with pytest.raises(InputError, match="exists with another k"):
         atl.build(lens, world["vlm"].name, world["images"], name=world["name"],
                   options=atl.AtlasOptions(layers=[0, L], k=4, progress=False), vlm=world["vlm"], echo=lambda m: None)

@@ -42,7 +42,7 @@ def test_build_summary_and_list(built):
     r = CliRunner().invoke(cli, ["atlas", "build", MODEL, "--images", str(built["images"]), "--layers", "0,2",
                                  "-k", "3", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "0 images (0 patches) stored" in r.output and "3 already there" in r.output
+    assert "already holds every image of this collection (shard 0/1: 3 images, stored by run 1)" in r.output
     r = CliRunner().invoke(cli, ["atlas", "list", "--json"])
     assert r.exit_code == 0, r.output
     (a,) = [x for x in json.loads(r.stdout) if x["atlas"] == "photos"]
@@ -143,6 +143,17 @@ def test_errors_are_one_line(built, args, code, message):
     r = CliRunner().invoke(cli, ["atlas", *args])
     assert r.exit_code == code, r.output
     assert message in r.output and "Traceback" not in r.output
+
+
+def test_runs(built):
+    r = CliRunner().invoke(cli, ["atlas", "runs", "photos", "--json"])
+    assert r.exit_code == 0, r.output
+    runs = json.loads(r.stdout)
+    assert runs[0]["status"] == "done" and runs[0]["images_done"] == 3 and runs[0]["patches"] == 48
+    assert runs[0]["counters"]["unreadable"] == 0
+    r = CliRunner().invoke(cli, ["atlas", "runs", "photos"])
+    assert r.exit_code == 0 and r.output.split()[:7] == ["id", "shard", "status", "images", "patches",
+                                                          "duration_s", "error"]
 
 
 def test_drop(built, db_url):
