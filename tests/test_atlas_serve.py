@@ -157,3 +157,18 @@ def test_atlas_page_in_chromium(db_url, built):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_text_search_through_the_api(client):
+    r = client.get("/api/atlas/gallery/find", params={"text": "a small dog runs on the grass", "token": "dog",
+                                                      "layer": 2, "per_page": 4})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["token"] == "dog" and d["search"] == {"2": "exact"} and len(d["hits"]) == 4 and d["more"]
+    sims = [h["similarity"] for h in d["hits"]]
+    assert sims == sorted(sims, reverse=True)
+    page2 = client.get("/api/atlas/gallery/find", params={"text": "a small dog runs on the grass", "token": "dog",
+                                                          "layer": 2, "per_page": 4, "page": 2}).json()
+    assert page2["hits"][0]["similarity"] <= sims[-1]
+    both = client.get("/api/atlas/gallery/find", params={"text": "a dog", "word": "dog"})
+    assert both.status_code == 400 and "not both" in both.json()["error"]
