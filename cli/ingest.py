@@ -14,9 +14,28 @@ from latentlens.cli._common import (
 )
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+VLM_FAMILIES = "{vlm_families}"
 
 
-@click.command()
+def vlm_families() -> str:
+    """The VLM families the adapter registry supports (imports torch: only for --help)."""
+    try:
+        from latentlens.vlm.extract import ADAPTERS
+    except ImportError:  # a SQL-only install: no adapters to list
+        return "any supported family (install the models extra to list them)"
+    return ", ".join(a.display_name for a in ADAPTERS)
+
+
+class RegistryHelp(click.Command):
+    """A command whose help lists the supported VLM families from the registry, when asked."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        if self.help and VLM_FAMILIES in self.help:
+            self.help = self.help.replace(VLM_FAMILIES, vlm_families())
+        super().format_help_text(ctx, formatter)
+
+
+@click.command(cls=RegistryHelp)
 @click.argument("model", required=False)
 @click.argument("corpus", required=False)
 @click.option("--gguf-file", default=None, metavar="FILE",
@@ -54,8 +73,7 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
     """Run MODEL over CORPUS and store its contextual token embeddings.
 
     MODEL is a transformers id, a local model dir or a .gguf file; for a
-    vision-language model (LLaVA, Qwen2-VL, Qwen2.5-VL) only its language
-    model runs. CORPUS is a .txt (a sentence a line), .csv/.tsv (--column),
+    vision-language model ({vlm_families}) only its language model runs. CORPUS is a .txt (a sentence a line), .csv/.tsv (--column),
     .jsonl (--field) file, or - for stdin. Re-running the same command
     continues an interrupted run exactly; see docs/ingest.md.
 

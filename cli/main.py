@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "eval": "eval:eval_",
     "analyses": "analyses:analyses",
     "serve": "serve:serve",
+    "atlas": "atlas:atlas",
 }
 
 HELP_SUMMARIES: dict[str, str] = {
@@ -39,6 +40,7 @@ HELP_SUMMARIES: dict[str, str] = {
     "report": "Write an HTML + PNG report of what each image patch means.",
     "eval": "Measure how interpretable visual tokens are, per method and layer.",
     "analyses": "List, show and delete saved analyses (queries, reports, evaluations).",
+    "atlas": "Build an atlas of an image collection; find the patches that mean a word.",
     "serve": "Start the team's web app (models, queries, images, analyses, evaluations).",
 }
 

@@ -219,16 +219,14 @@ def _query_image(lens, model, image, visual_layers, patches, sample, seed, promp
 def _emit_image(result, fmt) -> None:
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-    else:
+    elif fmt == "csv":
         emit(result.table_rows(), fmt)
+    else:
+        click.echo(render_image(result))
 
 
 def render(results) -> str:
     """Readable blocks: one per query, neighbours with their sentence and the token marked."""
-    from latentlens.cli._common import table
-
-    from latentlens.lenses import SCORES
-
     out = []
     for r in results:
         who = f"token {r.query_token!r} (position {r.index})" if r.query_token is not None else f"vector {r.index}"
@@ -236,15 +234,42 @@ def render(results) -> str:
         groups = [(None, r.neighbours)] if r.per_layer is None else sorted(r.per_layer.items())
         for searched, ns in groups if (r.neighbours or r.per_layer or not r.lenses) else []:
             head = f"{who}{at}" + (f" -> searched layer {searched}" if searched is not None else "")
-            rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
-                     "layer": n.layer, "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
-            out.append(head + "\n" + table(rows, ["#", "neighbour", "word", "similarity", "layer", "sentence"]))
+            out.append(head + "\n" + _neighbour_table(ns))
         for method, hits in (r.lenses or {}).items():
-            score = SCORES[method]
-            rows = [{"#": i, "token": h.token, "token_id": h.token_id, score: h.score}
-                    for i, h in enumerate(hits, 1)]
-            out.append(f"{who}{at} -- {method}\n" + table(rows, ["#", "token", "token_id", score]))
+            out.append(f"{who}{at} -- {method}\n" + _lens_table(method, hits))
     return "\n\n".join(out) if out else "(no results)"
+
+
+def render_image(result) -> str:
+    """The image query as the text query reads: a block per (visual layer, patch), neighbours with
+    their whole word and the sentence cut around the token in «»."""
+    out = []
+    for vl in result.layers:
+        for p in vl.patches:
+            who = f"patch {p.patch_idx} (row {p.row}, col {p.col}) at visual layer {vl.visual_layer}"
+            if p.neighbours or not p.lenses:
+                out.append(who + "\n" + _neighbour_table(p.neighbours))
+            for method, hits in (p.lenses or {}).items():
+                out.append(f"{who} -- {method}\n" + _lens_table(method, hits))
+    return "\n\n".join(out) if out else "(no results)"
+
+
+def _neighbour_table(ns) -> str:
+    from latentlens.cli._common import table
+
+    rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
+             "layer": n.layer, "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
+    return table(rows, ["#", "neighbour", "word", "similarity", "layer", "sentence"])
+
+
+def _lens_table(method: str, hits) -> str:
+    from latentlens.cli._common import table
+
+    from latentlens.lenses import SCORES
+
+    score = SCORES[method]
+    rows = [{"#": i, "token": h.token, "token_id": h.token_id, score: h.score} for i, h in enumerate(hits, 1)]
+    return table(rows, ["#", "token", "token_id", score])
 
 
 def _snippet(n) -> str:

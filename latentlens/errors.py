@@ -54,6 +54,12 @@ class UnknownLayer(LatentLensError):
     exit_code = 2
 
 
+class UnknownAtlas(LatentLensError):
+    """No atlas of that name is stored (`llens atlas build` makes one)."""
+
+    exit_code = 2
+
+
 class UnknownCorpus(LatentLensError):
     """No corpus of that name is registered in the store."""
 

@@ -11,7 +11,9 @@ headless browser) can open it.
 
 report.png is the image with each patch's top-1 word of one method on a dark
 box, for papers and slides; on dense grids the most confident patches are
-labelled first and a label that would overlap one already drawn is skipped.
+labelled first and a label that would overlap one already drawn is skipped. A
+caption at the top left names the method and visual layer (the PNG's Title and
+Description text chunks say it too, with the model).
 """
 
 from __future__ import annotations
@@ -65,7 +67,13 @@ def write_report(
     html_path = out / "report.html"
     png_path = out / "report.png"
     html_path.write_text(render_html(result, img, title=title), encoding="utf-8")
-    render_png(result, img, png_layer, png_method=png_method).save(png_path, format="PNG", optimize=True)
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()  # what the picture shows, for tools and file browsers too
+    meta.add_text("Title", title or f"LatentLens: {result.model}")
+    meta.add_text("Description", png_caption(result, vl.visual_layer, png_method, long=True))
+    render_png(result, img, png_layer, png_method=png_method).save(png_path, format="PNG", optimize=True,
+                                                                    pnginfo=meta)
     return {"html": html_path, "png": png_path}
 
 
@@ -279,9 +287,18 @@ def _png_method(result: ImageQueryResult, vl: VisualLayerResult, png_method: str
     return methods[0]
 
 
+def png_caption(result: ImageQueryResult, visual_layer: int, method: str, *, long: bool = False) -> str:
+    """What report.png shows: the method and visual layer of its words (and, long, the model)."""
+    what = f"{METHOD_NAMES.get(method, method)} top-1 word · visual layer {visual_layer}"
+    if method == "latentlens" and result.searched_layers and long:
+        what += f" (text layers {','.join(map(str, result.searched_layers))})"
+    return f"{result.model}: {what}" if long else what
+
+
 def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None = None, *,
                png_method: str | None = None) -> Image.Image:
-    """The image, upscaled so labels are legible, with each patch's top-1 word.
+    """The image, upscaled so labels are legible, with each patch's top-1 word and a caption
+    naming the method and visual layer those words come from.
 
     ``png_method`` picks the method (default: the first of the result's
     methods that has words at this layer, LatentLens when it was asked).
@@ -307,6 +324,15 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
     font = _font(size)
     pad = max(2, size // 5)
     placed: list[tuple[float, float, float, float]] = []
+    # the caption, top left and small (above the first row's centred labels): which method's
+    # words, at which layer; word labels that would overlap it are skipped
+    cap_font = _font(12)
+    caption = png_caption(result, vl.visual_layer, method)
+    cx0, cy0, cx1, cy1 = draw.textbbox((0, 0), caption, font=cap_font)
+    cap = (2, 2, 2 + (cx1 - cx0) + 6, 2 + (cy1 - cy0) + 6)
+    draw.rounded_rectangle(cap, radius=3, fill=(0, 0, 0, 200))
+    draw.text((5 - cx0, 5 - cy0), caption, font=cap_font, fill=(255, 235, 120, 255))
+    placed.append(cap)
     tops = [(p, hits[0]) for p in vl.patches if (hits := top_hits(p, method))]
     for pr, (word, _score) in sorted(tops, key=lambda t: -t[1][1]):
         x0, y0, x1, y1 = (v * scale for v in pr.box)

@@ -16,7 +16,11 @@ The plan (why: docs/scaling.md):
   ``corpus``, ``sentence``.
 * local, on the coordinator: ``llens_meta``, ``alembic_version``, ``ingest_run`` (its
   foreign keys to model and corpus make Citus turn it into a "Citus local table"),
-  ``eval_run``, ``eval_item``, ``eval_verdict``, ``analysis``.
+  ``eval_run``, ``eval_item``, ``eval_verdict``, ``analysis``, ``atlas_run`` (a Citus local
+  table too, by its foreign key to atlas).
+* the atlas: ``atlas_token``, ``atlas_patch``, ``atlas_neighbour`` distributed by ``image_id``
+  with token_embedding (by ``atlas_id`` in the alternative); ``atlas``, ``atlas_layer``,
+  ``atlas_image`` reference tables.
 
 The alternative (``token_embedding``, ``token``, ``token_quota`` and ``model_layer``
 distributed by ``model_id``, co-located; ``model``, ``corpus``, ``sentence`` reference) is
@@ -65,7 +69,10 @@ import pytest
 
 LOCAL = frozenset({
     "llens_meta", "alembic_version", "ingest_run", "eval_run", "eval_item", "eval_verdict", "analysis",
+    "atlas_run",
 })
+# the atlas (revision 0010): its catalog as reference tables, its rows distributed
+ATLAS_REFERENCE = frozenset({"atlas", "atlas_layer", "atlas_image"})
 
 # Functions that run on the coordinator only. llens_knn and llens_neighbors run their
 # k-NN query on the coordinator, which Citus fans out to the leaf's shards (ORDER BY
@@ -76,12 +83,15 @@ COORDINATOR_FUNCTIONS = frozenset({
     "llens_knn", "llens_neighbors", "llens_ann_enabled",
     "llens_team_role", "llens_setup_team_roles", "llens_secure_functions", "llens_writer_grants",
     "llens_add_rows", "llens_take_quota", "llens_add_sentences", "llens_count_quota",
+    "llens_atlas_ensure_layer", "llens_atlas_build_index", "llens_atlas_drop", "llens_atlas_knn",
+    "llens_atlas_nearest", "llens_atlas_find", "llens_atlas_add_rows",
 })
 # Functions a query over distributed tables may evaluate (on a worker, too): pure
 # naming helpers, the model-name lookup (reads the reference table model), and
 # llens_contexts (inlined SQL over token_context: the distributed table joined to
 # reference tables, which Citus pushes down).
-PUSHDOWN_FUNCTIONS = frozenset({"llens_leaf_name", "llens_model_id", "llens_contexts"})
+PUSHDOWN_FUNCTIONS = frozenset({"llens_leaf_name", "llens_model_id", "llens_contexts", "llens_atlas_leaf_name",
+                                "llens_atlas_id"})
 
 
 @dataclass(frozen=True)
@@ -107,16 +117,19 @@ PLANS = {
     # chosen: a model's leaves spread over every worker; queries fan out per shard
     "by_sentence_id": Plan(
         "by_sentence_id",
-        distributed={"token_embedding": "sentence_id"},
-        reference=frozenset({"model", "model_layer", "token", "token_quota", "corpus", "sentence"}),
+        distributed={"token_embedding": "sentence_id", "atlas_token": "image_id", "atlas_patch": "image_id",
+                     "atlas_neighbour": "image_id"},
+        reference=frozenset({"model", "model_layer", "token", "token_quota", "corpus", "sentence"})
+        | ATLAS_REFERENCE,
         local=LOCAL,
     ),
     # alternative: each model on one worker, its vocabulary and quotas beside it
     "by_model_id": Plan(
         "by_model_id",
         distributed={"token_embedding": "model_id", "token": "model_id", "token_quota": "model_id",
-                     "model_layer": "model_id"},
-        reference=frozenset({"model", "corpus", "sentence"}),
+                     "model_layer": "model_id", "atlas_token": "atlas_id", "atlas_patch": "atlas_id",
+                     "atlas_neighbour": "atlas_id"},
+        reference=frozenset({"model", "corpus", "sentence"}) | ATLAS_REFERENCE,
         local=LOCAL,
     ),
 }
@@ -507,8 +520,9 @@ def test_function_classes_are_disjoint():
 def test_citus_local_tables_are_what_the_docs_say(catalog):
     # ingest_run references model and corpus; the evaluation tables and analyses are
     # tied to nothing Citus manages, so they stay plain PostgreSQL tables with their policies
-    assert citus_local_tables(PLANS["by_sentence_id"], catalog) == {"ingest_run"}
-    assert citus_local_tables(PLANS["by_model_id"], catalog) == {"ingest_run"}
+    # (atlas_run likewise references atlas)
+    assert citus_local_tables(PLANS["by_sentence_id"], catalog) == {"ingest_run", "atlas_run"}
+    assert citus_local_tables(PLANS["by_model_id"], catalog) == {"ingest_run", "atlas_run"}
 
 
 # ---------------------------------------------------------------------------

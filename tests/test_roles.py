@@ -290,8 +290,13 @@ def test_writer_has_no_update_privilege_on_any_shared_table(db_url, team, filled
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
             "AND has_table_privilege(%s, c.oid, 'UPDATE') ORDER BY 1", (WRITER,)).fetchall()
-    assert {r[0] for r in rows} == {"analysis", "eval_run", "eval_item", "eval_verdict", "ingest_run"}, \
+        rls = {r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relrowsecurity").fetchall()}
+    updatable = {r[0] for r in rows}
+    assert updatable == {"analysis", "eval_run", "eval_item", "eval_verdict", "ingest_run", "atlas_run"}, \
         "UPDATE only where row-level security limits a writer to its own rows"
+    assert updatable <= rls, updatable - rls
 
 
 def test_writer_cannot_record_an_index_recall(runner, db_url, team, filled):

@@ -43,10 +43,16 @@ def test_query_image_cli_table_with_sample(ingested):
     r = CliRunner().invoke(cli, ["query", ingested["name"], "--image", str(ingested["image"]),
                                  "--visual-layers", "1", "-k", "1", "--sample", "3", "--seed", "2"])
     assert r.exit_code == 0, r.output
-    lines = [x for x in r.stdout.splitlines() if x.strip()]
-    assert lines[0].split()[:6] == ["visual_layer", "patch", "row", "col", "method", "rank"]
-    assert len(lines) == 2 + 3  # header, rule, one row per sampled patch
-    assert "[[" in lines[2]
+    # it reads like the text table (issue 21 c): a block per patch, a word column, the token in « »,
+    # sentences cut to a readable width
+    blocks = r.stdout.strip().split("\n\n")
+    assert len(blocks) == 3  # one per sampled patch
+    for b in blocks:
+        lines = b.splitlines()
+        assert lines[0].startswith("patch ") and lines[0].endswith("at visual layer 1")
+        assert lines[1].split() == ["#", "neighbour", "word", "similarity", "layer", "sentence"]
+        assert len(lines) == 3 + 1 and "«" in lines[3] and "[[" not in lines[3]
+    assert max(len(x) for x in r.stdout.splitlines()) <= 160
 
 
 def test_report_cli_by_stored_name(ingested):

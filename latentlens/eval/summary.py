@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from latentlens.errors import InputError
 
@@ -68,16 +69,40 @@ def write_csv(rows: Sequence[SummaryRow], path: str | Path) -> Path:
     return path
 
 
-def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "") -> Path:
-    """% interpretable vs visual layer, one line per method, its 95% interval shaded."""
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_labels(run: Any, images: int, patches: int) -> tuple[str, str]:
+    """(title, caption) of a run's figure: the model and the judge (with the judge's own model)
+    in the title, the sample size in the caption; the run's name last, for provenance."""
+    judge = run.judge
+    judge_model = (run.judge_settings or {}).get("model")
+    if judge_model:
+        judge = f"{judge} ({judge_model})"
+    title = f"{run.model}, judged by {judge}"
+    caption = (f"n = {images:,} image{'s' if images != 1 else ''}, {patches:,} patch{'es' if patches != 1 else ''}"
+               f" · shaded: 95% Wilson interval · run {run.name}")
+    return title, caption
+
+
+def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "", caption: str = "",
+               fmt: str | None = None) -> Path:
+    """% interpretable vs visual layer, one line per method, its 95% interval shaded (and named in
+    the legend); ``caption`` under the axes; ``fmt`` png, pdf or svg (default: the path's suffix)."""
     try:
         import matplotlib
     except ImportError:
         raise InputError("the summary plot needs matplotlib: pip install 'latentlens-db[eval]'") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
+    fmt = (fmt or Path(path).suffix.lstrip(".") or "png").lower()
+    if fmt not in PLOT_FORMATS:
+        raise InputError(f"plot format '{fmt}': use {', '.join(PLOT_FORMATS)}")
+    # text stays text in SVG and PDF (TrueType): editable and searchable in a paper's figure
+    with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
     try:
         # a marker and dash per method: equal percentages must not hide a line behind another
         styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
@@ -96,11 +121,18 @@ def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "")
         if layers and len(layers) <= 20:
             ax.set_xticks(layers)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
+        handles, _labels = ax.get_legend_handles_labels()
+        handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0, label="95% interval"))
+        ax.legend(handles=handles, loc="best")
         if title:
             ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
+        if caption:
+            fig.text(0.01, 0.01, caption, fontsize=8, color="0.3", ha="left", va="bottom")
+            fig.tight_layout(rect=(0, 0.05, 1, 1))
+        else:
+            fig.tight_layout()
+        with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
+            fig.savefig(path, format=fmt, metadata={"Title": title} if title else None)
     finally:
         plt.close(fig)
     return Path(path)

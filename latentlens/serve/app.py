@@ -31,7 +31,7 @@ from latentlens.errors import (
     SchemaOutOfDate,
     missing_model_package,
 )
-from latentlens.serve import api, pages
+from latentlens.serve import api, atlas_pages, pages
 from latentlens.serve.deps import SignInRequired
 from latentlens.serve.perimeter import Perimeter, allowed_hosts, new_token
 from latentlens.serve.state import DEFAULT_MAX_UPLOAD, ServeState
@@ -76,6 +76,8 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(files("latentlens.serve").joinpath("static"))), name="static")
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(atlas_pages.router)
+    app.include_router(atlas_pages.api)
     _add_error_handlers(app)
     return app
 

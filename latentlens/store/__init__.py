@@ -14,13 +14,15 @@ One module per concern, combined into ``Store``:
 layers, vocabularies, corpora, sentences), ``embeddings`` (bulk write and
 read), ``runs`` (ingest runs), ``search`` (indexes, k-NN, contexts), ``evals``
 (evaluation runs and their verdicts), ``analyses`` (saved analyses, provenance),
-``phrases`` (sentences containing a phrase, for the web app's context search).
+``phrases`` (sentences containing a phrase, for the web app's context search),
+``atlas`` (visual tokens of image collections and their neighbours).
 """
 
 from __future__ import annotations
 
-from latentlens.errors import LatentLensError
+from latentlens.errors import LatentLensError, UnknownAtlas
 from latentlens.store.analyses import AnalysesMixin, AnalysisInfo
+from latentlens.store.atlas import AtlasHit, AtlasInfo, AtlasMixin, AtlasRunInfo
 from latentlens.store.catalog import CatalogMixin
 from latentlens.store.embeddings import (
     EMBEDDING_COLUMNS,
@@ -43,13 +45,14 @@ from latentlens.store.types import (
 )
 
 
-class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin, PhrasesMixin):
+class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, AnalysesMixin, PhrasesMixin,
+            AtlasMixin):
     """Typed access to the latentlens schema over one psycopg connection."""
 
 
 __all__ = [
     "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
-    "AnalysisInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
+    "AnalysisInfo", "AtlasHit", "AtlasInfo", "AtlasRunInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
     "LatentLensError",
-    "LayerInfo", "ModelInfo", "RunInfo", "Store", "text_hash",
+    "LayerInfo", "ModelInfo", "RunInfo", "Store", "UnknownAtlas", "text_hash",
 ]
