@@ -16,7 +16,19 @@ from latentlens.cli._common import (
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
-@click.command()
+class _IngestCommand(click.Command):
+    """`llens ingest --help` ends with the vision-language families, read from the adapter registry
+    (imported only when help is shown: the registry imports torch)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from latentlens.vlm.extract import supported_models
+
+        with formatter.section("Vision-language families (model types)"):
+            formatter.write_text(supported_models())
+        super().format_epilog(ctx, formatter)
+
+
+@click.command(cls=_IngestCommand)
 @click.argument("model", required=False)
 @click.argument("corpus", required=False)
 @click.option("--gguf-file", default=None, metavar="FILE",
@@ -54,7 +66,7 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
     """Run MODEL over CORPUS and store its contextual token embeddings.
 
     MODEL is a transformers id, a local model dir or a .gguf file; for a
-    vision-language model (LLaVA, Qwen2-VL, Qwen2.5-VL) only its language
+    vision-language model (any family listed below) only its language
     model runs. CORPUS is a .txt (a sentence a line), .csv/.tsv (--column),
     .jsonl (--field) file, or - for stdin. Re-running the same command
     continues an interrupted run exactly; see docs/ingest.md.

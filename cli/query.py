@@ -219,8 +219,36 @@ def _query_image(lens, model, image, visual_layers, patches, sample, seed, promp
 def _emit_image(result, fmt) -> None:
     if fmt == "json":
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
-    else:
+    elif fmt == "csv":
         emit(result.table_rows(), fmt)
+    else:
+        click.echo(render_image(result))
+
+
+def render_image(result) -> str:
+    """Like the text table: one block per (visual layer, patch), distinct contexts, « » and short sentences."""
+    from latentlens.cli._common import table
+
+    from latentlens.lenses import SCORES
+
+    out = []
+    for vl in result.layers:
+        for p in vl.patches:
+            head = f"visual layer {vl.visual_layer}, patch {p.patch_idx} (row {p.row}, col {p.col})"
+            if p.neighbours or p.contexts:
+                rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
+                         "layers": _layers(n), "sentence": _snippet(n)} for i, n in enumerate(p.distinct(), 1)]
+                out.append(head + "\n" + table(rows, ["#", "neighbour", "word", "similarity", "layers", "sentence"]))
+            for method, hits in (p.lenses or {}).items():
+                score = SCORES[method]
+                rows = [{"#": i, "token": h.token, "word": h.word, score: h.score} for i, h in enumerate(hits, 1)]
+                out.append(f"{head} -- {method}\n" + table(rows, ["#", "token", "word", score]))
+    return "\n\n".join(out) if out else "(no results)"
+
+
+def _layers(n) -> str:
+    """The layers a distinct context was found in ("1,2"), or its one layer."""
+    return ",".join(str(x) for x in (n.found_in or [n.layer]))
 
 
 def render(results) -> str:
@@ -233,12 +261,13 @@ def render(results) -> str:
     for r in results:
         who = f"token {r.query_token!r} (position {r.index})" if r.query_token is not None else f"vector {r.index}"
         at = f" at layer {r.query_layer}" if r.query_layer is not None else ""
-        groups = [(None, r.neighbours)] if r.per_layer is None else sorted(r.per_layer.items())
+        # merged lists show each context once (with every layer it was found in); --per-layer is raw
+        groups = [(None, r.distinct())] if r.per_layer is None else sorted(r.per_layer.items())
         for searched, ns in groups if (r.neighbours or r.per_layer or not r.lenses) else []:
             head = f"{who}{at}" + (f" -> searched layer {searched}" if searched is not None else "")
             rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
-                     "layer": n.layer, "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
-            out.append(head + "\n" + table(rows, ["#", "neighbour", "word", "similarity", "layer", "sentence"]))
+                     "layers": _layers(n), "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
+            out.append(head + "\n" + table(rows, ["#", "neighbour", "word", "similarity", "layers", "sentence"]))
         for method, hits in (r.lenses or {}).items():
             score = SCORES[method]
             rows = [{"#": i, "token": h.token, "token_id": h.token_id, score: h.score}

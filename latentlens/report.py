@@ -87,8 +87,10 @@ def result_methods(result: ImageQueryResult) -> list[str]:
 def report_data(result: ImageQueryResult) -> dict:
     """The compact JSON the page's script reads (each sentence stored once, by index).
 
-    Per visual layer, ``patches`` holds the LatentLens neighbours (``word``:
-    the whole word the matched ``token`` sits in) and ``lenses`` each
+    Per visual layer, ``patches`` holds the LatentLens neighbours as
+    distinct contexts (``word``: the whole word the matched ``token`` sits
+    in; ``layers``: every text layer the context was found in, ``similarity``
+    its best cosine) and ``lenses`` each
     baseline's vocabulary tokens with their ``score`` (probability for
     logitlens, cosine for embeddinglens), both keyed by patch index.
     """
@@ -100,9 +102,10 @@ def report_data(result: ImageQueryResult) -> dict:
         patches = {
             str(p.patch_idx): [
                 {"word": n.word, "token": n.token, "similarity": round(float(n.similarity), 5),
-                 "layer": n.layer, "s": sentences.setdefault(n.sentence, len(sentences)),
+                 "layer": n.layer, "layers": list(n.found_in or [n.layer]),
+                 "s": sentences.setdefault(n.sentence, len(sentences)),
                  "char_start": n.char_start, "char_end": n.char_end}
-                for n in p.neighbours
+                for n in p.distinct()
             ]
             for p in vl.patches
         }
@@ -136,7 +139,7 @@ def _round_score(x: float) -> float:
 def top_hits(p: PatchResult, method: str) -> list[tuple[str, float]]:
     """(word, score) of one patch under one method, best first."""
     if method == "latentlens":
-        return [(n.word, float(n.similarity)) for n in p.neighbours]
+        return [(n.word, float(n.similarity)) for n in p.distinct()]
     return [(h.word, float(h.score)) for h in (p.lenses or {}).get(method, [])]
 
 

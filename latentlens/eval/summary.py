@@ -68,16 +68,46 @@ def write_csv(rows: Sequence[SummaryRow], path: str | Path) -> Path:
     return path
 
 
-def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "") -> Path:
-    """% interpretable vs visual layer, one line per method, its 95% interval shaded."""
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def judge_label(judge: str, settings: dict | None) -> str:
+    """The judge as a figure names it: its model when it has one (never the run's hash)."""
+    settings = settings or {}
+    if settings.get("model"):
+        return str(settings["model"])
+    if settings.get("annotations"):
+        return f"{judge} ({Path(str(settings['annotations'])).name})"
+    return judge
+
+
+def figure_text(model: str, judge: str, judge_settings: dict | None, n_images: int, n_patches: int,
+                run: str = "") -> tuple[str, str]:
+    """(title, caption) of a summary figure: what was judged by whom, and how much of it."""
+    title = f"{model}, judged by {judge_label(judge, judge_settings)}"
+    caption = (f"n = {n_images} image{'s' if n_images != 1 else ''}, {n_patches} "
+               f"patch{'es' if n_patches != 1 else ''} (each judged per method and visual layer); "
+               "shaded: 95% Wilson interval" + (f"; run {run}" if run else ""))
+    return title, caption
+
+
+def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "", caption: str = "",
+               fmt: str = "png") -> Path:
+    """% interpretable vs visual layer, one line per method, its 95% interval shaded and in the legend.
+
+    ``fmt``: png, pdf or svg (vector formats for a paper); ``caption`` goes under the axes.
+    """
+    if fmt not in PLOT_FORMATS:
+        raise InputError(f"unknown figure format '{fmt}' (use {', '.join(PLOT_FORMATS)})")
     try:
         import matplotlib
     except ImportError:
         raise InputError("the summary plot needs matplotlib: pip install 'latentlens-db[eval]'") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch as Swatch
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
+    fig, ax = plt.subplots(figsize=(7, 4.6 if caption else 4.2), dpi=150)
     try:
         # a marker and dash per method: equal percentages must not hide a line behind another
         styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
@@ -96,11 +126,18 @@ def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "")
         if layers and len(layers) <= 20:
             ax.set_xticks(layers)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="best")
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Swatch(facecolor="0.5", alpha=0.3, linewidth=0))
+        labels.append("95% interval (Wilson)")
+        ax.legend(handles, labels, loc="best", fontsize=8)
         if title:
             ax.set_title(title, fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
+        if caption:
+            fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, color="0.3", wrap=True)
+            fig.tight_layout(rect=(0, 0.05, 1, 1))
+        else:
+            fig.tight_layout()
+        fig.savefig(path, format=fmt)
     finally:
         plt.close(fig)
     return Path(path)

@@ -75,13 +75,23 @@ def _default_vlm(models: list[dict], chosen: str | None) -> str | None:
     return chosen or next((m["name"] for m in models if m["vlm"]), None)
 
 
+def shown_contexts(r: dict) -> list[dict]:
+    """A result dict's distinct contexts (computed from its raw list when saved before they were kept)."""
+    if r.get("contexts") is not None:
+        return list(r["contexts"])
+    from latentlens.query import Neighbour, distinct_contexts
+
+    ns = [Neighbour(**{k: v for k, v in n.items() if k != "word"}) for n in r.get("neighbours") or []]
+    return [n.to_dict() for n in distinct_contexts(ns)]
+
+
 def text_grid(results: list[dict]) -> dict:
-    """Text results as tokens (rows) x query layers (columns)."""
+    """Text results as tokens (rows) x query layers (columns); each cell's ``shown``: its distinct contexts."""
     layers = sorted({r["query_layer"] for r in results if r.get("query_layer") is not None})
     rows: dict[int, dict] = {}
     for r in results:
         row = rows.setdefault(r["index"], {"index": r["index"], "token": r.get("query_token"), "cells": {}})
-        row["cells"][r.get("query_layer")] = r
+        row["cells"][r.get("query_layer")] = {**r, "shown": shown_contexts(r)}
     return {"layers": layers or [None], "rows": [rows[i] for i in sorted(rows)]}
 
 

@@ -247,13 +247,15 @@ def eval_summary(store: Any, run: str) -> tuple[Any, list[Any]]:
     return info, summarize(store.eval_counts(info), info.methods)
 
 
-def eval_plot(state: ServeState, info: Any, rows: Sequence[Any]) -> bytes:
-    from latentlens.eval.summary import write_plot
+def eval_plot(state: ServeState, store: Any, info: Any, rows: Sequence[Any]) -> bytes:
+    from latentlens.eval.summary import figure_text, write_plot
 
     if not rows:
         raise NotFound(f"eval run '{info.name}' has no verdicts yet")
+    n_images, n_patches = store.eval_extent(info)
+    title, caption = figure_text(info.model, info.judge, info.judge_settings, n_images, n_patches, info.name)
     with tempfile.TemporaryDirectory(prefix="llens-plot-") as tmp, state.plot_lock:
-        path = write_plot(rows, Path(tmp) / "plot.png", title=f"{info.name}: {info.model}, judge {info.judge}")
+        path = write_plot(rows, Path(tmp) / "plot.png", title=title, caption=caption)
         return path.read_bytes()
 
 

@@ -204,6 +204,12 @@ class EvalsMixin(StoreBase):
             out.append(d)
         return out
 
+    def eval_extent(self, run: EvalRunInfo) -> tuple[int, int]:
+        """(images, patches) judged so far: what a figure's caption says n is."""
+        images, patches = self._fetch(
+            "SELECT count(DISTINCT image), count(*) FROM eval_item WHERE run_id = %s", (run.id,))[0]
+        return int(images), int(patches)
+
     def eval_counts(self, run: EvalRunInfo) -> list[tuple[str, int, int, int]]:
         """(method, visual_layer, judged, interpretable) from the eval_summary view."""
         return [(m, int(v), int(n), int(k)) for m, v, n, k in self._fetch(
