@@ -137,10 +137,10 @@ def distinct_contexts(neighbours: Sequence[Neighbour], k: int | None = None) -> 
     The same sentence stored at two text layers is one context: merged lists
     otherwise read "water (L2), water (L1), towards (L1), towards (L2)".
     """
-    best: dict[tuple[int, int], Neighbour] = {}
-    layers: dict[tuple[int, int], list[int]] = {}
+    best: dict[tuple[int, int, str], Neighbour] = {}
+    layers: dict[tuple[int, int, str], list[int]] = {}
     for n in sorted(neighbours, key=lambda n: -n.similarity):
-        key = (n.sentence_id, n.position)
+        key = (n.sentence_id, n.position, n.sentence)
         if key not in best:
             best[key] = n
         layers.setdefault(key, []).extend(n.found_in or [n.layer])

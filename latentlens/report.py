@@ -10,7 +10,8 @@ probability (LogitLens) or cosine (EmbeddingLens).
 headless browser) can open it.
 
 report.png is the image with each patch's top-1 word of one method on a dark
-box, for papers and slides; on dense grids the most confident patches are
+box, for papers and slides, and under it a line naming the model, the visual
+layer and the method it shows; on dense grids the most confident patches are
 labelled first and a label that would overlap one already drawn is skipped.
 """
 
@@ -327,7 +328,44 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
         placed.append(box)
         draw.rounded_rectangle(box, radius=pad, fill=(0, 0, 0, 178))
         draw.text((cx - tw / 2 - bx0, cy - th / 2 - by0), text, font=font, fill=(255, 255, 255, 255))
-    return Image.alpha_composite(canvas, layer).convert("RGB")
+    return _with_caption(Image.alpha_composite(canvas, layer).convert("RGB"), png_caption(result, vl, method))
+
+
+def png_caption(result: ImageQueryResult, vl: VisualLayerResult, method: str) -> str:
+    """What report.png shows: whose words, from which visual layer (a figure cut out of its page must say)."""
+    where = "projector output" if vl.visual_layer == 0 else f"LLM layer {vl.visual_layer}"
+    what = f"{METHOD_NAMES.get(method, method)} top-1 word per patch"
+    if method == "latentlens" and result.searched_layers:
+        what += f" (text layers {','.join(str(x) for x in result.searched_layers)})"
+    return f"{result.model} \u00b7 visual layer {vl.visual_layer} ({where}) \u00b7 {what}"
+
+
+def _with_caption(img: Image.Image, text: str) -> Image.Image:
+    """``img`` with a white band under it holding ``text``, wrapped at its " \u00b7 " parts to fit."""
+    size = int(max(11, min(22, img.width / 60)))
+    font = _font(size)
+    pad = max(4, size // 2)
+    room = img.width - 2 * pad
+    probe = ImageDraw.Draw(img)
+    lines: list[str] = []
+    for part in text.split(" \u00b7 "):
+        joined = f"{lines[-1]} \u00b7 {part}" if lines else part
+        if lines and probe.textlength(joined, font=font) <= room:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    for i, line in enumerate(lines):  # a part wider than the image is cut
+        if probe.textlength(line, font=font) > room:
+            while len(line) > 8 and probe.textlength(line + "\u2026", font=font) > room:
+                line = line[:-1]
+            lines[i] = line.rstrip() + "\u2026"
+    step = int(size * 1.3)
+    out = Image.new("RGB", (img.width, img.height + 2 * pad + step * len(lines)), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((pad, img.height + pad + i * step), line, font=font, fill=(40, 40, 40))
+    return out
 
 
 def _overlaps(a: tuple[float, ...], b: tuple[float, ...], margin: float = 1.0) -> bool:

@@ -89,3 +89,24 @@ def test_cli_text_table_shows_each_context_once_with_its_layers(dup, db_url, tmp
     r = CliRunner().invoke(cli, ["query", "dup", "--vectors", str(path), "--exact", "--json"])
     out = json.loads(r.stdout)[0]
     assert len(out["neighbours"]) == 5 and len(out["contexts"]) == 5
+
+
+def test_image_table_reads_like_the_text_table():
+    from latentlens.cli.query import SENTENCE_WIDTH, render_image
+    from test_report import make_result
+
+    res = make_result(size=(240, 160), grid=(2, 3), layers=(0, 8), k=3, methods=("latentlens", "logitlens"))
+    p = res.layer(8).patches[0]
+    long = "word " * 60 + "the grass " + "word " * 60
+    at = long.index("grass")
+    p.neighbours = [Neighbour("grass", 1, 0.3, 4, 9, long, 61, at, at + 5),
+                    Neighbour("grass", 1, 0.2, 8, 9, long, 61, at, at + 5),
+                    Neighbour("sky", 2, 0.1, 8, 10, "blue sky", 2, 5, 8)]
+    text = render_image(res)
+    lines = text.splitlines()
+    assert max(len(x) for x in lines) <= SENTENCE_WIDTH + 60  # was up to 393 characters
+    assert "[[" not in text and "«grass»" in text
+    block = text.split("visual layer 8, patch 0 (row 0, col 0)\n")[1].split("\n\n")[0].splitlines()
+    assert block[0].split() == ["#", "neighbour", "word", "similarity", "layers", "sentence"]
+    assert len(block) == 2 + 2 and block[2].split()[4] == "4,8"  # one context, found in two layers
+    assert "visual layer 8, patch 0 (row 0, col 0) -- logitlens" in text
