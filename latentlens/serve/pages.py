@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from latentlens import __version__
+from latentlens.errors import InputError
 from latentlens.lenses import METHODS
 from latentlens.report import METHOD_NAMES
 from latentlens.serve import work
@@ -177,6 +178,33 @@ def draft_report(draft: str, s: Session = Depends(session)) -> Response:
     return HTMLResponse(render_html(d.results, img, title=f"{d.model}: {d.image_name} (not saved)"))
 
 
+def _view(spec: str, what: str) -> tuple[int, str]:
+    """"8:latentlens" -> (8, "latentlens"): one side of a comparison."""
+    layer, _, method = (spec or "").partition(":")
+    try:
+        return int(layer), (method or "latentlens").strip().lower()
+    except ValueError:
+        raise InputError(f"{what}: expected LAYER:METHOD such as 8:latentlens, got {spec!r}") from None
+
+
+def compare_html(result: Any, img: Any, a: str, b: str, title: str) -> HTMLResponse:
+    from latentlens.compare import Side, compare, render_compare_html
+
+    (la, ma), (lb, mb) = _view(a, "a"), _view(b, "b")
+    cmp = compare(Side(result, la, ma), Side(result, lb, mb))
+    return HTMLResponse(render_compare_html(cmp, img, title=title))
+
+
+@router.get("/drafts/{draft}/compare")
+def draft_compare(draft: str, a: str, b: str, s: Session = Depends(session)) -> Response:
+    """Two views (visual layer:method) of a draft image result side by side."""
+    d = s.state.get_draft(draft, s.user)
+    if d.kind != "image":
+        raise work.NotFound("that result has no image grid")
+    img = work.read_image(d.image_bytes or b"", len(d.image_bytes or b"") + 1, s.state.max_image_pixels)
+    return compare_html(d.results, img, a, b, f"{d.model}: {d.image_name}, {a} vs {b}")
+
+
 # ---------------------------------------------------------------------------
 # saved analyses
 
@@ -209,6 +237,12 @@ def analysis_report(analysis_id: int, s: Session = Depends(session)) -> Response
 
     result, img, a = work.image_analysis(s.store, analysis_id)
     return HTMLResponse(render_html(result, img, title=a.title or f"Analysis {a.id}: {a.model}"))
+
+
+@router.get("/analyses/{analysis_id}/compare")
+def analysis_compare(analysis_id: int, a: str, b: str, s: Session = Depends(session)) -> Response:
+    result, img, an = work.image_analysis(s.store, analysis_id)
+    return compare_html(result, img, a, b, f"{an.title or f'Analysis {an.id}'}: {a} vs {b}")
 
 
 @router.post("/analyses/{analysis_id}/delete")
