@@ -300,7 +300,7 @@ def test_llens_report_cli_writes_both_files(cli_report):
     assert summary["visual_layers"] == [0, 2] and summary["searched_layers"] == [0, 1, 2, 3]
     assert summary["html"] == str(out / "report.html")
     png = Image.open(out / "report.png")
-    assert png.size == (288, 192)  # 96x64 upscaled so a 24-px cell is 72 px
+    assert png.size[0] == 288 and png.size[1] > 192  # 96x64 upscaled so a 24-px cell is 72 px; caption band
 
 
 @requires_chromium
@@ -356,7 +356,7 @@ def test_llens_report_cli_baselines_need_no_database(tiny_llava, tmp_path, monke
     assert data["methods"] == ["logitlens", "embeddinglens"]
     assert all(len(v) == 5 for v in data["layers"][0]["lenses"]["embeddinglens"].values())
     png = Image.open(out / "report.png")
-    assert png.size == (288, 192)
+    assert png.size[0] == 288 and png.size[1] > 192
     # labelled with LogitLens words: differs from the plain upscaled image
     base = Image.open(img).convert("RGB").resize(png.size, Image.Resampling.LANCZOS)
     assert np.abs(np.asarray(png.convert("RGB"), np.int16) - np.asarray(base, np.int16)).sum(-1).max() > 150

@@ -36,6 +36,15 @@ def test_image_result_offers_a_comparison_of_its_views(client, ingested):  # noq
     for p in data["patches"]:
         assert len(p["left"]) == len(p["right"]) == 3
         assert p["overlap"] == len(p["shared"])
+    # saved, the analysis offers the same comparison (without the model)
+    r = client.post("/analyses", data={"draft": draft, "title": "compare me"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    url = r.headers["location"]
+    page = client.get(url).text
+    assert 'id="compare-form"' in page and f'action="{url}/compare"' in page
+    r = client.get(f"{url}/compare", params={"a": "0:latentlens", "b": "2:logitlens"})
+    assert r.status_code == 200 and json.loads(re.search(r'id="llens-data">(.*?)</script>', r.text, re.S)
+                                                .group(1))["patches"] == data["patches"]
     r = client.get(f"/drafts/{draft}/compare", params={"a": "x", "b": "2:latentlens"})
     assert r.status_code == 400 and "LAYER:METHOD" in r.text and "Traceback" not in r.text
     r = client.get(f"/drafts/{draft}/compare", params={"a": "5:latentlens", "b": "2:latentlens"})

@@ -228,7 +228,12 @@ def analyses_page(request: Request, model: str = "", author: str = "", title: st
 def analysis_page(request: Request, analysis_id: int, s: Session = Depends(session)) -> Response:
     a = work.get_analysis(s.store, analysis_id)
     grid = text_grid(a.result) if a.kind in ("text", "vectors") and isinstance(a.result, list) else None
-    return page(request, "analysis.html", s, a=a, grid=grid, me=s.store.current_user())
+    result = None
+    if a.kind == "image" and isinstance(a.result, dict) and a.result.get("layers"):
+        from latentlens.vlm.query import ImageQueryResult
+
+        result = ImageQueryResult.from_dict(a.result)  # its views, for the comparison form
+    return page(request, "analysis.html", s, a=a, grid=grid, result=result, me=s.store.current_user())
 
 
 @router.get("/analyses/{analysis_id}/report")
