@@ -30,7 +30,7 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
               help="openai-compatible, labels, or module:Class (a latentlens.eval.Judge subclass).")
 @click.option("--url", help="openai-compatible: the endpoint's base URL (e.g. http://127.0.0.1:8000/v1).")
 @click.option("--judge-model", "judge_model", help="openai-compatible: the judge model's name.")
-@click.option("--model", "judge_model_old", hidden=True, help="The old spelling of --judge-model.")
+@click.option("--model", "judge_model_alias", hidden=True)  # the old spelling of --judge-model
 @click.option("--api-key-env", metavar="VAR", help="openai-compatible: environment variable holding the API key.")
 @click.option("--annotations", type=click.Path(dir_okay=False),
               help="labels: JSON lines {image, x, y, w, h, names} of labelled regions.")
@@ -39,8 +39,8 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @click.option("--summary", "summary_run", metavar="RUN", help="Summarise a recorded run (name or id) instead.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where to write RUN-summary.png and RUN-summary.csv (with --summary default: .).")
-@click.option("--format", "plot_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
-              help="With --summary or --out: the figure's file format.")
+@click.option("--format", "fig_format", type=click.Choice(["png", "pdf", "svg"]), default="png", show_default=True,
+              help="The summary figure's format (pdf, svg: vector, for a paper).")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), help="Write the run's verdicts as JSON lines.")
 @click.option("--list", "list_runs", is_flag=True,
               help="List recorded eval runs (status 'stopped': its process died; rerun to resume).")
@@ -51,8 +51,9 @@ from latentlens.cli._common import database_option, emit, handle_errors, open_st
 @database_option
 @handle_errors
 def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, methods, words, seed, prompt,
-          resolution, judge_name, url, judge_model, judge_model_old, api_key_env, annotations, run_name, summary_run, out_dir,
-          plot_format, export_path, list_runs, dtype, device, no_progress, as_json, database_url) -> None:
+          resolution, judge_name, url, judge_model, judge_model_alias, api_key_env, annotations, run_name,
+          summary_run, out_dir, fig_format, export_path, list_runs, dtype, device, no_progress, as_json,
+          database_url) -> None:
     """Measure how many visual tokens each method makes interpretable.
 
     Samples patches of VLM's visual tokens (never padding), takes each
@@ -71,20 +72,20 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
         llens eval ./llava-dir --images imgs/ --methods logitlens,embeddinglens \\
             --visual-layers 0,8 --judge labels --annotations regions.jsonl   # baselines: no index needed
         llens eval --summary eval-3f2a9c01d4e5 --out results/   # % per method x layer, PNG, CSV
-        llens eval --summary eval-3f2a9c01d4e5 --format pdf     # the figure as PDF (or svg)
+        llens eval --summary eval-3f2a9c01d4e5 --out paper/ --format pdf
         llens eval --summary eval-3f2a9c01d4e5 --export verdicts.jsonl
         llens eval --list
     """
     if list_runs:
         _list(database_url, as_json)
         return
-    if summary_run:
-        _summary(database_url, summary_run, out_dir, export_path, as_json, files=True, fmt=plot_format)
-        return
-    if judge_model_old is not None:
-        if judge_model is not None and judge_model != judge_model_old:
+    if judge_model_alias is not None:
+        if judge_model is not None and judge_model != judge_model_alias:
             raise click.UsageError("--model is the old spelling of --judge-model: give one of them")
-        judge_model = judge_model_old
+        judge_model = judge_model_alias
+    if summary_run:
+        _summary(database_url, summary_run, out_dir, export_path, as_json, files=True, fmt=fig_format)
+        return
     if not vlm or not images or not judge_name:
         raise click.UsageError("give VLM, --images and --judge (or --summary RUN, or --list)")
     from latentlens.eval import EvalOptions, JudgeError, make_judge, run_eval
@@ -111,7 +112,7 @@ def eval_(vlm, images, num_images, patches_per_image, visual_layers, layers, met
         run = result.run
         state = "was already complete" if result.already_done else f"judged {result.judged} patches"
         click.echo(f"eval run '{run.name}' {state} ({run.items_done} in all)", err=True)
-        _summary(database_url, run.name, out_dir, export_path, False, files=out_dir is not None, fmt=plot_format)
+        _summary(database_url, run.name, out_dir, export_path, False, files=out_dir is not None, fmt=fig_format)
 
 
 def _list(database_url, as_json) -> None:
@@ -127,12 +128,12 @@ def _list(database_url, as_json) -> None:
 
 def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: bool, fmt: str = "png") -> None:
     from latentlens.eval import summarize, write_csv, write_jsonl, write_plot
-    from latentlens.eval.summary import plot_labels
+    from latentlens.eval.summary import figure_text
 
     with open_store(database_url) as store:
         run = store.get_eval_run(run_ref)
         rows = summarize(store.eval_counts(run), run.methods)
-        images, patches = store.eval_sample_size(run)
+        n_images, n_patches = store.eval_extent(run)
         records = store.eval_verdicts(run) if export_path else None
     if records is not None:  # export_path was given
         write_jsonl(records, export_path)
@@ -143,7 +144,7 @@ def _summary(database_url, run_ref, out_dir, export_path, as_json, *, files: boo
         out.mkdir(parents=True, exist_ok=True)
         stem = _file_stem(run.name)
         paths["csv"] = str(write_csv(rows, out / f"{stem}-summary.csv"))
-        title, caption = plot_labels(run, images, patches)
+        title, caption = figure_text(run.model, run.judge, run.judge_settings, n_images, n_patches, run.name)
         paths[fmt] = str(write_plot(rows, out / f"{stem}-summary.{fmt}", title=title, caption=caption, fmt=fmt))
     if as_json:
         click.echo(json.dumps({"run": run.to_dict(), "summary": [r.to_dict() for r in rows], "files": paths},

@@ -14,28 +14,21 @@ from latentlens.cli._common import (
 )
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-VLM_FAMILIES = "{vlm_families}"
 
 
-def vlm_families() -> str:
-    """The VLM families the adapter registry supports (imports torch: only for --help)."""
-    try:
-        from latentlens.vlm.extract import ADAPTERS
-    except ImportError:  # a SQL-only install: no adapters to list
-        return "any supported family (install the models extra to list them)"
-    return ", ".join(a.display_name for a in ADAPTERS)
+class _IngestCommand(click.Command):
+    """`llens ingest --help` ends with the vision-language families, read from the adapter registry
+    (imported only when help is shown: the registry imports torch)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from latentlens.vlm.extract import supported_models
+
+        with formatter.section("Vision-language families (model types)"):
+            formatter.write_text(supported_models())
+        super().format_epilog(ctx, formatter)
 
 
-class RegistryHelp(click.Command):
-    """A command whose help lists the supported VLM families from the registry, when asked."""
-
-    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        if self.help and VLM_FAMILIES in self.help:
-            self.help = self.help.replace(VLM_FAMILIES, vlm_families())
-        super().format_help_text(ctx, formatter)
-
-
-@click.command(cls=RegistryHelp)
+@click.command(cls=_IngestCommand)
 @click.argument("model", required=False)
 @click.argument("corpus", required=False)
 @click.option("--gguf-file", default=None, metavar="FILE",
@@ -73,7 +66,8 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
     """Run MODEL over CORPUS and store its contextual token embeddings.
 
     MODEL is a transformers id, a local model dir or a .gguf file; for a
-    vision-language model ({vlm_families}) only its language model runs. CORPUS is a .txt (a sentence a line), .csv/.tsv (--column),
+    vision-language model (any family listed below) only its language
+    model runs. CORPUS is a .txt (a sentence a line), .csv/.tsv (--column),
     .jsonl (--field) file, or - for stdin. Re-running the same command
     continues an interrupted run exactly; see docs/ingest.md.
 

@@ -225,13 +225,32 @@ def _emit_image(result, fmt) -> None:
         click.echo(render_image(result))
 
 
+def render_image(result) -> str:
+    """Like the text table: one block per (visual layer, patch), distinct contexts, « » and short sentences."""
+    out = []
+    for vl in result.layers:
+        for p in vl.patches:
+            head = f"visual layer {vl.visual_layer}, patch {p.patch_idx} (row {p.row}, col {p.col})"
+            if p.neighbours or p.contexts:
+                out.append(head + "\n" + _neighbour_table(p.distinct()))
+            for method, hits in (p.lenses or {}).items():
+                out.append(f"{head} -- {method}\n" + _lens_table(method, hits))
+    return "\n\n".join(out) if out else "(no results)"
+
+
+def _layers(n) -> str:
+    """The layers a distinct context was found in ("1,2"), or its one layer."""
+    return ",".join(str(x) for x in (n.found_in or [n.layer]))
+
+
 def render(results) -> str:
     """Readable blocks: one per query, neighbours with their sentence and the token marked."""
     out = []
     for r in results:
         who = f"token {r.query_token!r} (position {r.index})" if r.query_token is not None else f"vector {r.index}"
         at = f" at layer {r.query_layer}" if r.query_layer is not None else ""
-        groups = [(None, r.neighbours)] if r.per_layer is None else sorted(r.per_layer.items())
+        # merged lists show each context once (with every layer it was found in); --per-layer is raw
+        groups = [(None, r.distinct())] if r.per_layer is None else sorted(r.per_layer.items())
         for searched, ns in groups if (r.neighbours or r.per_layer or not r.lenses) else []:
             head = f"{who}{at}" + (f" -> searched layer {searched}" if searched is not None else "")
             out.append(head + "\n" + _neighbour_table(ns))
@@ -240,26 +259,12 @@ def render(results) -> str:
     return "\n\n".join(out) if out else "(no results)"
 
 
-def render_image(result) -> str:
-    """The image query as the text query reads: a block per (visual layer, patch), neighbours with
-    their whole word and the sentence cut around the token in «»."""
-    out = []
-    for vl in result.layers:
-        for p in vl.patches:
-            who = f"patch {p.patch_idx} (row {p.row}, col {p.col}) at visual layer {vl.visual_layer}"
-            if p.neighbours or not p.lenses:
-                out.append(who + "\n" + _neighbour_table(p.neighbours))
-            for method, hits in (p.lenses or {}).items():
-                out.append(f"{who} -- {method}\n" + _lens_table(method, hits))
-    return "\n\n".join(out) if out else "(no results)"
-
-
 def _neighbour_table(ns) -> str:
     from latentlens.cli._common import table
 
     rows = [{"#": i, "neighbour": n.token, "word": n.word, "similarity": n.similarity,
-             "layer": n.layer, "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
-    return table(rows, ["#", "neighbour", "word", "similarity", "layer", "sentence"])
+             "layers": _layers(n), "sentence": _snippet(n)} for i, n in enumerate(ns, 1)]
+    return table(rows, ["#", "neighbour", "word", "similarity", "layers", "sentence"])
 
 
 def _lens_table(method: str, hits) -> str:

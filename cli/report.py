@@ -43,6 +43,12 @@ from latentlens.cli._common import (
 @click.option("--device", help="torch device for the VLM (default: cuda if available, else cpu).")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="VLM weights dtype.")
+@click.option("--compare", "compare_model", metavar="MODEL_B",
+              help="Also write compare.html: the same image through MODEL_B, side by side (per patch: both "
+                   "top-k lists and the words they share).")
+@click.option("--compare-layers", metavar="A,B",
+              help="compare.html: visual layer A against visual layer B (with --compare: A of MODEL, B of MODEL_B).")
+@click.option("--compare-methods", metavar="M1,M2", help="compare.html: method M1 against method M2, same layer.")
 @click.option("--save", is_flag=True, help="Also save the result as an analysis the team can reopen.")
 @click.option("--title", help="With --save: a title for the analysis.")
 @click.option("--json", "as_json", is_flag=True, help="Print the written paths and a summary as JSON.")
@@ -51,7 +57,8 @@ from latentlens.cli._common import (
 def report(model: str | None, image: str | None, analysis_id: int | None, out_dir: str, visual_layers: str | None, layers: str | None,
            k: int, patches: str, sample: int | None, seed: int, prompt: str | None,
            resolution: str | None, method: str, png_layer: int | None, png_method: str | None,
-           exact: bool, device: str | None, dtype: str, save: bool, title: str | None, as_json: bool,
+           exact: bool, device: str | None, dtype: str, compare_model: str | None, compare_layers: str | None,
+           compare_methods: str | None, save: bool, title: str | None, as_json: bool,
            database_url: str | None) -> None:
     """Write report.html and report.png: each image patch's nearest contextual words.
 
@@ -65,6 +72,10 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
     loadable VLM (a local dir, a hub id), no database is needed, and
     --visual-layers is required unless the store knows MODEL.
 
+    --compare MODEL_B, --compare-layers A,B or --compare-methods M1,M2 also
+    write compare.html: two views of the image side by side, per patch both
+    top-k lists and the words they share (see docs/vlm.md).
+
     \b
     Examples:
         llens report Qwen/Qwen2-VL-7B-Instruct --image photo.jpg --out report/
@@ -76,16 +87,30 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
             --method logitlens,embeddinglens
         llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --save --title "dog"
         llens report --analysis 12 --out dog/       # a saved analysis, without the model
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --compare-layers 8,16
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --method all \
+            --visual-layers 16 --compare-methods latentlens,logitlens
+        llens report llava-1.5-7b-hf --image dog.jpg --out dog/ --compare llava-v1.6-mistral-7b-hf \
+            --visual-layers 16
+        llens report --analysis 12 --out dog/ --compare-layers 0,8
     """
+    from latentlens.compare import parse_pair
     from latentlens.images import load_image
-    from latentlens.lenses import parse_methods
+    from latentlens.lenses import METHODS, parse_methods
     from latentlens.vlm.query import query_image
 
+    cmp_layers = parse_int_list(",".join(parse_pair(compare_layers, "--compare-layers")),
+                                "--compare-layers") if compare_layers else None
+    cmp_methods = [m.lower() for m in parse_pair(compare_methods, "--compare-methods")] if compare_methods else None
+    if cmp_methods is not None and (len(set(cmp_methods)) != 2 or not set(cmp_methods) <= set(METHODS)):
+        raise click.BadParameter(f"give two different methods of {', '.join(METHODS)}", param_hint="--compare-methods")
     if analysis_id is not None:
-        if model or image or save:
-            raise click.UsageError("--analysis renders a saved analysis: give no MODEL, --image or --save")
+        if model or image or save or compare_model:
+            raise click.UsageError("--analysis renders a saved analysis: give no MODEL, --image, --save or --compare")
         result, img = _saved(analysis_id, database_url)
-        _write(result, img, out_dir, png_layer, png_method, as_json)
+        cmp = _comparison(result, None, cmp_layers, cmp_methods, png_layer, png_method) \
+            if (cmp_layers or cmp_methods) else None
+        _write(result, img, out_dir, png_layer, png_method, as_json, cmp)
         return
     if not model or not image:
         raise click.UsageError("give MODEL and --image (or --analysis ID)")
@@ -95,7 +120,16 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
     if png_method is not None and png_method.strip().lower() not in methods:
         raise click.BadParameter(f"{png_method!r} is not one of --method ({', '.join(methods)})",
                                  param_hint="--png-method")
+    if cmp_methods is not None and not set(cmp_methods) <= set(methods):
+        raise click.BadParameter(f"both must be among --method ({', '.join(methods)})",
+                                 param_hint="--compare-methods")
     vls = parse_int_list(visual_layers, "--visual-layers")
+    vls_b = vls
+    if cmp_layers is not None:  # the compared layers are computed whatever --visual-layers says
+        if compare_model:
+            vls, vls_b = sorted({*(vls or []), cmp_layers[0]}), sorted({*(vls or []), cmp_layers[1]})
+        else:
+            vls = sorted({*(vls or []), *cmp_layers})
     if png_layer is not None and vls is not None and png_layer not in vls:
         raise click.BadParameter(f"{png_layer} is not one of --visual-layers", param_hint="--png-layer")
     img = load_image(image)
@@ -109,12 +143,21 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
             raise click.BadParameter(f"{png_layer} is not one of the visual layers ({', '.join(map(str, vls))})",
                                      param_hint="--png-layer")
         result = query_image(None, source, img, visual_layers=vls, **common)
+        result_b = None
+        if compare_model:
+            source_b, vls_b = baseline_vlm_source(compare_model, vls_b, database_url)
+            result_b = query_image(None, source_b, img, visual_layers=vls_b, **common)
     else:
         from latentlens.query import Lens
 
         with Lens.connect(database_url) as lens:
-            result = query_image(lens, model, img, visual_layers=vls, layers=parse_int_list(layers, "--layers"),
-                                 exact=exact or None, **common)
+            searched = parse_int_list(layers, "--layers")
+            result = query_image(lens, model, img, visual_layers=vls, layers=searched, exact=exact or None, **common)
+            # MODEL_B has its own stored layers: --layers (of MODEL) does not apply to it
+            result_b = query_image(lens, compare_model, img, visual_layers=vls_b, exact=exact or None,
+                                   **common) if compare_model else None
+    cmp = _comparison(result, result_b, cmp_layers, cmp_methods, png_layer, png_method) \
+        if (compare_model or cmp_layers or cmp_methods) else None
     if save:
         from pathlib import Path
 
@@ -129,7 +172,22 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
             aid = analyses.save_image(store, result, Path(image).read_bytes(), image_name=Path(image).name,
                                       params={k_: v for k_, v in params.items() if v is not None}, title=title)
         click.echo(f"saved as analysis {aid} (llens report --analysis {aid} --out DIR)", err=True)
-    _write(result, img, out_dir, png_layer, png_method, as_json)
+    _write(result, img, out_dir, png_layer, png_method, as_json, cmp)
+
+
+def _comparison(result, result_b, cmp_layers, cmp_methods, png_layer, png_method):
+    """The two views: layers A,B and/or methods M1,M2 of one result, or the same view of two models."""
+    from latentlens.compare import Side, compare
+    from latentlens.report import result_methods
+
+    layer = png_layer if png_layer is not None else result.layers[0].visual_layer
+    method = (png_method or result_methods(result)[0]).strip().lower()
+    left_layer, right_layer = cmp_layers or (layer, layer)
+    left_method, right_method = cmp_methods or (method, method)
+    right = result_b if result_b is not None else result
+    if result_b is not None and cmp_layers is None and right_layer not in right.visual_layers:
+        right_layer = right.layers[0].visual_layer
+    return compare(Side(result, left_layer, left_method), Side(right, right_layer, right_method))
 
 
 def _saved(analysis_id: int, database_url: str | None):
@@ -142,10 +200,14 @@ def _saved(analysis_id: int, database_url: str | None):
     return result, img
 
 
-def _write(result, img, out_dir, png_layer, png_method, as_json) -> None:
+def _write(result, img, out_dir, png_layer, png_method, as_json, cmp=None) -> None:
     from latentlens.report import write_report
 
     paths = write_report(result, img, out_dir, png_layer=png_layer, png_method=png_method)
+    if cmp is not None:
+        from latentlens.compare import write_compare
+
+        paths["compare"] = write_compare(cmp, img, out_dir)
     if as_json:
         summary = {
             "html": str(paths["html"]), "png": str(paths["png"]), "model": result.model,
@@ -153,6 +215,8 @@ def _write(result, img, out_dir, png_layer, png_method, as_json) -> None:
             "visual_layers": result.visual_layers, "searched_layers": result.searched_layers,
             "methods": list(result.methods),
         }
+        if cmp is not None:
+            summary["compare"] = {"html": str(paths["compare"]), **cmp.to_dict()}
         click.echo(json.dumps(summary, indent=2))
     else:
         rows, cols = result.grid
@@ -161,4 +225,7 @@ def _write(result, img, out_dir, png_layer, png_method, as_json) -> None:
                    f"methods {', '.join(result.methods)}")
         click.echo(f"Wrote {paths['html']}")
         click.echo(f"Wrote {paths['png']}")
+        if cmp is not None:
+            click.echo(f"Wrote {paths['compare']} ({cmp.left.label} vs {cmp.right.label}: "
+                       f"{cmp.mean_overlap:.2f} of {cmp.k} words shared per patch)")
 

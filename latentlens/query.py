@@ -28,7 +28,7 @@ without any database.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,6 +72,7 @@ class Neighbour:
     position: int
     char_start: int | None
     char_end: int | None
+    found_in: list[int] | None = None  # a distinct context: every searched layer it was found in
 
     @property
     def word(self) -> str:
@@ -79,7 +80,10 @@ class Neighbour:
         return expand_word(self.sentence, self.char_start, self.char_end) or token_text(self.token)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "word": self.word}
+        d = {**asdict(self), "word": self.word}
+        if self.found_in is None:
+            del d["found_in"]
+        return d
 
     def marked_sentence(self, left: str = "[[", right: str = "]]") -> str:
         """The sentence with this token marked, where its span is known."""
@@ -101,6 +105,11 @@ class QueryResult:
     search: dict[int, str] | None = None  # searched layer -> path that answered ("scan", "ann", "sql")
     lenses: dict[str, list[VocabHit]] | None = None  # baseline method -> its top-k vocabulary tokens
     provenance: dict | None = None  # model revision, corpora, runs, indexes, search paths, who, when
+    contexts: list[Neighbour] | None = None  # top-k distinct contexts (see distinct_contexts)
+
+    def distinct(self) -> list[Neighbour]:
+        """What tables show: each context once, with the layers it was found in."""
+        return self.contexts if self.contexts is not None else distinct_contexts(self.neighbours)
 
     def to_dict(self) -> dict:
         d = {
@@ -113,11 +122,30 @@ class QueryResult:
                 str(layer): [n.to_dict() for n in ns] for layer, ns in self.per_layer.items()
             },
         }
+        if self.contexts is not None:
+            d["contexts"] = [n.to_dict() for n in self.contexts]
         if self.lenses is not None:
             d["lenses"] = {m: [h.to_dict() for h in hits] for m, hits in self.lenses.items()}
         if self.provenance is not None:
             d["provenance"] = self.provenance
         return d
+
+
+def distinct_contexts(neighbours: Sequence[Neighbour], k: int | None = None) -> list[Neighbour]:
+    """Each (sentence, position) once, best cosine first, with every layer it was found in.
+
+    The same sentence stored at two text layers is one context: merged lists
+    otherwise read "water (L2), water (L1), towards (L1), towards (L2)".
+    """
+    best: dict[tuple[int, int, str], Neighbour] = {}
+    layers: dict[tuple[int, int, str], list[int]] = {}
+    for n in sorted(neighbours, key=lambda n: -n.similarity):
+        key = (n.sentence_id, n.position, n.sentence)
+        if key not in best:
+            best[key] = n
+        layers.setdefault(key, []).extend(n.found_in or [n.layer])
+    out = [replace(n, found_in=sorted(set(layers[key]))) for key, n in best.items()]
+    return out[:k] if k is not None else out
 
 
 # --------------------------------------------------------------------------
@@ -239,9 +267,12 @@ class Lens:
     ) -> list[QueryResult]:
         by_layer: dict[int, KnnResult] = {layer: ls.result for layer, ls in found.items()}
         picks = merge_layers(by_layer, k)
+        # every layer's top-k holds each context once, so the pool of L*k has k distinct ones
+        pool = merge_layers(by_layer, k, keep=k * len(by_layer))
+        firsts = [_distinct_picks(by_layer, row, qi, k) for qi, row in enumerate(pool)]
         wanted: set[tuple[int, int, int]] = set()
-        for qi, row in enumerate(picks):
-            for layer, r in row:
+        for qi in range(nq):
+            for layer, r in [*picks[qi], *((layer, r) for layer, r, _ in firsts[qi])]:
                 res = by_layer[layer]
                 wanted.add((layer, int(res.sentence_id[qi, r]), int(res.position[qi, r])))
         if per_layer:
@@ -271,7 +302,8 @@ class Lens:
                     for layer, res in sorted(by_layer.items())
                 }
             paths = {layer: ls.paths[qi] for layer, ls in sorted(found.items())}
-            out.append(QueryResult(index=qi, neighbours=ns, per_layer=pl, search=paths))
+            contexts = [replace(neighbour(layer, qi, r), found_in=seen) for layer, r, seen in firsts[qi]]
+            out.append(QueryResult(index=qi, neighbours=ns, per_layer=pl, search=paths, contexts=contexts))
         return out
 
     # ---- text -------------------------------------------------------------
@@ -497,6 +529,21 @@ def baseline_provenance(model: Any) -> dict:
                   "source": params.get("source") or getattr(model, "name", None)},
         "corpora": [], "layers": {}, "search": None,
     }
+
+
+def _distinct_picks(by_layer: dict[int, KnnResult], row: Sequence[tuple[int, int]], qi: int, k: int
+                    ) -> list[tuple[int, int, list[int]]]:
+    """The first k distinct (sentence, position) of one query's merged pool: (layer, rank, layers found in)."""
+    first: dict[tuple[int, int], tuple[int, int, list[int]]] = {}
+    for layer, r in row:
+        res = by_layer[layer]
+        key = (int(res.sentence_id[qi, r]), int(res.position[qi, r]))
+        if key in first:
+            first[key][2].append(layer)
+        else:
+            first[key] = (layer, r, [layer])
+    picks = list(first.values())[:k]
+    return [(layer, r, sorted(seen)) for layer, r, seen in picks]
 
 
 def _mode(mode: Mode, exact: bool | None) -> Mode:

@@ -10,10 +10,10 @@ probability (LogitLens) or cosine (EmbeddingLens).
 headless browser) can open it.
 
 report.png is the image with each patch's top-1 word of one method on a dark
-box, for papers and slides; on dense grids the most confident patches are
-labelled first and a label that would overlap one already drawn is skipped. A
-caption at the top left names the method and visual layer (the PNG's Title and
-Description text chunks say it too, with the model).
+box, for papers and slides, and under it a line naming the model, the visual
+layer and the method it shows (the PNG's Title and Description text chunks say
+it too); on dense grids the most confident patches are labelled first and a
+label that would overlap one already drawn is skipped.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def write_report(
 
     meta = PngInfo()  # what the picture shows, for tools and file browsers too
     meta.add_text("Title", title or f"LatentLens: {result.model}")
-    meta.add_text("Description", png_caption(result, vl.visual_layer, png_method, long=True))
+    meta.add_text("Description", png_caption(result, vl, png_method))
     render_png(result, img, png_layer, png_method=png_method).save(png_path, format="PNG", optimize=True,
                                                                     pnginfo=meta)
     return {"html": html_path, "png": png_path}
@@ -95,8 +95,10 @@ def result_methods(result: ImageQueryResult) -> list[str]:
 def report_data(result: ImageQueryResult) -> dict:
     """The compact JSON the page's script reads (each sentence stored once, by index).
 
-    Per visual layer, ``patches`` holds the LatentLens neighbours (``word``:
-    the whole word the matched ``token`` sits in) and ``lenses`` each
+    Per visual layer, ``patches`` holds the LatentLens neighbours as
+    distinct contexts (``word``: the whole word the matched ``token`` sits
+    in; ``layers``: every text layer the context was found in, ``similarity``
+    its best cosine) and ``lenses`` each
     baseline's vocabulary tokens with their ``score`` (probability for
     logitlens, cosine for embeddinglens), both keyed by patch index.
     """
@@ -108,9 +110,10 @@ def report_data(result: ImageQueryResult) -> dict:
         patches = {
             str(p.patch_idx): [
                 {"word": n.word, "token": n.token, "similarity": round(float(n.similarity), 5),
-                 "layer": n.layer, "s": sentences.setdefault(n.sentence, len(sentences)),
+                 "layer": n.layer, "layers": list(n.found_in or [n.layer]),
+                 "s": sentences.setdefault(n.sentence, len(sentences)),
                  "char_start": n.char_start, "char_end": n.char_end}
-                for n in p.neighbours
+                for n in p.distinct()
             ]
             for p in vl.patches
         }
@@ -144,7 +147,7 @@ def _round_score(x: float) -> float:
 def top_hits(p: PatchResult, method: str) -> list[tuple[str, float]]:
     """(word, score) of one patch under one method, best first."""
     if method == "latentlens":
-        return [(n.word, float(n.similarity)) for n in p.neighbours]
+        return [(n.word, float(n.similarity)) for n in p.distinct()]
     return [(h.word, float(h.score)) for h in (p.lenses or {}).get(method, [])]
 
 
@@ -287,14 +290,6 @@ def _png_method(result: ImageQueryResult, vl: VisualLayerResult, png_method: str
     return methods[0]
 
 
-def png_caption(result: ImageQueryResult, visual_layer: int, method: str, *, long: bool = False) -> str:
-    """What report.png shows: the method and visual layer of its words (and, long, the model)."""
-    what = f"{METHOD_NAMES.get(method, method)} top-1 word · visual layer {visual_layer}"
-    if method == "latentlens" and result.searched_layers and long:
-        what += f" (text layers {','.join(map(str, result.searched_layers))})"
-    return f"{result.model}: {what}" if long else what
-
-
 def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None = None, *,
                png_method: str | None = None) -> Image.Image:
     """The image, upscaled so labels are legible, with each patch's top-1 word and a caption
@@ -324,15 +319,6 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
     font = _font(size)
     pad = max(2, size // 5)
     placed: list[tuple[float, float, float, float]] = []
-    # the caption, top left and small (above the first row's centred labels): which method's
-    # words, at which layer; word labels that would overlap it are skipped
-    cap_font = _font(12)
-    caption = png_caption(result, vl.visual_layer, method)
-    cx0, cy0, cx1, cy1 = draw.textbbox((0, 0), caption, font=cap_font)
-    cap = (2, 2, 2 + (cx1 - cx0) + 6, 2 + (cy1 - cy0) + 6)
-    draw.rounded_rectangle(cap, radius=3, fill=(0, 0, 0, 200))
-    draw.text((5 - cx0, 5 - cy0), caption, font=cap_font, fill=(255, 235, 120, 255))
-    placed.append(cap)
     tops = [(p, hits[0]) for p in vl.patches if (hits := top_hits(p, method))]
     for pr, (word, _score) in sorted(tops, key=lambda t: -t[1][1]):
         x0, y0, x1, y1 = (v * scale for v in pr.box)
@@ -350,7 +336,44 @@ def render_png(result: ImageQueryResult, img: Image.Image, png_layer: int | None
         placed.append(box)
         draw.rounded_rectangle(box, radius=pad, fill=(0, 0, 0, 178))
         draw.text((cx - tw / 2 - bx0, cy - th / 2 - by0), text, font=font, fill=(255, 255, 255, 255))
-    return Image.alpha_composite(canvas, layer).convert("RGB")
+    return _with_caption(Image.alpha_composite(canvas, layer).convert("RGB"), png_caption(result, vl, method))
+
+
+def png_caption(result: ImageQueryResult, vl: VisualLayerResult, method: str) -> str:
+    """What report.png shows: whose words, from which visual layer (a figure cut out of its page must say)."""
+    where = "projector output" if vl.visual_layer == 0 else f"LLM layer {vl.visual_layer}"
+    what = f"{METHOD_NAMES.get(method, method)} top-1 word per patch"
+    if method == "latentlens" and result.searched_layers:
+        what += f" (text layers {','.join(str(x) for x in result.searched_layers)})"
+    return f"{result.model} \u00b7 visual layer {vl.visual_layer} ({where}) \u00b7 {what}"
+
+
+def _with_caption(img: Image.Image, text: str) -> Image.Image:
+    """``img`` with a white band under it holding ``text``, wrapped at its " \u00b7 " parts to fit."""
+    size = int(max(11, min(22, img.width / 60)))
+    font = _font(size)
+    pad = max(4, size // 2)
+    room = img.width - 2 * pad
+    probe = ImageDraw.Draw(img)
+    lines: list[str] = []
+    for part in text.split(" \u00b7 "):
+        joined = f"{lines[-1]} \u00b7 {part}" if lines else part
+        if lines and probe.textlength(joined, font=font) <= room:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    for i, line in enumerate(lines):  # a part wider than the image is cut
+        if probe.textlength(line, font=font) > room:
+            while len(line) > 8 and probe.textlength(line + "\u2026", font=font) > room:
+                line = line[:-1]
+            lines[i] = line.rstrip() + "\u2026"
+    step = int(size * 1.3)
+    out = Image.new("RGB", (img.width, img.height + 2 * pad + step * len(lines)), (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((pad, img.height + pad + i * step), line, font=font, fill=(40, 40, 40))
+    return out
 
 
 def _overlaps(a: tuple[float, ...], b: tuple[float, ...], margin: float = 1.0) -> bool:

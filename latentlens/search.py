@@ -371,16 +371,17 @@ class Searcher:
 # merging layers
 
 
-def merge_layers(by_layer: dict[int, KnnResult], k: int) -> list[list[tuple[int, int]]]:
+def merge_layers(by_layer: dict[int, KnnResult], k: int, keep: int | None = None) -> list[list[tuple[int, int]]]:
     """For each query, its global top-k across layers by cosine, as (layer, rank in layer) pairs.
 
-    Like the reference's ContextualIndex.search: every layer's top-k, merged.
+    Like the reference's ContextualIndex.search: every layer's top-k, merged
+    (``keep``: how many of the merged list to return, default k).
     """
     layers = sorted(by_layer)
     sims = np.stack([by_layer[x].similarity for x in layers])  # [L, Q, k]
     nq = sims.shape[1]
     flat = sims.transpose(1, 0, 2).reshape(nq, -1)  # [Q, L*k]
-    order = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    order = np.argsort(-flat, axis=1, kind="stable")[:, : (k if keep is None else keep)]
     picks = []
     for qi in range(nq):
         row = []

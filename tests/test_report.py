@@ -112,8 +112,9 @@ def test_png_size_and_words_drawn(tmp_path):
     res = make_result(size=(240, 160), grid=(4, 6))
     img = sample_image(res.image_size)
     png = Image.open(write_report(res, img, tmp_path)["png"])
-    # cells of 40 px are upscaled so each is >= 72 px wide: 240 * 1.8 = 432
-    assert png.size == (432, 288)
+    # cells of 40 px are upscaled so each is >= 72 px wide: 240 * 1.8 = 432; a caption band under it
+    assert png.size[0] == 432 and png.size[1] > 288
+    png = png.crop((0, 0, 432, 288))
     base = np.asarray(img.resize(png.size, Image.Resampling.LANCZOS), dtype=np.int16)
     drawn = np.abs(np.asarray(png.convert("RGB"), dtype=np.int16) - base).sum(-1)
     # every patch centre has a label on it; a strip at a cell's edge (no label) is unchanged
@@ -121,6 +122,19 @@ def test_png_size_and_words_drawn(tmp_path):
         cx, cy = (int(v * 1.8) for v in p.center)
         assert drawn[cy - 3: cy + 3, cx - 6: cx + 6].mean() > 60, p
     assert np.median(drawn[:, :4]) < 10
+
+
+def test_png_says_which_layer_and_method_it_shows():
+    from latentlens.report import png_caption
+
+    res = make_result(size=(240, 160), grid=(4, 6), layers=(0, 8), methods=ALL)
+    img = sample_image(res.image_size)
+    assert png_caption(res, res.layer(8), "latentlens") == (
+        "tiny/model \u00b7 visual layer 8 (LLM layer 8) \u00b7 LatentLens top-1 word per patch (text layers 4,8)")
+    assert "visual layer 0 (projector output) \u00b7 LogitLens" in png_caption(res, res.layer(0), "logitlens")
+    png = render_png(res, img, 8, png_method="embeddinglens")
+    band = np.asarray(png.convert("L"), dtype=np.int16)[288:]
+    assert band.shape[0] >= 14 and band.max() == 255 and band.min() < 100  # white band, dark text in it
 
 
 def test_png_dense_grid_labels_a_subset_and_big_images_shrink():
@@ -286,7 +300,7 @@ def test_llens_report_cli_writes_both_files(cli_report):
     assert summary["visual_layers"] == [0, 2] and summary["searched_layers"] == [0, 1, 2, 3]
     assert summary["html"] == str(out / "report.html")
     png = Image.open(out / "report.png")
-    assert png.size == (288, 192)  # 96x64 upscaled so a 24-px cell is 72 px
+    assert png.size[0] == 288 and png.size[1] > 192  # 96x64 upscaled so a 24-px cell is 72 px; caption band
 
 
 @requires_chromium
@@ -342,7 +356,7 @@ def test_llens_report_cli_baselines_need_no_database(tiny_llava, tmp_path, monke
     assert data["methods"] == ["logitlens", "embeddinglens"]
     assert all(len(v) == 5 for v in data["layers"][0]["lenses"]["embeddinglens"].values())
     png = Image.open(out / "report.png")
-    assert png.size == (288, 192)
+    assert png.size[0] == 288 and png.size[1] > 192
     # labelled with LogitLens words: differs from the plain upscaled image
     base = Image.open(img).convert("RGB").resize(png.size, Image.Resampling.LANCZOS)
     assert np.abs(np.asarray(png.convert("RGB"), np.int16) - np.asarray(base, np.int16)).sum(-1).max() > 150

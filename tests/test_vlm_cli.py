@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -43,16 +44,13 @@ def test_query_image_cli_table_with_sample(ingested):
     r = CliRunner().invoke(cli, ["query", ingested["name"], "--image", str(ingested["image"]),
                                  "--visual-layers", "1", "-k", "1", "--sample", "3", "--seed", "2"])
     assert r.exit_code == 0, r.output
-    # it reads like the text table (issue 21 c): a block per patch, a word column, the token in « »,
-    # sentences cut to a readable width
-    blocks = r.stdout.strip().split("\n\n")
-    assert len(blocks) == 3  # one per sampled patch
-    for b in blocks:
-        lines = b.splitlines()
-        assert lines[0].startswith("patch ") and lines[0].endswith("at visual layer 1")
-        assert lines[1].split() == ["#", "neighbour", "word", "similarity", "layer", "sentence"]
-        assert len(lines) == 3 + 1 and "«" in lines[3] and "[[" not in lines[3]
-    assert max(len(x) for x in r.stdout.splitlines()) <= 160
+    blocks = r.stdout.strip().split("\n\n")  # like the text table: a block per (visual layer, patch)
+    assert len(blocks) == 3
+    for block in blocks:
+        lines = block.splitlines()
+        assert re.fullmatch(r"visual layer 1, patch \d+ \(row \d+, col \d+\)", lines[0])
+        assert lines[1].split() == ["#", "neighbour", "word", "similarity", "layers", "sentence"]
+        assert len(lines) == 4 and "«" in lines[3] and "[[" not in lines[3]
 
 
 def test_report_cli_by_stored_name(ingested):

@@ -15,7 +15,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from latentlens.errors import InputError
 
@@ -72,37 +71,43 @@ def write_csv(rows: Sequence[SummaryRow], path: str | Path) -> Path:
 PLOT_FORMATS = ("png", "pdf", "svg")
 
 
-def plot_labels(run: Any, images: int, patches: int) -> tuple[str, str]:
-    """(title, caption) of a run's figure: the model and the judge (with the judge's own model)
-    in the title, the sample size in the caption; the run's name last, for provenance."""
-    judge = run.judge
-    judge_model = (run.judge_settings or {}).get("model")
-    if judge_model:
-        judge = f"{judge} ({judge_model})"
-    title = f"{run.model}, judged by {judge}"
-    caption = (f"n = {images:,} image{'s' if images != 1 else ''}, {patches:,} patch{'es' if patches != 1 else ''}"
-               f" · shaded: 95% Wilson interval · run {run.name}")
+def judge_label(judge: str, settings: dict | None) -> str:
+    """The judge as a figure names it: its model when it has one (never the run's hash)."""
+    settings = settings or {}
+    if settings.get("model"):
+        return str(settings["model"])
+    if settings.get("annotations"):
+        return f"{judge} ({Path(str(settings['annotations'])).name})"
+    return judge
+
+
+def figure_text(model: str, judge: str, judge_settings: dict | None, n_images: int, n_patches: int,
+                run: str = "") -> tuple[str, str]:
+    """(title, caption) of a summary figure: what was judged by whom, and how much of it."""
+    title = f"{model}, judged by {judge_label(judge, judge_settings)}"
+    caption = (f"n = {n_images} image{'s' if n_images != 1 else ''}, {n_patches} "
+               f"patch{'es' if n_patches != 1 else ''} (each judged per method and visual layer); "
+               "shaded: 95% Wilson interval" + (f"; run {run}" if run else ""))
     return title, caption
 
 
 def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "", caption: str = "",
-               fmt: str | None = None) -> Path:
-    """% interpretable vs visual layer, one line per method, its 95% interval shaded (and named in
-    the legend); ``caption`` under the axes; ``fmt`` png, pdf or svg (default: the path's suffix)."""
+               fmt: str = "png") -> Path:
+    """% interpretable vs visual layer, one line per method, its 95% interval shaded and in the legend.
+
+    ``fmt``: png, pdf or svg (vector formats for a paper); ``caption`` goes under the axes.
+    """
+    if fmt not in PLOT_FORMATS:
+        raise InputError(f"unknown figure format '{fmt}' (use {', '.join(PLOT_FORMATS)})")
     try:
         import matplotlib
     except ImportError:
         raise InputError("the summary plot needs matplotlib: pip install 'latentlens-db[eval]'") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch as Swatch
 
-    fmt = (fmt or Path(path).suffix.lstrip(".") or "png").lower()
-    if fmt not in PLOT_FORMATS:
-        raise InputError(f"plot format '{fmt}': use {', '.join(PLOT_FORMATS)}")
-    # text stays text in SVG and PDF (TrueType): editable and searchable in a paper's figure
-    with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
+    fig, ax = plt.subplots(figsize=(7, 4.6 if caption else 4.2), dpi=150)
     try:
         # a marker and dash per method: equal percentages must not hide a line behind another
         styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
@@ -121,18 +126,18 @@ def write_plot(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "",
         if layers and len(layers) <= 20:
             ax.set_xticks(layers)
         ax.grid(True, alpha=0.3)
-        handles, _labels = ax.get_legend_handles_labels()
-        handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0, label="95% interval"))
-        ax.legend(handles=handles, loc="best")
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Swatch(facecolor="0.5", alpha=0.3, linewidth=0))
+        labels.append("95% interval (Wilson)")
+        ax.legend(handles, labels, loc="best", fontsize=8)
         if title:
             ax.set_title(title, fontsize=10)
         if caption:
-            fig.text(0.01, 0.01, caption, fontsize=8, color="0.3", ha="left", va="bottom")
+            fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7.5, color="0.3", wrap=True)
             fig.tight_layout(rect=(0, 0.05, 1, 1))
         else:
             fig.tight_layout()
-        with plt.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-            fig.savefig(path, format=fmt, metadata={"Title": title} if title else None)
+        fig.savefig(path, format=fmt)
     finally:
         plt.close(fig)
     return Path(path)

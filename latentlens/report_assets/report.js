@@ -167,7 +167,9 @@
       list.forEach(function (n) {
         var li = el("li", "neighbour");
         li.appendChild(el("span", "nb-word", n.word));
-        li.appendChild(el("span", "nb-meta", "cos " + n.similarity.toFixed(3) + " \u00b7 text layer " + n.layer));
+        var ls = n.layers || [n.layer];
+        li.appendChild(el("span", "nb-meta", "cos " + n.similarity.toFixed(3) + " \u00b7 text layer" +
+          (ls.length > 1 ? "s " : " ") + ls.join(", ")));
         li.appendChild(sentence(n));
         ol.appendChild(li);
       });

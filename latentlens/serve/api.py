@@ -158,5 +158,5 @@ def eval_summary(run: str, s: Session = Depends(session)) -> Response:
 @router.get("/evals/{run}/plot.png", summary="The evaluation's plot", response_class=Response)
 def eval_plot(run: str, s: Session = Depends(session)) -> Response:
     info, rows = work.eval_summary(s.store, run)
-    return Response(work.eval_plot(s.state, info, rows, s.store.eval_sample_size(info)), media_type="image/png",
+    return Response(work.eval_plot(s.state, s.store, info, rows), media_type="image/png",
                     headers={"Cache-Control": "no-store"})

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from latentlens import __version__
+from latentlens.errors import InputError
 from latentlens.lenses import METHODS
 from latentlens.report import METHOD_NAMES
 from latentlens.serve import work
@@ -75,13 +76,23 @@ def _default_vlm(models: list[dict], chosen: str | None) -> str | None:
     return chosen or next((m["name"] for m in models if m["vlm"]), None)
 
 
+def shown_contexts(r: dict) -> list[dict]:
+    """A result dict's distinct contexts (computed from its raw list when saved before they were kept)."""
+    if r.get("contexts") is not None:
+        return list(r["contexts"])
+    from latentlens.query import Neighbour, distinct_contexts
+
+    ns = [Neighbour(**{k: v for k, v in n.items() if k != "word"}) for n in r.get("neighbours") or []]
+    return [n.to_dict() for n in distinct_contexts(ns)]
+
+
 def text_grid(results: list[dict]) -> dict:
-    """Text results as tokens (rows) x query layers (columns)."""
+    """Text results as tokens (rows) x query layers (columns); each cell's ``shown``: its distinct contexts."""
     layers = sorted({r["query_layer"] for r in results if r.get("query_layer") is not None})
     rows: dict[int, dict] = {}
     for r in results:
         row = rows.setdefault(r["index"], {"index": r["index"], "token": r.get("query_token"), "cells": {}})
-        row["cells"][r.get("query_layer")] = r
+        row["cells"][r.get("query_layer")] = {**r, "shown": shown_contexts(r)}
     return {"layers": layers or [None], "rows": [rows[i] for i in sorted(rows)]}
 
 
@@ -167,6 +178,33 @@ def draft_report(draft: str, s: Session = Depends(session)) -> Response:
     return HTMLResponse(render_html(d.results, img, title=f"{d.model}: {d.image_name} (not saved)"))
 
 
+def _view(spec: str, what: str) -> tuple[int, str]:
+    """"8:latentlens" -> (8, "latentlens"): one side of a comparison."""
+    layer, _, method = (spec or "").partition(":")
+    try:
+        return int(layer), (method or "latentlens").strip().lower()
+    except ValueError:
+        raise InputError(f"{what}: expected LAYER:METHOD such as 8:latentlens, got {spec!r}") from None
+
+
+def compare_html(result: Any, img: Any, a: str, b: str, title: str) -> HTMLResponse:
+    from latentlens.compare import Side, compare, render_compare_html
+
+    (la, ma), (lb, mb) = _view(a, "a"), _view(b, "b")
+    cmp = compare(Side(result, la, ma), Side(result, lb, mb))
+    return HTMLResponse(render_compare_html(cmp, img, title=title))
+
+
+@router.get("/drafts/{draft}/compare")
+def draft_compare(draft: str, a: str, b: str, s: Session = Depends(session)) -> Response:
+    """Two views (visual layer:method) of a draft image result side by side."""
+    d = s.state.get_draft(draft, s.user)
+    if d.kind != "image":
+        raise work.NotFound("that result has no image grid")
+    img = work.read_image(d.image_bytes or b"", len(d.image_bytes or b"") + 1, s.state.max_image_pixels)
+    return compare_html(d.results, img, a, b, f"{d.model}: {d.image_name}, {a} vs {b}")
+
+
 # ---------------------------------------------------------------------------
 # saved analyses
 
@@ -190,7 +228,12 @@ def analyses_page(request: Request, model: str = "", author: str = "", title: st
 def analysis_page(request: Request, analysis_id: int, s: Session = Depends(session)) -> Response:
     a = work.get_analysis(s.store, analysis_id)
     grid = text_grid(a.result) if a.kind in ("text", "vectors") and isinstance(a.result, list) else None
-    return page(request, "analysis.html", s, a=a, grid=grid, me=s.store.current_user())
+    result = None
+    if a.kind == "image" and isinstance(a.result, dict) and a.result.get("layers"):
+        from latentlens.vlm.query import ImageQueryResult
+
+        result = ImageQueryResult.from_dict(a.result)  # its views, for the comparison form
+    return page(request, "analysis.html", s, a=a, grid=grid, result=result, me=s.store.current_user())
 
 
 @router.get("/analyses/{analysis_id}/report")
@@ -199,6 +242,12 @@ def analysis_report(analysis_id: int, s: Session = Depends(session)) -> Response
 
     result, img, a = work.image_analysis(s.store, analysis_id)
     return HTMLResponse(render_html(result, img, title=a.title or f"Analysis {a.id}: {a.model}"))
+
+
+@router.get("/analyses/{analysis_id}/compare")
+def analysis_compare(analysis_id: int, a: str, b: str, s: Session = Depends(session)) -> Response:
+    result, img, an = work.image_analysis(s.store, analysis_id)
+    return compare_html(result, img, a, b, f"{an.title or f'Analysis {an.id}'}: {a} vs {b}")
 
 
 @router.post("/analyses/{analysis_id}/delete")

@@ -247,15 +247,14 @@ def eval_summary(store: Any, run: str) -> tuple[Any, list[Any]]:
     return info, summarize(store.eval_counts(info), info.methods)
 
 
-def eval_plot(state: ServeState, info: Any, rows: Sequence[Any], sample_size: tuple[int, int] | None = None) -> bytes:
-    from latentlens.eval.summary import write_plot
+def eval_plot(state: ServeState, store: Any, info: Any, rows: Sequence[Any]) -> bytes:
+    from latentlens.eval.summary import figure_text, write_plot
 
     if not rows:
         raise NotFound(f"eval run '{info.name}' has no verdicts yet")
+    n_images, n_patches = store.eval_extent(info)
+    title, caption = figure_text(info.model, info.judge, info.judge_settings, n_images, n_patches, info.name)
     with tempfile.TemporaryDirectory(prefix="llens-plot-") as tmp, state.plot_lock:
-        from latentlens.eval.summary import plot_labels
-
-        title, caption = plot_labels(info, *sample_size) if sample_size else (f"{info.model}, judged by {info.judge}", "")
         path = write_plot(rows, Path(tmp) / "plot.png", title=title, caption=caption)
         return path.read_bytes()
 

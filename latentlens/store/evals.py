@@ -230,10 +230,10 @@ class EvalsMixin(StoreBase):
             out.append(d)
         return out
 
-    def eval_sample_size(self, run: EvalRunInfo) -> tuple[int, int]:
-        """(images, patches) judged so far: what a figure's n says."""
+    def eval_extent(self, run: EvalRunInfo) -> tuple[int, int]:
+        """(images, patches) judged so far: what a figure's caption says n is."""
         images, patches = self._fetch(
-            "SELECT count(DISTINCT image_sha256), count(*) FROM eval_item WHERE run_id = %s", (run.id,))[0]
+            "SELECT count(DISTINCT image), count(*) FROM eval_item WHERE run_id = %s", (run.id,))[0]
         return int(images), int(patches)
 
     def eval_counts(self, run: EvalRunInfo) -> list[tuple[str, int, int, int]]:

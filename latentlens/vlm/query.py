@@ -45,6 +45,15 @@ class PatchResult:
     neighbours: list[Neighbour]
     search: dict[int, str] | None = None  # searched layer -> path that answered
     lenses: dict[str, list[VocabHit]] | None = None  # baseline method -> top-k vocabulary tokens
+    contexts: list[Neighbour] | None = None  # top-k distinct contexts (latentlens.query.distinct_contexts)
+
+    def distinct(self) -> list[Neighbour]:
+        """What tables and the report show: each context once, with the layers it was found in."""
+        if self.contexts is not None:
+            return self.contexts
+        from latentlens.query import distinct_contexts
+
+        return distinct_contexts(self.neighbours)
 
     def words(self, method: str = "latentlens", k: int | None = None) -> list[str]:
         """The top-k words of one method, as a judge reads them (whole words, in rank order)."""
@@ -60,6 +69,8 @@ class PatchResult:
             "neighbours": [n.to_dict() for n in self.neighbours],
             "search": None if self.search is None else {str(x): p for x, p in self.search.items()},
         }
+        if self.contexts is not None:
+            d["contexts"] = [n.to_dict() for n in self.contexts]
         if self.lenses is not None:
             d["lenses"] = {m: [h.to_dict() for h in hits] for m, hits in self.lenses.items()}
         return d
@@ -133,6 +144,7 @@ class ImageQueryResult:
                     {int(k): v for k, v in p["search"].items()} if p.get("search") else None,
                     {m: [VocabHit(h["token"], h["token_id"], h["score"]) for h in hits]
                      for m, hits in p["lenses"].items()} if p.get("lenses") else None,
+                    [neighbour(n) for n in p["contexts"]] if p.get("contexts") is not None else None,
                 ) for p in vl["patches"]
             ]) for vl in d["layers"]
         ]
@@ -144,30 +156,37 @@ class ImageQueryResult:
             methods=list(d.get("methods", ["latentlens"])), provenance=d.get("provenance"),
         )
 
-    def table_rows(self) -> list[dict]:
+    def table_rows(self, *, distinct: bool = False, sentence: Any = None) -> list[dict]:
         """One row per (visual layer, patch, method, neighbour), the sentence with the token in [[ ]].
 
         Baseline rows hold the vocabulary token's score in ``similarity``
         (probability for logitlens, cosine for embeddinglens) and no sentence.
+        ``distinct``: each context once (``layer`` lists every layer it was
+        found in, ``similarity`` is its best); ``sentence``: how a neighbour's
+        sentence is written (default: marked with [[ ]], whole).
         """
         rows = []
         for vl in self.layers:
             for p in vl.patches:
                 at = {"visual_layer": vl.visual_layer, "patch": p.patch_idx, "row": p.row, "col": p.col}
-                for rank, n in enumerate(p.neighbours, 1):
+                for rank, n in enumerate(p.distinct() if distinct else p.neighbours, 1):
+                    layer: Any = n.layer
+                    if distinct:
+                        layer = ",".join(str(x) for x in (n.found_in or [n.layer]))
                     rows.append({
-                        **at, "method": "latentlens", "rank": rank, "token": word_of(n),
-                        "similarity": n.similarity, "layer": n.layer, "sentence": n.marked_sentence(),
+                        **at, "method": "latentlens", "rank": rank, "token": word_of(n), "word": n.word,
+                        "similarity": n.similarity, "layer": layer,
+                        "sentence": sentence(n) if sentence else n.marked_sentence(),
                     })
                 for method, hits in (p.lenses or {}).items():
                     for rank, h in enumerate(hits, 1):
-                        rows.append({**at, "method": method, "rank": rank, "token": h.word,
+                        rows.append({**at, "method": method, "rank": rank, "token": h.word, "word": h.word,
                                      "similarity": h.score, "layer": None, "sentence": ""})
         return rows
 
 
-TABLE_COLUMNS = ("visual_layer", "patch", "row", "col", "method", "rank", "token", "similarity", "layer",
-                 "sentence")
+TABLE_COLUMNS = ("visual_layer", "patch", "row", "col", "method", "rank", "token", "word", "similarity",
+                 "layer", "sentence")
 
 
 def word_of(n: Neighbour) -> str:
@@ -359,7 +378,7 @@ def describe_patches(
             patch = vt.patches[p]
             vl_patches.append(PatchResult(
                 patch.idx, patch.row, patch.col, patch.box, r.neighbours if r else [],
-                r.search if r else None, extra[j] if extra else None,
+                r.search if r else None, extra[j] if extra else None, r.contexts if r else None,
             ))
         out.append(VisualLayerResult(v, vl_patches))
     if found:

@@ -57,6 +57,13 @@
 
   function setup(root) {
     root.querySelectorAll("iframe.report").forEach(fitFrame);
+    // the comparison form loads its iframe (target="compare"), shown once asked for
+    root.querySelectorAll("form#compare-form").forEach(function (f) {
+      f.addEventListener("submit", function () {
+        var frame = document.getElementById("compare");
+        if (frame) frame.hidden = false;
+      });
+    });
     root.querySelectorAll("form[data-confirm]").forEach(function (f) {
       f.addEventListener("submit", function (ev) { if (!window.confirm(f.dataset.confirm)) ev.preventDefault(); });
     });
