@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -316,7 +317,8 @@ def cluster(workers: int = 2, *, keep: bool = False) -> Iterator[Cluster]:
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = ("a brown dog sleeps on the grass", "the volcano erupted and lava flowed into the sea")
 VOLATILE_KEYS = {"sentence_id", "id", "run_id", "search", "draft", "created_at", "started_at", "finished_at",
-                 "seconds", "elapsed", "saved", "analysis_id", "url", "database", "instance_id"}
+                 "seconds", "elapsed", "saved", "analysis_id", "url", "database", "instance_id", "provenance",
+                 "at", "judged_at"}
 
 
 def smollm2() -> Path:
@@ -487,7 +489,7 @@ class Bench:
         self.compare("ingest_embeddings", lambda t: t.sql(
             "SELECT e.layer, md5(string_agg(s.text || '#' || e.position || '#' || e.embedding::text, '|' "
             "ORDER BY s.text, e.position)) FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
-            "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 GROUP BY e.layer"))
+            "WHERE e.model_id = (SELECT llens_model_id('smol')) AND e.layer = 8 GROUP BY e.layer"))
         self.check_hnsw_on_every_shard()
 
     def check_hnsw_on_every_shard(self) -> None:
@@ -495,12 +497,11 @@ class Bench:
         leaves = coord.sql("SELECT llens_leaf_name(model_id, layer) FROM model_layer WHERE index_kind IS NOT NULL")
         shards = {leaf: coord.sql("SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = %s::regclass",
                                   (leaf,))[0][0] for (leaf,) in leaves}
-        indexed = {leaf: 0 for leaf in shards}
-        for node in self.cluster.nodes[1:]:
-            for (name,) in node.sql("SELECT indexname FROM pg_indexes WHERE indexname ~ '^token_embedding_m[0-9]+_l[0-9]+_ann_[0-9]+$'"):
-                leaf = name.rsplit("_ann_", 1)[0]
-                if leaf in indexed:
-                    indexed[leaf] += 1
+        # shards are hidden from a worker's catalog queries: ask each shard through the coordinator
+        indexed = {leaf: sum(int(r[0]) for r in coord.sql(
+            "SELECT result FROM run_command_on_shards(%s, $$SELECT count(*) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+            "WHERE i.indrelid = '%%s'::regclass AND a.amname = 'hnsw'$$)", (leaf,))) for leaf in shards}
         ok = bool(shards) and all(indexed[leaf] == n for leaf, n in shards.items())
         self.record("hnsw_on_every_shard", ok, leaves=len(shards), shards_per_leaf=sorted(set(shards.values())),
                     shard_indexes=sum(indexed.values()))
@@ -541,7 +542,7 @@ class Bench:
 
     def sql_functions(self) -> None:
         probe = ("(SELECT e.embedding FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
-                 "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 ORDER BY s.text, e.position "
+                 "WHERE e.model_id = (SELECT llens_model_id('smol')) AND e.layer = 8 ORDER BY s.text, e.position "
                  "LIMIT 1 OFFSET 17)")
         for exact in (True, False):
             self.compare(f"sql_llens_neighbors_{'exact' if exact else 'hnsw'}", lambda t, exact=exact: [
@@ -549,7 +550,7 @@ class Bench:
                 for r in t.sql(f"SELECT * FROM llens_neighbors('smol', 8, {probe}, 10, %s)", (exact,))])
         self.compare("sql_llens_knn", lambda t: [{"neighbours": [
             {"sentence": r[0], "position": r[1], "similarity": 1 - r[2], "layer": 16} for r in t.sql(
-                f"SELECT s.text, n.position, n.distance FROM llens_knn(llens_model_id('smol'), 16, "
+                f"SELECT s.text, n.position, n.distance FROM llens_knn((SELECT llens_model_id('smol')), 16, "
                 f"{probe.replace('e.layer = 8', 'e.layer = 16')}, 10, true) n JOIN sentence s ON s.id = n.sentence_id")]}])
         self.compare("sql_llens_contexts", lambda t: t.sql(
             "SELECT layer, token, count(*) FROM llens_contexts('smol') WHERE token ILIKE '%dog%' OR token ILIKE '%lava%' "
@@ -562,7 +563,7 @@ class Bench:
         time.sleep(0.5)
         try:
             self.compare("sql_llens_knn_ef_search_reaches_workers", lambda t: t.sql(
-                f"SELECT count(*) FROM llens_knn(llens_model_id('smol'), 8, {probe}, 10, false, 200)"))
+                f"SELECT count(*) FROM llens_knn((SELECT llens_model_id('smol')), 8, {probe}, 10, false, 200)"))
         finally:
             for node in self.cluster.nodes[1:]:
                 node.sql("ALTER SYSTEM RESET hnsw.ef_search")
@@ -648,7 +649,7 @@ class Bench:
                                                      "-k", "10", "--json", url=reader).stdout)[:8]
             out["reader neighbors"] = [r[1:3] for r in _sql_as(reader, "SELECT rank, round(similarity::numeric, 4), "
                                        "sentence FROM llens_neighbors('smol', 16, (SELECT embedding FROM token_embedding "
-                                       "WHERE model_id = llens_model_id('smol') AND layer = 16 ORDER BY embedding "
+                                       "WHERE model_id = (SELECT llens_model_id('smol')) AND layer = 16 ORDER BY embedding "
                                        "<=> array_fill(0.5, ARRAY[576])::halfvec LIMIT 1), 5, true)")]
             r = t.llens("ingest", str(self.vlm_dir), str(self.work / "vlm-corpus.txt"), "--name", "reader-try",
                         "--layers", "1", "--no-progress", url=reader, check=False)
@@ -707,10 +708,10 @@ class Bench:
         for t in self.targets:
             if t is self.citus:
                 q = "SELECT citus_total_relation_size(llens_leaf_name(model_id, 8)), row_count FROM model_layer " \
-                    "WHERE model_id = llens_model_id('smol') AND layer = 8"
+                    "WHERE model_id = (SELECT llens_model_id('smol')) AND layer = 8"
             else:
                 q = "SELECT pg_total_relation_size(llens_leaf_name(model_id, 8)), row_count FROM model_layer " \
-                    "WHERE model_id = llens_model_id('smol') AND layer = 8"
+                    "WHERE model_id = (SELECT llens_model_id('smol')) AND layer = 8"
             size, rows = t.sql(q)[0]
             out[t.name] = round(size / max(rows, 1), 1)
         return out
@@ -805,7 +806,7 @@ class Bench:
 
     def _sql_checks(self) -> dict[str, Any]:
         probe = ("(SELECT e.embedding FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
-                 "WHERE e.model_id = llens_model_id('smol') AND e.layer = 8 ORDER BY s.text, e.position "
+                 "WHERE e.model_id = (SELECT llens_model_id('smol')) AND e.layer = 8 ORDER BY s.text, e.position "
                  "LIMIT 1 OFFSET 17)")
         return {
             "neighbors_exact": lambda t: [r[1:] for r in t.sql(
@@ -859,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     if skip - set(STEPS):
         ap.error(f"unknown steps: {', '.join(sorted(skip - set(STEPS)))}")
     t_start = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what it started on a plain kill too
     tree = build_citus()
     base = Path(tempfile.mkdtemp(prefix="llens-citus-"))
     os.chmod(base, 0o755)

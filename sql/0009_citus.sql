@@ -149,7 +149,6 @@ DECLARE
     t        text;
     f        text;
     view_sql text;
-    fn_sql   text;
     view_acl aclitem[];
     fn_acl   aclitem[];
     view_own text;
@@ -174,8 +173,8 @@ BEGIN
        AND to_regclass('token_context') IS NOT NULL THEN
         SELECT pg_get_viewdef('token_context'::regclass), c.relacl, pg_get_userbyid(c.relowner)
           INTO view_sql, view_acl, view_own FROM pg_class c WHERE c.oid = 'token_context'::regclass;
-        SELECT pg_get_functiondef(p.oid), p.proacl, pg_get_userbyid(p.proowner)
-          INTO fn_sql, fn_acl, fn_own FROM pg_proc p WHERE p.oid = 'llens_contexts(text)'::regprocedure;
+        SELECT p.proacl, pg_get_userbyid(p.proowner)
+          INTO fn_acl, fn_own FROM pg_proc p WHERE p.oid = 'llens_contexts(text)'::regprocedure;
         DROP FUNCTION llens_contexts(text);
         DROP VIEW token_context;
     END IF;
@@ -197,7 +196,18 @@ BEGIN
             EXECUTE format('GRANT %s ON token_context TO %s', a.privilege_type,
                            CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END);
         END LOOP;
-        EXECUTE fn_sql;
+        -- Citus does not inline a SQL function over distributed tables, and refuses to
+        -- run it with its parameter ("parameterized queries for SQL functions referencing
+        -- distributed tables are not supported"); nor may a worker evaluate
+        -- llens_model_id() inside a shard query (it reads the reference table model:
+        -- "cannot execute a distributed query from a query on a shard"). On Citus it
+        -- looks the id up first and runs the query with it.
+        CREATE FUNCTION llens_contexts(p_model text)
+        RETURNS SETOF token_context LANGUAGE plpgsql STABLE AS $fn$
+        BEGIN
+            RETURN QUERY EXECUTE format('SELECT * FROM token_context WHERE model_id = %s', llens_model_id(p_model));
+        END;
+        $fn$;
         EXECUTE format('ALTER FUNCTION llens_contexts(text) OWNER TO %I', fn_own);
         IF fn_acl IS NOT NULL THEN
             EXECUTE 'REVOKE EXECUTE ON FUNCTION llens_contexts(text) FROM PUBLIC';
@@ -206,7 +216,7 @@ BEGIN
                                CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END);
             END LOOP;
         END IF;
-        RETURN NEXT 'token_context, llens_contexts: recreated over the distributed tables';
+        RETURN NEXT 'token_context, llens_contexts: recreated over the distributed tables (llens_contexts in PL/pgSQL)';
     END IF;
     -- evaluated by workers inside distributed queries (tests/test_citus_ready.py's PUSHDOWN_FUNCTIONS)
     FOREACH f IN ARRAY ARRAY['llens_leaf_name(integer, integer)', 'llens_model_id(text)'] LOOP

@@ -75,6 +75,8 @@ COORDINATOR_FUNCTIONS = frozenset({
     "llens_ensure_layer", "llens_build_index", "llens_drop_index", "llens_analyze", "llens_drop_model",
     "llens_knn", "llens_neighbors", "llens_ann_enabled",
     "llens_team_role", "llens_setup_team_roles", "llens_secure_functions",
+    # revision 0009: is this a Citus coordinator, is a table Citus', run the distribution
+    "llens_citus", "llens_distributed", "llens_distribute",
 })
 # Functions a query over distributed tables may evaluate (on a worker, too): pure
 # naming helpers, the model-name lookup (reads the reference table model), and

@@ -290,6 +290,11 @@ def _has_bm25(store: Any) -> bool:
         ).fetchone()[0])
 
 
+# On Citus llens_contexts is PL/pgSQL (it cannot be inlined there) and would read every
+# layer of the model: the view, filtered by the model's id, is sent to the shards instead.
+_CONTEXTS = "llens_contexts(%(model)s)"
+_CONTEXTS_CITUS = "(SELECT * FROM token_context WHERE model_id = %(mid)s)"
+
 _SEARCH_SQL = """
 WITH s AS (
     SELECT s.id, row_number() OVER (ORDER BY {order}) AS rank
@@ -300,7 +305,7 @@ WITH s AS (
      LIMIT %(cand)s
 )
 SELECT c.sentence_id, c.sentence, c.position, c.token, c.char_start, c.char_end
-  FROM s JOIN llens_contexts(%(model)s) c ON c.sentence_id = s.id AND c.layer = %(layer)s
+  FROM s JOIN {contexts} c ON c.sentence_id = s.id AND c.layer = %(layer)s
  ORDER BY s.rank, c.position
 """
 
@@ -330,16 +335,17 @@ def context_search(store: Any, model: str, query: str, *, layer: int | None = No
     args = {"pat": f"%{escaped}%", "mid": info.id, "cand": min(limit * 4, 2000), "model": info.name,
             "layer": layer, "q": q}
     ranking = "bm25" if _has_bm25(store) else "sentence order"
+    contexts = _CONTEXTS_CITUS if store.citus() else _CONTEXTS
     rows = None
     if ranking == "bm25":
         try:
             with store.transaction() as conn:
-                rows = conn.execute(_SEARCH_SQL.format(order="s.text <@> %(q)s"), args).fetchall()
+                rows = conn.execute(_SEARCH_SQL.format(order="s.text <@> %(q)s", contexts=contexts), args).fetchall()
         except psycopg.Error:
             ranking = "sentence order"
     if rows is None:
         with store.transaction() as conn:
-            rows = conn.execute(_SEARCH_SQL.format(order="s.id"), args).fetchall()
+            rows = conn.execute(_SEARCH_SQL.format(order="s.id", contexts=contexts), args).fetchall()
     word = re.compile(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in q.split()) + r"(?!\w)", re.IGNORECASE)
     by_sentence: dict[int, tuple[str, list[tuple]]] = {}
     for sid, sentence, pos, tok, cs, ce in rows:

@@ -66,6 +66,17 @@ class StoreBase:
             self._citus = bool(self._fetch("SELECT llens_citus()")[0][0])
         return self._citus
 
+    def _citus_turn(self, conn: psycopg.Connection, citus: bool, what: str, key: int = 0) -> None:
+        """On Citus, writers of the same reference-table rows take turns (until commit).
+
+        Two transactions writing the same keys of a reference table (INSERT ... ON
+        CONFLICT, row locks) lock them on every node in whatever order the nodes answer,
+        and deadlock across nodes. ``citus`` is ``self.citus()``, asked before the
+        transaction began.
+        """
+        if citus:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (what, key))
+
     def distribute(self, shard_count: int = 32) -> list[str]:
         """Run docs/scaling.md's distribution (``llens_distribute``); the steps it took.
 

@@ -73,11 +73,9 @@ class EmbeddingsMixin(StoreBase):
             # to a crash is simply redone on resume: no need to wait for the
             # WAL flush on every batch.
             conn.execute("SET LOCAL synchronous_commit = off")
-            if citus:
-                # token_quota and model_layer are reference tables: each write locks the same
-                # rows on every node, in whatever order the nodes answer, and two writers of
-                # one model deadlock across nodes. They take turns per batch instead.
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext('llens_write'), %s)", (model.id,))
+            # token_quota and model_layer rows are on every node: writers of one model
+            # take turns per batch on Citus
+            self._citus_turn(conn, citus, "llens_write", model.id)
             if max_contexts_per_token is not None and len(batch):
                 batch = self._apply_quota(conn, model, batch, max_contexts_per_token)
             n = len(batch)
