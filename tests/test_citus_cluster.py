@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
+
 from latentlens.store import EmbeddingBatch, Store
 
 REPO = Path(__file__).resolve().parents[1]
