@@ -244,9 +244,15 @@ class Node:
             return cur.fetchall() if cur.description else []
 
 
-def start_node(name: str, tree: Path, pgdata: Path, *, citus: bool = True) -> Node:
-    """A new server with the latentlens database (and Citus, unless ``citus`` is False)."""
+def start_node(name: str, tree: Path, pgdata: Path, *, citus: bool = True,
+               started: list[Node] | None = None) -> Node:
+    """A new server with the latentlens database (and Citus, unless ``citus`` is False).
+
+    ``started`` gets the node before it starts, so whoever stops that list stops it too.
+    """
     node = Node(name, tree, pgdata, citus=citus)
+    if started is not None:
+        started.append(node)
     node.init()
     node.start()
     node.sql(f'CREATE DATABASE "{DBNAME}"', db="postgres")
@@ -270,9 +276,7 @@ class Cluster:
         return self.nodes[0]
 
     def add_node(self, name: str, *, citus: bool = True) -> Node:
-        node = start_node(name, self.tree, self.base / name, citus=citus)
-        self.nodes.append(node)
-        return node
+        return start_node(name, self.tree, self.base / name, citus=citus, started=self.nodes)
 
     def start(self) -> None:
         user = _system_user()
@@ -360,7 +364,7 @@ class Target:
             from pgvector.psycopg import register_vector
 
             register_vector(conn)
-            cur = conn.execute(query, params)
+            cur = conn.execute(query, params or None)  # no params: a '%' is a '%'
             return cur.fetchall() if cur.description else []
 
 
@@ -506,6 +510,16 @@ class Bench:
         self.record("hnsw_on_every_shard", ok, leaves=len(shards), shards_per_leaf=sorted(set(shards.values())),
                     shard_indexes=sum(indexed.values()))
 
+    @property
+    def ood(self) -> Path:
+        """576 random vectors (an image's worth): out of distribution, answered exactly."""
+        import numpy as np
+
+        path = self.work / "ood.npy"
+        if not path.exists():
+            np.save(path, np.random.default_rng(0).standard_normal((576, 576)).astype(np.float32))
+        return path
+
     def ingest_vlm(self) -> None:
         sys.path.insert(0, str(REPO / "tests"))
         from vlm_tiny import CORPUS, build_llava, sample_image  # type: ignore[import-not-found]
@@ -523,7 +537,6 @@ class Bench:
     # ---- comparisons ------------------------------------------------------
 
     def queries(self) -> None:
-        import numpy as np
 
         for i, text in enumerate(TEXTS):
             for mode in ("auto", "exact"):
@@ -531,10 +544,6 @@ class Bench:
                     "query", "smol", "--text", text, "-k", "10", "--mode", mode))
         self.compare("query_text_ann_ef1000", lambda t: t.json(
             "query", "smol", "--text", TEXTS[0], "--layers", "8", "-k", "10", "--mode", "ann", "--ef-search", "1000"))
-        rng = np.random.default_rng(0)
-        ood = rng.standard_normal((576, 576)).astype(np.float32)  # out of distribution: answered exactly
-        self.ood = self.work / "ood.npy"
-        np.save(self.ood, ood)
         self.compare("query_vectors_576_ood", lambda t: t.json(
             "query", "smol", "--vectors", str(self.ood), "--layers", "8,16", "-k", "10"))
         self.compare("query_image_tiny_llava", lambda t: t.json(
@@ -571,39 +580,61 @@ class Bench:
                 node.sql("SELECT pg_reload_conf()")
 
     def serve(self) -> None:
-        import httpx
+        import base64
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        auth = "Basic " + base64.b64encode(b"postgres:unused").decode()  # trust auth on these servers
+
+        def call(base: str, path: str, *, data: dict | None = None, form: bool = False) -> tuple[int, Any]:
+            body, headers = None, {"Authorization": auth}
+            if data is not None:
+                if form:
+                    body = urllib.parse.urlencode(data).encode()
+                    headers["Content-Type"] = "application/x-www-form-urlencoded"
+                else:
+                    body = json.dumps(data).encode()
+                    headers["Content-Type"] = "application/json"
+            req = urllib.request.Request(base + path, data=body, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    raw = r.read()
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                raw, status = e.read(), e.code
+            try:
+                return status, json.loads(raw)
+            except ValueError:
+                return status, None
 
         def pages(t: Target) -> dict:
             port = _free_port()
             proc = subprocess.Popen([sys.executable, "-m", "latentlens.cli", "serve", "--port", str(port)],
                                     env={**os.environ, **t.env, "LLENS_DATABASE_URL": t.url},
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 base = f"http://127.0.0.1:{port}"
-                auth = ("postgres", "unused")  # trust auth on these bench servers
-                with httpx.Client(base_url=base, auth=auth, timeout=300) as client:
-                    deadline = time.monotonic() + 120
-                    while True:
-                        try:
-                            client.get("/api/status")
-                            break
-                        except httpx.TransportError:
-                            if time.monotonic() > deadline or proc.poll() is not None:
-                                raise RuntimeError(f"{t.name}: llens serve did not start") from None
-                            time.sleep(0.5)
-                    out: dict[str, Any] = {}
-                    for path in ("/models", "/search?model=smol&q=dog", "/text?model=smol", "/evals"):
-                        r = client.get(path)
-                        out[f"page {path}"] = r.status_code
-                    models = client.get("/api/models").json()
-                    out["api models"] = sorted(
-                        (m.get("name"), json.dumps(m.get("layers"), sort_keys=True, default=str)) for m in models)
-                    out["api search"] = client.get("/api/search", params={"model": "smol", "q": "dog"}).json()
-                    out["api text"] = client.post("/api/query/text", json={
-                        "model": "smol", "text": TEXTS[0], "k": 10, "mode": "exact"}).json()
-                    out["page text"] = client.post("/text", data={
-                        "model": "smol", "text": TEXTS[0], "k": "10", "mode": "exact"}).status_code
-                    return out
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        call(base, "/api/status")
+                        break
+                    except (urllib.error.URLError, ConnectionError):
+                        if time.monotonic() > deadline or proc.poll() is not None:
+                            raise RuntimeError(f"{t.name}: llens serve did not start") from None
+                        time.sleep(0.5)
+                out: dict[str, Any] = {}
+                for path in ("/models", "/search?model=smol&q=dog", "/text?model=smol", "/evals"):
+                    out[f"page {path}"] = call(base, path)[0]
+                status, models = call(base, "/api/models")
+                out["api models"] = [status, models]
+                out["api search"] = call(base, "/api/search?model=smol&q=dog")
+                out["api text"] = call(base, "/api/query/text", data={"model": "smol", "text": TEXTS[0], "k": 10,
+                                                                       "mode": "exact"})
+                out["page text"] = call(base, "/text", data={"model": "smol", "text": TEXTS[0], "k": "10",
+                                                              "mode": "exact"}, form=True)[0]
+                return out
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -866,11 +897,11 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(base, 0o755)
     user = _system_user()
     c = Cluster(tree, base / "cluster", 2)
-    single: Node | None = None
+    others: list[Node] = []  # the single node: stopped whatever happens, like the cluster
     bench: Bench | None = None
     try:
         c.start()
-        single = start_node("single", tree, base / "single", citus=False)
+        single = start_node("single", tree, base / "single", citus=False, started=others)
         work = base / "work"
         work.mkdir()
         if user:
@@ -885,11 +916,14 @@ def main(argv: list[str] | None = None) -> int:
                          ("eval", bench.eval), ("roles", bench.roles), ("measure", bench.measure),
                          ("faults", bench.worker_stopped_mid_query), ("rebalance", bench.rebalance)):
             if step not in skip:
-                fn()
+                try:
+                    fn()
+                except Exception as e:  # the JSON line names the step that broke; the others still run
+                    bench.record(f"step_{step}", False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     finally:
         c.stop()
-        if single:
-            single.stop("immediate")
+        for node in others:
+            node.stop("immediate")
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     results = bench.results if bench else {}
