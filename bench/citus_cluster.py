@@ -375,7 +375,7 @@ def _neighbour_key(n: dict) -> tuple:
 def canonical(doc: Any) -> Any:
     """A result with the store's own ids and timings left out, and each neighbour list as
     (similarities, the neighbours above the last similarity): ties at the cut may differ."""
-    if isinstance(doc, list):
+    if isinstance(doc, (list, tuple)):
         return [canonical(x) for x in doc]
     if not isinstance(doc, dict):
         return round(doc, 4) if isinstance(doc, float) else doc
@@ -409,7 +409,7 @@ def first_difference(a: Any, b: Any, path: str = "") -> str:
     if isinstance(ca, list):
         if len(ca) != len(cb):
             return f"{path}: {len(ca)} vs {len(cb)} items"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a or [], b or [])):
             if canonical(x) != canonical(y):
                 return first_difference(x, y, f"{path}[{i}]")
     return f"{path}: {str(ca)[:200]} vs {str(cb)[:200]}"
@@ -477,7 +477,12 @@ class Bench:
         for t in (self.single, self.citus):
             t0 = time.monotonic()
             procs = [t.llens(*args, "--shard", f"{i}/2", wait=False) for i in range(2)]
-            outs = [p.communicate(timeout=3600) for p in procs]
+            try:
+                outs = [p.communicate(timeout=3600) for p in procs]
+            finally:  # interrupted: leave no ingest writing to a stopped cluster
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
             wall = time.monotonic() - t0
             for p, (_out, err) in zip(procs, outs):
                 if p.returncode != 0:
