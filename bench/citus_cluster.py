@@ -755,29 +755,42 @@ class Bench:
     # ---- faults -----------------------------------------------------------
 
     def worker_stopped_mid_query(self) -> None:
+        """The query waits on a lock on one of worker1's shards (so it is surely in flight),
+        then worker1 stops: one line, exit 3; after a restart, the same answer."""
+        import psycopg
+
         t = self.citus
-        args = ("query", "smol", "--vectors", str(self.ood), "--layers", "8,16,24", "-k", "10", "--mode", "ann")
+        args = ("query", "smol", "--vectors", str(self.ood), "--layers", "8", "-k", "10", "--mode", "exact")
         try:
             before = t.json(*args)
-            worker = self.cluster.nodes[1]
-            proc = t.llens(*args, "--json", wait=False)
-            deadline = time.monotonic() + 120
+            coord, worker = self.cluster.coordinator, self.cluster.nodes[1]
+            shards = [r[0] for r in coord.sql(
+                "SELECT shard_name FROM citus_shards WHERE table_name = (SELECT llens_leaf_name("
+                "(SELECT llens_model_id('smol')), 8))::regclass AND nodeport = %s", (worker.port,))]
+            locker = psycopg.connect(worker.url)
             seen = False
-            while proc.poll() is None and time.monotonic() < deadline:
-                busy = worker.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
-                                  "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
-                                  "AND query ~ 'token_embedding'", (DBNAME,))[0][0]
-                if busy:
-                    seen = True
-                    worker.stop("immediate")
-                    break
-                time.sleep(0.05)
-            out, err = proc.communicate(timeout=300)
+            try:
+                for shard in shards:
+                    locker.execute(f'LOCK TABLE "{shard}" IN ACCESS EXCLUSIVE MODE')
+                proc = t.llens(*args, "--json", wait=False)
+                deadline = time.monotonic() + 300
+                while proc.poll() is None and time.monotonic() < deadline:
+                    waiting = worker.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                         "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()", (DBNAME,))[0][0]
+                    if waiting:
+                        seen = True
+                        worker.stop("immediate")
+                        break
+                    time.sleep(0.1)
+                out, err = proc.communicate(timeout=300)
+            finally:
+                with contextlib.suppress(Exception):
+                    locker.close()
             lines = [x for x in err.strip().splitlines() if x.strip()]
             worker.start()
             after = t.json(*args)
             ok = seen and proc.returncode == 3 and len(lines) == 1 and same(before, after)
-            self.record("fault_worker_stopped_mid_query", ok, stopped_while_busy=seen, exit=proc.returncode,
+            self.record("fault_worker_stopped_mid_query", ok, stopped_while_waiting=seen, exit=proc.returncode,
                         error=lines[-1][:200] if lines else "", same_after_restart=same(before, after))
         except Exception as e:
             self.record("fault_worker_stopped_mid_query", False, error=str(e).splitlines()[0][:300])
