@@ -739,6 +739,30 @@ class Bench:
             log(f"{t.name}: {self.measured[f'query_576_{t.name}']}")
         self.measured["leaf_bytes_per_row"] = self.bytes_per_row()
 
+    def write_throughput(self, rows: int = 24000, dim: int = 576) -> None:
+        """The store's write path alone: two processes write synthetic rows of one model at
+        once (as two ingest shards do, without the model), 3 layers a batch of 1,000."""
+        from latentlens.store import Store
+
+        for t in self.targets:
+            name = f"write-{dim}"
+            with Store.open(t.url, upgrade=False) as store:
+                info = store.register_model(name, hidden_size=dim, num_layers=3)
+                store.ensure_layers(info, [1, 2, 3])
+                store.set_vocabulary(info, [f"t{i}" for i in range(300)])
+                corpus = store.register_corpus(f"{name}-corpus", content_hash=name)
+                store.add_sentences(corpus, [f"{name} {i}" for i in range(rows // 8)])
+            t0 = time.monotonic()
+            procs = [subprocess.Popen([sys.executable, "-c", _WRITER, t.url, name, str(i), str(rows // 2), str(dim)],
+                                      stderr=subprocess.PIPE, text=True) for i in range(2)]
+            errs = [p.communicate(timeout=1800)[1] for p in procs]
+            wall = time.monotonic() - t0
+            if any(p.returncode for p in procs):
+                raise RuntimeError(f"{t.name}: synthetic writers failed: {errs}")
+            self.measured[f"write_{t.name}"] = {"rows": rows * 3, "wall_s": round(wall, 1),
+                                                "rows_per_s": round(rows * 3 / wall)}
+            log(f"{t.name}: {self.measured[f'write_{t.name}']}")
+
     def bytes_per_row(self) -> dict[str, float]:
         out = {}
         for t in self.targets:
@@ -869,6 +893,26 @@ class Bench:
         }
 
 
+_WRITER = """
+import sys, numpy as np
+from latentlens.store import Store, EmbeddingBatch
+url, name, who, n, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+store = Store.open(url, upgrade=False)
+info = store.get_model(name)
+sids = np.array(store._fetch("SELECT s.id FROM sentence s JOIN corpus c ON c.id = s.corpus_id "
+                             "WHERE c.name = %s ORDER BY s.id", (name + "-corpus",))).ravel()
+rng = np.random.default_rng(who)
+vecs = rng.standard_normal((1000, dim)).astype(np.float32)
+for b in range(n // 1000):
+    idx = np.arange(1000) + (b * 2 + who) * 1000
+    store.write_embeddings(info, EmbeddingBatch(
+        sentence_id=sids[idx // 8], position=(idx % 8 + 1).astype(np.int32),
+        token_id=rng.integers(0, 300, 1000).astype(np.int32), char_start=np.full(1000, -1, np.int32),
+        char_end=np.full(1000, -1, np.int32), prefix_hash=idx.astype(np.int64),
+        vectors={layer: vecs for layer in (1, 2, 3)}), max_contexts_per_token=1000000)
+"""
+
+
 def _sql_as(url: str, query: str) -> list[tuple]:
     import psycopg
 
@@ -892,7 +936,7 @@ def cpu_name() -> str:
     return f"unknown x{os.cpu_count()}"
 
 
-STEPS = ("ingest", "vlm", "queries", "sql", "serve", "eval", "roles", "measure", "faults", "rebalance")
+STEPS = ("ingest", "vlm", "queries", "sql", "serve", "eval", "roles", "measure", "write", "faults", "rebalance")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -933,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.ingest_vlm()
         for step, fn in (("queries", bench.queries), ("sql", bench.sql_functions), ("serve", bench.serve),
                          ("eval", bench.eval), ("roles", bench.roles), ("measure", bench.measure),
+                         ("write", bench.write_throughput),
                          ("faults", bench.worker_stopped_mid_query), ("rebalance", bench.rebalance)):
             if step not in skip:
                 try:
