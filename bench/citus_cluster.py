@@ -474,6 +474,10 @@ class Bench:
         args = ["ingest", str(gguf), str(corpus), "--name", "smol", "--no-progress", "--json",
                 # no cap: which contexts a capped token keeps depends on which shard wrote first
                 "--max-contexts-per-token", "1000000"]
+        # the first load of a GGUF dequantizes it into the cache dir: do it before timing either
+        subprocess.run([sys.executable, "-c", "import sys; from latentlens.models.loading import "
+                        "load_language_model; load_language_model(sys.argv[1])", str(gguf)],
+                       env={**os.environ, **self.single.env}, check=True, capture_output=True)
         for t in (self.single, self.citus):
             t0 = time.monotonic()
             procs = [t.llens(*args, "--shard", f"{i}/2", wait=False) for i in range(2)]
