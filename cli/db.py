@@ -37,6 +37,7 @@ def db() -> None:
         llens db stop               # stop the embedded server
         llens db grant-reader alice # on a team server: alice may query
         llens db users              # the owner, writers and readers
+        llens db distribute         # on a Citus coordinator: spread the store over its workers
     """
 
 
@@ -129,6 +130,39 @@ def reset(database_url: str | None, yes: bool) -> None:
         click.confirm(f"Delete ALL latentlens data in {target}?", abort=True)
     admin.reset(database_url)
     click.echo(f"Reset {target}: schema recreated, no data.")
+
+
+@db.command()
+@database_option
+@click.option("--shards", "shard_count", type=click.IntRange(1, 64000), default=32, show_default=True,
+              help="Shards of token_embedding (Citus' shard_count), e.g. 2-4 per worker core.")
+@output_options
+@handle_errors
+def distribute(database_url: str | None, shard_count: int, as_json: bool, as_csv: bool) -> None:
+    """Distribute the store over a Citus cluster (once, right after `llens db upgrade`).
+
+    Run against the coordinator of a Citus cluster whose nodes all have the
+    citus and vector extensions: token_embedding is hash-distributed by
+    sentence_id, the model, vocabulary and corpus tables become reference
+    tables (docs/scaling.md). Running it again does nothing; a server without
+    Citus is refused with one line (exit 2).
+
+    \b
+    Examples:
+        LLENS_DATABASE_URL=postgresql://me@coordinator/latentlens llens db upgrade
+        LLENS_DATABASE_URL=postgresql://me@coordinator/latentlens llens db distribute --shards 32
+    """
+    from latentlens.store import Store
+
+    with Store.open(database_url) as store:
+        steps = store.distribute(shard_count)
+    fmt = output_format(as_json, as_csv)
+    if fmt == "table":
+        for step in steps:
+            click.echo(step)
+        click.echo("Distributed." if steps else "Already distributed: nothing to do.")
+    else:
+        emit([{"step": s} for s in steps], fmt, ["step"])
 
 
 @db.command()

@@ -104,3 +104,9 @@ class PermissionDenied(LatentLensError):
     """The database role may not do this (a reader writing, a writer deleting another's work)."""
 
     exit_code = 5
+
+
+class NotDistributed(LatentLensError):
+    """The server cannot distribute the store (it has no Citus extension)."""
+
+    exit_code = 2

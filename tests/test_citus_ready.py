@@ -85,6 +85,8 @@ COORDINATOR_FUNCTIONS = frozenset({
     "llens_add_rows", "llens_take_quota", "llens_add_sentences", "llens_count_quota",
     "llens_atlas_ensure_layer", "llens_atlas_build_index", "llens_atlas_drop", "llens_atlas_knn",
     "llens_atlas_nearest", "llens_atlas_find", "llens_atlas_add_rows",
+    # revision 0009: is this a Citus coordinator, is a table Citus', run the distribution
+    "llens_citus", "llens_distributed", "llens_distribute",
 })
 # Functions a query over distributed tables may evaluate (on a worker, too): pure
 # naming helpers, the model-name lookup (reads the reference table model), and

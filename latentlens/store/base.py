@@ -10,7 +10,7 @@ import psycopg
 
 from latentlens import db
 from latentlens.config import Settings
-from latentlens.errors import PermissionDenied, SchemaOutOfDate
+from latentlens.errors import InputError, NotDistributed, PermissionDenied, SchemaOutOfDate
 
 S = TypeVar("S", bound="StoreBase")
 
@@ -64,6 +64,37 @@ class StoreBase:
         'on' unless its administrator set it 'off'.
         """
         return bool(self._fetch("SELECT llens_ann_enabled()")[0][0])
+
+    def citus(self) -> bool:
+        """Whether this database is a Citus coordinator (the extension is installed)."""
+        if not hasattr(self, "_citus"):
+            self._citus = bool(self._fetch("SELECT llens_citus()")[0][0])
+        return self._citus
+
+    def _citus_turn(self, conn: psycopg.Connection, citus: bool, what: str, key: int = 0) -> None:
+        """On Citus, writers of the same reference-table rows take turns (until commit).
+
+        Two transactions writing the same keys of a reference table (INSERT ... ON
+        CONFLICT, row locks) lock them on every node in whatever order the nodes answer,
+        and deadlock across nodes. ``citus`` is ``self.citus()``, asked before the
+        transaction began.
+        """
+        if citus:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (what, key))
+
+    def distribute(self, shard_count: int = 32) -> list[str]:
+        """Run docs/scaling.md's distribution (``llens_distribute``); the steps it took.
+
+        Idempotent: on a distributed store it does nothing and returns no steps.
+        """
+        try:
+            rows = self._fetch("SELECT llens_distribute(%s)", (int(shard_count),))
+        except psycopg.errors.FeatureNotSupported as e:
+            raise NotDistributed(db.first_line(e).removeprefix("llens: ")) from None
+        except psycopg.errors.InvalidParameterValue as e:
+            raise InputError(db.first_line(e).removeprefix("llens: ")) from None
+        self.__dict__.pop("_citus", None)
+        return [r[0] for r in rows]
 
     def close(self) -> None:
         self.conn.close()

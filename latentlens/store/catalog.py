@@ -49,7 +49,9 @@ class CatalogMixin(StoreBase):
             raise InputError(f"a model needs at least one layer and a hidden size (got {num_layers}, {hidden_size})")
         if not name or len(name) > 512:
             raise InputError("a model name must have 1 to 512 characters")
+        citus = self.citus()
         with self.transaction() as conn:
+            self._citus_turn(conn, citus, "llens_register")
             conn.execute(
                 """
                 INSERT INTO model (name, revision, architecture, hidden_size, num_layers,
@@ -144,7 +146,9 @@ class CatalogMixin(StoreBase):
         params: Mapping[str, Any] | None = None,
     ) -> CorpusInfo:
         """Register a corpus once by name; the same name with other content is an error."""
+        citus = self.citus()
         with self.transaction() as conn:
+            self._citus_turn(conn, citus, "llens_register")
             conn.execute(
                 "INSERT INTO corpus (name, source, content_hash, params) VALUES (%s, %s, %s, %s) "
                 "ON CONFLICT (name) DO NOTHING",
@@ -212,7 +216,10 @@ class CatalogMixin(StoreBase):
         if ordinals is None:
             ordinals = range(len(texts))
         hashes = [text_hash(t) for t in texts]
+        citus = self.citus()
         with self.transaction() as conn:
+            # two shards of one ingest insert the same sentences at once
+            self._citus_turn(conn, citus, "llens_sentences", info.id)
             conn.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS _llens_new_sentence "
                 "(ordinal integer, text text, text_hash bytea) ON COMMIT DELETE ROWS"

@@ -71,11 +71,15 @@ class EmbeddingsMixin(StoreBase):
                     f"layer {layer} vectors have shape {tuple(vecs.shape)}, "
                     f"model '{model.name}' has hidden size {model.hidden_size}"
                 )
+        citus = self.citus()
         with self.transaction() as conn:
             # Rows and the caller's progress commit atomically, so a commit lost
             # to a crash is simply redone on resume: no need to wait for the
             # WAL flush on every batch.
             conn.execute("SET LOCAL synchronous_commit = off")
+            # token_quota and model_layer rows are on every node: writers of one model
+            # take turns per batch on Citus
+            self._citus_turn(conn, citus, "llens_write", model.id)
             if max_contexts_per_token is not None and len(batch):
                 batch = self._apply_quota(conn, model, batch, max_contexts_per_token)
             n = len(batch)

@@ -25,11 +25,15 @@ WITH s AS (
      LIMIT %(cand)s
 )
 SELECT c.sentence_id, c.sentence, c.position, c.token, c.char_start, c.char_end
-  FROM s JOIN llens_contexts(%(model)s) c ON c.sentence_id = s.id AND c.layer = %(layer)s
+  FROM s JOIN {contexts} c ON c.sentence_id = s.id AND c.layer = %(layer)s
  ORDER BY s.rank, c.position
 """
 
 _ORDERS = {"bm25": "s.text <@> %(q)s", "sentence order": "s.id"}
+# On Citus llens_contexts is PL/pgSQL (it cannot be inlined there) and would read every
+# layer of the model: the view, filtered by the model's id, is sent to the shards instead.
+_CONTEXTS = "llens_contexts(%(model)s)"
+_CONTEXTS_CITUS = "(SELECT * FROM token_context WHERE model_id = %(mid)s)"
 
 
 class PhrasesMixin(StoreBase):
@@ -50,9 +54,11 @@ class PhrasesMixin(StoreBase):
         escaped = phrase.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         args = {"pat": f"%{escaped}%", "mid": info.id, "cand": int(candidates), "model": info.name,
                 "layer": int(layer), "q": phrase}
+        contexts = _CONTEXTS_CITUS if self.citus() else _CONTEXTS
         if ranking == "bm25":
             try:
-                return self._fetch(_SEARCH_SQL.format(order=_ORDERS["bm25"]), args), "bm25"
+                return self._fetch(_SEARCH_SQL.format(order=_ORDERS["bm25"], contexts=contexts), args), "bm25"
             except psycopg.Error:
                 pass  # the extension is there but cannot rank this: fall back to sentence order
-        return self._fetch(_SEARCH_SQL.format(order=_ORDERS["sentence order"]), args), "sentence order"
+        return (self._fetch(_SEARCH_SQL.format(order=_ORDERS["sentence order"], contexts=contexts), args),
+                "sentence order")

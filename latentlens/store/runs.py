@@ -134,10 +134,12 @@ class RunsMixin(StoreBase):
                     "AND params = %s AND num_shards = %s ORDER BY id",
                     (me[0], me[1], Jsonb(me[2]), me[3]),
                 ).fetchall()
+            # no now() inside CASE: Citus refuses non-immutable functions in CASE in an
+            # UPDATE of a table it manages (ingest_run is a Citus local table there)
+            finished = ", finished_at = now()" if status == "done" else ""
             conn.execute(
-                "UPDATE ingest_run SET status = %s, error = %s, heartbeat_at = now(), "
-                "finished_at = CASE WHEN %s = 'done' THEN now() ELSE finished_at END WHERE id = %s",
-                (status, error, status, run_id),
+                "UPDATE ingest_run SET status = %s, error = %s, heartbeat_at = now()" + finished + " WHERE id = %s",
+                (status, error, run_id),
             )
         if status != "done" or not me:
             return False

@@ -38,6 +38,21 @@ CALIBRATION_COSINES = (0.5, 0.95)
 WIDE_BINARY_MAX_EF = 400
 
 
+# Store.contexts on a Citus coordinator: Citus cannot push down the single-node query's
+# LATERAL ... OFFSET 0 over unnest() ("Offset clause is currently unsupported when a lateral
+# subquery references a column from a table function"). A plain join with the keys is sent
+# to the shards that hold the sentence ids; each shard's leaves are pruned by layer.
+CITUS_CONTEXTS = """
+SELECT k.layer, e.sentence_id, e.position, e.token_id, t.token, s.text, e.char_start, e.char_end
+  FROM token_embedding e
+  JOIN unnest(%(l)s::int[], %(s)s::bigint[], %(p)s::int[]) AS k(layer, sentence_id, position)
+    ON e.layer = k.layer AND e.sentence_id = k.sentence_id AND e.position = k.position
+  JOIN sentence s ON s.id = e.sentence_id
+  LEFT JOIN token t ON t.model_id = e.model_id AND t.token_id = e.token_id
+ WHERE e.model_id = %(m)s AND e.layer = ANY(%(l)s::int[]) AND e.sentence_id = ANY(%(s)s::bigint[])
+"""
+
+
 @dataclass(frozen=True)
 class IndexProgress:
     """A step of an index build, as pg_stat_progress_create_index reports it."""
@@ -309,6 +324,10 @@ class SearchMixin(StoreBase):
         keys = list({(int(a), int(b), int(c)) for a, b, c in layer_keys})
         if not keys:
             return {}
+        params = {"m": info.id, "l": [k[0] for k in keys], "s": [k[1] for k in keys], "p": [k[2] for k in keys]}
+        if self.citus():
+            rows = self._fetch(CITUS_CONTEXTS, params)
+            return {(r[0], r[1], r[2]): Context(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
         rows = self._fetch(
             """
             -- LATERAL ... OFFSET 0 keeps this a nested loop of primary-key probes with
@@ -327,7 +346,7 @@ class SearchMixin(StoreBase):
               JOIN sentence s ON s.id = h.sentence_id
               LEFT JOIN token t ON t.model_id = h.model_id AND t.token_id = h.token_id
             """,
-            {"m": info.id, "l": [k[0] for k in keys], "s": [k[1] for k in keys], "p": [k[2] for k in keys]},
+            params,
         )
         return {(r[0], r[1], r[2]): Context(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
 

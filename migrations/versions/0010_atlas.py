@@ -1,7 +1,7 @@
 """The atlas: visual tokens of an image collection and their neighbours, found by word.
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-03
 
 ``llens atlas build`` runs a VLM over a collection and stores, per image (content hash,
@@ -20,7 +20,7 @@ from __future__ import annotations
 from latentlens.migrations.sqlfiles import apply_sql
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
