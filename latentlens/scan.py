@@ -69,6 +69,10 @@ class Leaf:
     def vectors_path(self) -> Path:
         return self.path / "vectors.f16"
 
+    @property
+    def bf16_path(self) -> Path:
+        return self.path / "vectors.bf16"
+
     def keys(self) -> np.ndarray:
         return np.load(self.path / "keys.npy", mmap_mode="r")
 
@@ -78,17 +82,57 @@ class Leaf:
     def _map(self) -> np.memmap:
         return np.memmap(self.vectors_path, dtype=np.float16, mode="r", shape=(self.rows, self.dim))
 
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, float16 [b, dim]) views of the mapped file; pages are released after use."""
+    def blocks(self, block_rows: int, bf16: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, [b, dim]) views of the mapped file; pages are released after use.
+
+        float16 rows, or with ``bf16`` the bfloat16 copy (see ensure_bf16) as
+        int16 bit patterns (numpy has no bfloat16; topk_blocks views them back).
+        """
         if self.rows == 0:
             return
-        arr = self._map()
+        arr = (np.memmap(self.bf16_path, dtype=np.int16, mode="r", shape=(self.rows, self.dim)) if bf16
+               else self._map())
         mm = getattr(arr, "_mmap", None)
         for start in range(0, self.rows, block_rows):
             stop = min(start + block_rows, self.rows)
             yield start, arr[start:stop]
             if mm is not None:
                 _release(mm, start * self.dim * 2, (stop - start) * self.dim * 2)
+
+    def ensure_bf16(self) -> float:
+        """Write the rows rounded to bfloat16 once (``vectors.bf16``), so a bf16 scan reads
+        the matmul's dtype straight from the page cache instead of converting every
+        float16 row on every search (measured: the conversion cost as much as the
+        matmul at 576 queries, and 8x it at 8). Returns rho = max |bf16(r) - r| / |r|
+        over the rows, which bounds the rounding in the re-rank's certificate.
+
+        Raises OSError where the cache folder is read-only.
+        """
+        info = self.path / "bf16.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rho = float(json.loads(info.read_text())["rho"])
+            if self.bf16_path.stat().st_size == self.rows * self.dim * 2:
+                return rho
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.path / f".bf16-{tag}"
+        rho = 0.0
+        try:
+            with open(tmp, "wb") as f:
+                for _start, block in self.blocks(MAX_BLOCK_ROWS):
+                    x = torch.from_numpy(np.array(block)).float()
+                    xb = x.to(torch.bfloat16)
+                    res = torch.linalg.vector_norm(x - xb.float(), dim=1)
+                    norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-30)
+                    rho = max(rho, float((res / norm).max()))
+                    f.write(xb.view(torch.int16).numpy().tobytes())
+            os.replace(tmp, self.bf16_path)
+            tmp_info = self.path / f".bf16-{tag}.json"
+            tmp_info.write_text(json.dumps({"rho": rho * (1 + 1e-6)}))
+            os.replace(tmp_info, info)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return rho * (1 + 1e-6)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """float16 vectors of the given row numbers (for re-ranking)."""
@@ -303,7 +347,10 @@ def topk_blocks(
     block_rows: int = MAX_BLOCK_ROWS,
     buffers: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-``keep`` of queries · rows over (start, float16 block) blocks.
+    """Running top-``keep`` of queries · rows over (start, block) blocks.
+
+    Blocks are float16, or int16 holding bfloat16 bits (read as they are when
+    ``dtype`` is bfloat16).
 
     Returns (scores [Q, keep'], row numbers [Q, keep']) best first, where
     keep' = min(keep, rows seen). The converted block and the score matrix
@@ -322,8 +369,13 @@ def topk_blocks(
         with warnings.catch_warnings():  # a read-only map: torch only reads it
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(np.asarray(block))
-        b = conv[:n]
-        b.copy_(src)
+        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
+            src = src.view(torch.bfloat16)
+        if src.dtype == dtype:
+            b = src  # already the matmul's dtype: no conversion, no copy
+        else:
+            b = conv[:n]
+            b.copy_(src)
         s = scores[: nq * n].view(nq, n)
         torch.mm(q, b.T, out=s)
         kk = min(keep, n)
@@ -390,6 +442,41 @@ def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
     return v, torch.gather(rows, 1, sel)
 
 
+BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+F32_U = 2.0 ** -24
+
+
+def _outside_bound(
+    q: torch.Tensor, weakest: torch.Tensor, dtype: torch.dtype, rho: float, inv_range: tuple[float, float],
+) -> torch.Tensor:
+    """Per query: the highest float32 cosine a row outside the candidates can have.
+
+    Such a row's matmul score s is at most ``weakest`` (the last candidate's).
+    Its exact dot d = q . r differs from s by at most |r| * E + u_out * |s|:
+    E = (1 + u) |bf16(q) - q| + rho |q| (the rounding of query and row to
+    bfloat16) + gamma_D (1 + u)^2 |q| (float32 accumulation over D terms), and
+    u_out the rounding of the score itself to bfloat16 (counted twice, in case
+    the kernel rounds a partial sum). So its cosine d / |r| is at most
+    g(weakest) / |r| + E with g(x) = x + u_out' |x| (increasing in x). A
+    further 2 gamma_D covers the float32 re-rank's own rounding (ties within
+    it are ties).
+    """
+    dim = q.shape[1]
+    gamma = dim * F32_U / (1 - dim * F32_U)
+    qn = torch.linalg.vector_norm(q, dim=1)
+    if dtype == torch.float32:
+        err = gamma * qn
+        u_out = 0.0
+    else:
+        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
+        err = (1 + BF16_U) * qe + rho * qn + gamma * (1 + BF16_U) ** 2 * qn
+        u_out = 2 * BF16_U / (1 - 2 * BF16_U)
+    w = weakest.float()
+    g = w + u_out * w.abs()
+    lo, hi = inv_range
+    return torch.maximum(g * lo, g * hi) + err + 2 * gamma * qn
+
+
 class ScanEngine:
     """Exact k-NN over cached leaves (see module docstring)."""
 
@@ -405,6 +492,7 @@ class ScanEngine:
         self.block_rows = block_rows
         self.use_cache = use_cache
         self._buffers: dict = {}
+        self.widened = 0  # (query, leaf) pairs whose candidates had to be widened, for tests and benches
 
     @property
     def dtype(self) -> torch.dtype:
@@ -433,24 +521,62 @@ class ScanEngine:
                 leaf = None  # cache dir not writable: scan the COPY stream instead
         if leaf is None:
             return self._search_stream(info, layer, queries, k)
-        dtype = self.dtype
-        inv = leaf.inv_norms()
-        block = min(block, _round_up(leaf.rows))
-        sims, rows = topk_blocks(leaf.blocks(block), queries, k + self.margin, dtype, block, self._buffers)
-        if dtype == torch.float32:
-            # float32 dots are exact; cosine = dot / |row| (stored fp16 rows are unit to ~1e-4)
-            sims, rows = _by_cosine(sims * torch.from_numpy(inv[rows.numpy()]), rows, k)
-        else:
-            sims, rows = self._rerank(leaf, inv, queries, rows, k)
+        sims, rows = self.search_leaf(leaf, queries, k, block_rows=block)
         return self._result(layer, leaf.keys(), sims, rows, k)
+
+    def search_leaf(
+        self, leaf: Leaf, queries: torch.Tensor, k: int, *, block_rows: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k (float32 cosines, row numbers) of unit ``queries`` in one cached leaf.
+
+        The scan keeps the top-(k + margin) by the matmul's (rounded) scores;
+        those are re-ranked by float32 cosine, and a query's answer is kept
+        only when it is certified: its k-th exact cosine is at least the most
+        any row outside the candidates could reach (the weakest candidate's
+        score plus the rounding bound, see _outside_bound). The others are
+        scanned again with 4x the candidates, until the candidates are the
+        whole leaf. So the answer is the float32 one, near-ties included,
+        whatever the matmul's dtype.
+        """
+        dtype = self.dtype
+        nq = queries.shape[0]
+        block = min(block_rows or self.block_rows or block_rows_for(nq), _round_up(leaf.rows))
+        inv = leaf.inv_norms()
+        bf16_file, rho = False, 0.0
+        if dtype == torch.bfloat16:
+            try:
+                rho, bf16_file = leaf.ensure_bf16(), True
+            except OSError:  # read-only cache: convert each block (round to nearest)
+                rho = BF16_U
+        inv_t = torch.from_numpy(inv)
+        inv_range = (float(inv.min()), float(inv.max())) if leaf.rows else (1.0, 1.0)
+        kk = min(k, leaf.rows)
+        out_v = torch.full((nq, kk), -float("inf"))
+        out_i = torch.zeros((nq, kk), dtype=torch.int64)
+        todo = torch.arange(nq)
+        keep = min(k + self.margin, leaf.rows)
+        while len(todo):
+            q = queries[todo]
+            approx, cand = topk_blocks(leaf.blocks(block, bf16=bf16_file), q, keep, dtype, block, self._buffers)
+            v, i = self._rerank(leaf, inv_t, q, cand, k)
+            if keep >= leaf.rows or kk == 0:
+                done = torch.ones(len(todo), dtype=torch.bool)
+            else:
+                bound = _outside_bound(q, approx[:, -1], dtype, rho, inv_range)
+                done = v[:, kk - 1] >= bound
+            out_v[todo[done]], out_i[todo[done]] = v[done], i[done]
+            todo = todo[~done]
+            self.widened += len(todo)
+            keep = min(keep * 4, leaf.rows)
+        return out_v, out_i
 
     @staticmethod
     def _rerank(
-        leaf: Leaf, inv: np.ndarray, queries: torch.Tensor, rows: torch.Tensor, k: int
+        leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact float32 cosines of the candidates, best first."""
+        """Exact float32 cosines of the candidates, best first (one gather of each distinct row)."""
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-        vecs = torch.from_numpy(leaf.gather(uniq)).float() * torch.from_numpy(inv[uniq])[:, None]
+        vecs = torch.from_numpy(leaf.gather(uniq)).float() * inv[torch.from_numpy(uniq)][:, None]
         cand = vecs[torch.from_numpy(inverse.reshape(rows.shape))]  # [Q, keep, D]
         return _by_cosine(torch.einsum("qd,qkd->qk", queries, cand), rows, k)
 
