@@ -314,6 +314,25 @@ def scan_dtype(requested: str | None = None) -> torch.dtype:
     return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
 
+ENV_SCAN_DEVICE = "LLENS_SCAN_DEVICE"
+
+
+def scan_device(requested: str | None = None) -> torch.device:
+    """The scan's device: requested, else $LLENS_SCAN_DEVICE, else "auto" (CUDA when present)."""
+    name = (requested or os.environ.get(ENV_SCAN_DEVICE) or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown scan device '{name}' (use auto, cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"scan device '{name}': this torch build sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"scan device '{name}': only cpu and cuda are supported")
+    return dev
+
+
 def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
     """A measurement of this machine and torch build, made once and kept in ``path`` (JSON).
 
@@ -454,6 +473,8 @@ def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
 
 BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 F32_U = 2.0 ** -24
+F16_U = 2.0 ** -11  # float16 (the GPU path: rows are float16 already, so exact there)
+F16_TINY = 2.0 ** -20  # absolute slack for float16 scores and queries near underflow
 
 
 def _outside_bound(
@@ -466,7 +487,8 @@ def _outside_bound(
     E = (1 + u) |bf16(q) - q| + rho |q| (the rounding of query and row to
     bfloat16) + gamma_D (1 + u)^2 |q| (float32 accumulation over D terms), and
     u_out the rounding of the score itself to bfloat16 (counted twice, in case
-    the kernel rounds a partial sum). So its cosine d / |r| is at most
+    the kernel rounds a partial sum). The same with float16's u on the GPU
+    path, where rho = 0 (the rows are float16 already). So its cosine d / |r| is at most
     g(weakest) / |r| + E with g(x) = x + u_out' |x| (increasing in x). A
     further 2 gamma_D covers the float32 re-rank's own rounding (ties within
     it are ties).
@@ -478,9 +500,10 @@ def _outside_bound(
         err = gamma * qn
         u_out = 0.0
     else:
+        u = BF16_U if dtype == torch.bfloat16 else F16_U
         qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
-        err = (1 + BF16_U) * qe + rho * qn + gamma * (1 + BF16_U) ** 2 * qn
-        u_out = 2 * BF16_U / (1 - 2 * BF16_U)
+        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
+        u_out = 2 * u / (1 - 2 * u)
     w = weakest.float()
     g = w + u_out * w.abs()
     lo, hi = inv_range
@@ -493,6 +516,7 @@ class ScanEngine:
     def __init__(
         self, store: Store, *, cache_root: Path | None = None, dtype: str | None = None,
         margin: int = DEFAULT_MARGIN, block_rows: int | None = None, use_cache: bool = True,
+        device: str | None = None,
     ):
         self.store = store
         self.cache = LeafCache(store, cache_root)
@@ -503,6 +527,10 @@ class ScanEngine:
         self.use_cache = use_cache
         self._buffers: dict = {}
         self.widened = 0  # (query, leaf) pairs whose candidates had to be widened, for tests and benches
+        self.device = scan_device(device)
+        # on an accelerator each leaf is copied to its memory once (float16) and scanned there
+        self._resident_scan = self.device.type != "cpu"
+        self._resident: dict[Path, torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -548,12 +576,14 @@ class ScanEngine:
         whole leaf. So the answer is the float32 one, near-ties included,
         whatever the matmul's dtype.
         """
-        dtype = self.dtype
+        dtype = torch.float16 if self._resident_scan else self.dtype
         nq = queries.shape[0]
         block = min(block_rows or self.block_rows or block_rows_for(nq), _round_up(leaf.rows))
         inv = leaf.inv_norms()
         bf16_file, rho = False, 0.0
-        if dtype == torch.bfloat16:
+        if self._resident_scan:
+            pass  # float16 rows as stored: rho = 0
+        elif dtype == torch.bfloat16:
             try:
                 rho, bf16_file = leaf.ensure_bf16(), True
             except OSError:  # read-only cache: convert each block (round to nearest)
@@ -567,7 +597,10 @@ class ScanEngine:
         keep = min(k + self.margin, leaf.rows)
         while len(todo):
             q = queries[todo]
-            approx, cand = topk_blocks(leaf.blocks(block, bf16=bf16_file), q, keep, dtype, block, self._buffers)
+            if self._resident_scan:
+                approx, cand = self._scan_resident(leaf, q, keep)
+            else:
+                approx, cand = topk_blocks(leaf.blocks(block, bf16=bf16_file), q, keep, dtype, block, self._buffers)
             v, i = self._rerank(leaf, inv_t, q, cand, k)
             if keep >= leaf.rows or kk == 0:
                 done = torch.ones(len(todo), dtype=torch.bool)
@@ -579,6 +612,45 @@ class ScanEngine:
             self.widened += len(todo)
             keep = min(keep * 4, leaf.rows)
         return out_v, out_i
+
+    def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).
+
+        float16 products accumulate in float32 (reduced-precision reductions are
+        switched off for the call): the bound in _outside_bound holds.
+        """
+        mat = self._resident.get(leaf.path)
+        if mat is None:
+            mat = torch.empty((leaf.rows, leaf.dim), dtype=torch.float16, device=self.device)
+            for start, block in leaf.blocks(MAX_BLOCK_ROWS):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    mat[start:start + len(block)].copy_(torch.from_numpy(np.asarray(block)))
+            for old in [p for p in self._resident if p.parent == leaf.path.parent]:
+                del self._resident[old]  # an older version of this leaf
+            self._resident[leaf.path] = mat
+        q = queries.to(self.device, torch.float16)
+        nq = q.shape[0]
+        step = max(MIN_BLOCK_ROWS, (1 << 30) // max(2 * nq, 1))  # <= 1 GiB of scores at a time
+        best_v = best_i = None
+        flag = getattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", None)
+        if flag is not None:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        try:
+            for start in range(0, leaf.rows, step):
+                s = q @ mat[start:start + step].T
+                v, i = torch.topk(s, min(keep, s.shape[1]), dim=1)
+                i = i + start
+                if best_v is not None and best_i is not None:
+                    v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
+                    v, sel = torch.topk(v, min(keep, v.shape[1]), dim=1)
+                    i = torch.gather(i, 1, sel)
+                best_v, best_i = v, i
+        finally:
+            if flag is not None:
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
+        assert best_v is not None and best_i is not None
+        return best_v.float().cpu(), best_i.cpu()
 
     def _rerank(
         self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, k: int
@@ -654,5 +726,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_once",
-    "normalize_queries", "scan_dtype", "topk_blocks",
+    "normalize_queries", "scan_device", "scan_dtype", "topk_blocks",
 ]

@@ -203,3 +203,31 @@ def test_bf16_copy_is_the_rounded_rows(tmp_path):
     assert torch.equal(b, torch.from_numpy(v16).to(torch.bfloat16))
     assert 0 < rho <= 2.0 ** -8
     assert leaf.ensure_bf16() == rho  # kept: not rewritten
+
+
+def test_resident_float16_path_equals_float32_on_near_ties(tmp_path):
+    """The GPU path (leaf kept on the device as float16, float16 matmul) run on the CPU."""
+    rows, q = _near_ties(n_far=6000, n_tied=1200)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, device="cpu")
+    eng._resident_scan = True
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    want_s, want = _float32_top(v16, q, 10)
+    np.testing.assert_allclose(sims.numpy(), want_s, atol=1e-6)
+    for qi in range(len(q)):
+        for j in range(10):
+            if got[qi, j] != want[qi, j]:
+                assert abs(float(sims[qi, j]) - want_s[qi, j]) < 1e-6
+    assert list(eng._resident) == [leaf.path]
+
+
+def test_scan_device_choice(monkeypatch):
+    from latentlens.scan import scan_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert scan_device("auto").type == "cpu"
+    assert scan_device(None).type == "cpu"
+    with pytest.raises(InputError, match="no CUDA device"):
+        scan_device("cuda")
+    with pytest.raises(InputError, match="unknown scan device"):
+        scan_device("gpu0")
