@@ -399,7 +399,8 @@ def main() -> None:
     from latentlens.scan import measure_dtypes
 
     t = measure_dtypes(dim=args.dim)
-    print(f"fp16 block -> matmul, seconds per 512x{args.dim} @ {args.dim}x16384: "
+    print(f"block matmul as the scan runs it (float32: fp16 -> f32 + mm; bfloat16: cached bf16 rows), "
+          f"seconds per 512x{args.dim} @ {args.dim}x16384: "
           f"float32 {t['float32']:.3f}, bfloat16 {t['bfloat16']:.3f}")
     if args.model:
         bench_one(args, args.model)
