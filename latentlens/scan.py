@@ -447,10 +447,13 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
 
     The search policy's cost model (latentlens.search) fits scan time as
     rows * dim * (read + Q * mul); measured here with Q = 1 and Q = 512 (an
-    image's patches) over a block bigger than the CPU caches (~1.5 s once).
+    image's patches) over a block bigger than the CPU caches (~1.5 s once),
+    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16).
     """
     gen = torch.Generator().manual_seed(0)
-    block = torch.randn(rows, dim, generator=gen).half().numpy()
+    dtype = scan_dtype()
+    half = torch.randn(rows, dim, generator=gen).half()
+    block = (half.to(torch.bfloat16).view(torch.int16) if dtype == torch.bfloat16 else half).numpy()
     times = {}
     for nq in (1, 512):
         q = torch.nn.functional.normalize(torch.randn(nq, dim, generator=gen), dim=1)
@@ -458,7 +461,7 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
         br = block_rows_for(nq)
         for _ in range(repeats):
             t = time.perf_counter()
-            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 26, torch.float32, br)
+            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10 + DEFAULT_MARGIN, dtype, br)
             best = min(best, time.perf_counter() - t)
         times[nq] = best / (rows * dim)
     mul = max((times[512] - times[1]) / 511, 1e-13)
