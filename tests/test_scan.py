@@ -231,3 +231,12 @@ def test_scan_device_choice(monkeypatch):
         scan_device("cuda")
     with pytest.raises(InputError, match="unknown scan device"):
         scan_device("gpu0")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_measure_scan_runs_in_the_scan_dtype(monkeypatch, dtype):
+    from latentlens.scan import measure_scan
+
+    monkeypatch.setenv("LLENS_SCAN_DTYPE", dtype)
+    c = measure_scan(dim=64, rows=8192, repeats=1)
+    assert c["read"] > 0 and c["mul"] > 0
