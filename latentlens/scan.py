@@ -52,6 +52,7 @@ ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
 # candidates beyond k on the first try: enough that ~all queries' top-k are certified at once
 # (36.5k clustered rows, 576 random unit queries: 81% at k + 16, 100% at k + 32)
 DEFAULT_MARGIN = 32
+MAX_KEEP_HINT = 1024
 # bytes of float32 scores per block; bounds memory as Q grows
 SCORE_BUDGET = 96 << 20
 MAX_BLOCK_ROWS = 65536
@@ -537,6 +538,9 @@ class ScanEngine:
         # on an accelerator each leaf is copied to its memory once (float16) and scanned there
         self._resident_scan = self.device.type != "cpu"
         self._resident: dict[Path, torch.Tensor] = {}
+        # per leaf: the candidate count that certified most queries last time (dense leaves
+        # with in-distribution queries need more than k + margin: start there, not rescan)
+        self._keep_hint: dict[Path, int] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -600,7 +604,8 @@ class ScanEngine:
         out_v = torch.full((nq, kk), -float("inf"))
         out_i = torch.zeros((nq, kk), dtype=torch.int64)
         todo = torch.arange(nq)
-        keep = min(k + self.margin, leaf.rows)
+        keep = min(max(k + self.margin, self._keep_hint.get(leaf.path, 0)), leaf.rows)
+        first = True
         while len(todo):
             q = queries[todo]
             if self._resident_scan:
@@ -616,6 +621,11 @@ class ScanEngine:
             out_v[todo[done]], out_i[todo[done]] = v[done], i[done]
             todo = todo[~done]
             self.widened += len(todo)
+            if first and len(todo) > nq // 10:
+                # > 10% rescanned: later searches of this leaf start wider (the hint only grows:
+                # halving it back would trade a rescan every few searches for a smaller re-rank)
+                self._keep_hint[leaf.path] = min(keep * 4, MAX_KEEP_HINT)
+            first = False
             keep = min(keep * 4, leaf.rows)
         return out_v, out_i
 

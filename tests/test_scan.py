@@ -240,3 +240,18 @@ def test_measure_scan_runs_in_the_scan_dtype(monkeypatch, dtype):
     monkeypatch.setenv("LLENS_SCAN_DTYPE", dtype)
     c = measure_scan(dim=64, rows=8192, repeats=1)
     assert c["read"] > 0 and c["mul"] > 0
+
+
+def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path):
+    rows, q = _near_ties()
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    qt = torch.from_numpy(q)
+    first = eng.search_leaf(leaf, qt, 10)
+    assert eng.widened > 0 and eng._keep_hint[leaf.path] > 10 + eng.margin
+    before = eng.widened
+    again = eng.search_leaf(leaf, qt, 10)
+    assert eng.widened - before < before  # fewer (here: no) second passes
+    assert torch.equal(first[0], again[0])
+    want_s, _ = _float32_top(v16, q, 10)
+    np.testing.assert_allclose(again[0].numpy(), want_s, atol=1e-6)
