@@ -57,6 +57,9 @@ SENTENCE_WIDTH = 90
                    "queries; exact: always exact; ann: HNSW wherever an index exists (approximate).")
 @click.option("--exact", is_flag=True, help="Same as --mode exact.")
 @click.option("--ef-search", type=click.IntRange(min=1, max=1000), help="HNSW ef_search where HNSW answers (default: what the index measured at build time).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the exact scan runs: auto (cuda when present), cpu or cuda[:N]; on a GPU each "
+                   "searched layer is kept in its memory (float16) for the process's later queries.")
 @click.option("--save", is_flag=True, help="Save the result as an analysis the team can list and reopen.")
 @click.option("--title", help="With --save: a title for the analysis.")
 @output_options
@@ -66,7 +69,7 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
           vectors_path: str | None, key: str | None, image: str | None, visual_layers: str | None,
           patches: str, sample: int | None, seed: int, prompt: str | None, resolution: str | None,
           layers: str | None, per_layer: bool, method: str, k: int, mode: Mode, exact: bool,
-          ef_search: int | None, save: bool, title: str | None, as_json: bool, as_csv: bool,
+          ef_search: int | None, device: str, save: bool, title: str | None, as_json: bool, as_csv: bool,
           database_url: str | None) -> None:
     """Nearest contextual neighbours of a text's tokens, raw vectors, or an image's patches.
 
@@ -91,6 +94,7 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
         llens query llava-1.5-7b --image dog.jpg --visual-layers 0,8,16 --patches center
         llens query SmolLM2 --vectors q.safetensors --key hidden --csv > hits.csv
         llens query SmolLM2 --vectors q.npy --mode exact --json | jq '.[0].search'
+        llens query SmolLM2 --vectors patches.npy --mode exact --device cuda
         llens query SmolLM2 --text "a brown dog" --token dog --query-layer 8 --method all
         llens query ./tiny-llava --image dog.jpg --visual-layers 2 --method logitlens,embeddinglens
         llens query llava-1.5-7b --image dog.jpg --save --title "dog, centre patches"
@@ -124,7 +128,11 @@ def query(model: str, text: str | None, token: str | None, query_layer: str | No
     else:
         from latentlens.query import Lens
 
-        with Lens.connect(database_url) as lens:
+        if device != "auto":  # (auto needs no torch: a SQL-only install scans in PostgreSQL)
+            from latentlens.scan import scan_device
+
+            scan_device(device)  # a bad --device fails before any work (exit 2)
+        with Lens.connect(database_url, scan_device=device) as lens:
             if image:
                 results = _query_image(lens, model, image, visual_layers, patches, sample, seed, prompt,
                                        resolution, search, k, mode, methods)

@@ -156,11 +156,12 @@ class Lens:
 
     def __init__(
         self, store: Store, *, cache_dir: Any = None, scan_dtype: str | None = None,
-        ood_threshold: float = DEFAULT_OOD_THRESHOLD, use_cache: bool = True,
+        ood_threshold: float = DEFAULT_OOD_THRESHOLD, use_cache: bool = True, scan_device: str | None = None,
     ):
         self.store = store
         self.searcher = Searcher(
-            store, scan_args={"cache_root": cache_dir, "dtype": scan_dtype, "use_cache": use_cache},
+            store, scan_args={"cache_root": cache_dir, "dtype": scan_dtype, "use_cache": use_cache,
+                              "device": scan_device},
             ood_threshold=ood_threshold,
         )
         self._models: dict[str, Any] = {}

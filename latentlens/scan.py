@@ -9,13 +9,18 @@ done right, as fast as the reference library's in-RAM matmul:
   (``Store.iter_layer``) into ``cache_dir()/scan/<instance>/<model_id>/<layer>/``
   as raw float16 rows + keys + inverse norms, and recopied when the leaf's
   ``(row_count, version)`` changes (``Store.leaf_version``);
-* the file is memory-mapped and scanned in blocks: each block is converted to
-  float32 (or bfloat16 where the CPU is faster at it), multiplied by the whole
-  query batch with torch, and folded into a running top-(k + margin); pages
-  of a finished block are dropped from the process (``MADV_DONTNEED``), so
+* the file is memory-mapped and scanned in blocks: each block is multiplied
+  by the whole query batch with torch, in float32 (converted per block) or,
+  where the CPU has BF16/AMX units, in bfloat16 read straight from a second
+  copy of the leaf rounded once to bfloat16 (``vectors.bf16``: no per-search
+  conversion), and folded into a running top-(k + margin); pages of a
+  finished block are dropped from the process (``MADV_DONTNEED``), so
   resident memory is one block plus the query batch, whatever the leaf size,
   while the OS page cache keeps the file hot for the next query;
-* the candidates are re-ranked by exact float32 cosine.
+* the candidates are re-ranked by exact float32 cosine, and the answer is
+  certified equal to the float32 one: where a row outside the candidates
+  could still beat the k-th (bounded by the rounding of bfloat16), that
+  query is scanned again with more candidates (ScanEngine.search_leaf).
 
 This module imports torch; the store does not.
 """
@@ -44,11 +49,17 @@ from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
 CACHE_FORMAT = 1
 ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
-DEFAULT_MARGIN = 16
+# candidates beyond k on the first try: enough that ~all queries' top-k are certified at once
+# (36.5k clustered rows, 576 random unit queries: 81% at k + 16, 100% at k + 32)
+DEFAULT_MARGIN = 32
+MAX_KEEP_HINT = 1024
 # bytes of float32 scores per block; bounds memory as Q grows
 SCORE_BUDGET = 96 << 20
 MAX_BLOCK_ROWS = 65536
 MIN_BLOCK_ROWS = 4096
+# bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
+# every parallel op waits for a descheduled worker thread)
+RERANK_BYTES = 16 << 20
 
 
 # --------------------------------------------------------------------------
@@ -69,6 +80,10 @@ class Leaf:
     def vectors_path(self) -> Path:
         return self.path / "vectors.f16"
 
+    @property
+    def bf16_path(self) -> Path:
+        return self.path / "vectors.bf16"
+
     def keys(self) -> np.ndarray:
         return np.load(self.path / "keys.npy", mmap_mode="r")
 
@@ -78,17 +93,57 @@ class Leaf:
     def _map(self) -> np.memmap:
         return np.memmap(self.vectors_path, dtype=np.float16, mode="r", shape=(self.rows, self.dim))
 
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, float16 [b, dim]) views of the mapped file; pages are released after use."""
+    def blocks(self, block_rows: int, bf16: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, [b, dim]) views of the mapped file; pages are released after use.
+
+        float16 rows, or with ``bf16`` the bfloat16 copy (see ensure_bf16) as
+        int16 bit patterns (numpy has no bfloat16; topk_blocks views them back).
+        """
         if self.rows == 0:
             return
-        arr = self._map()
+        arr = (np.memmap(self.bf16_path, dtype=np.int16, mode="r", shape=(self.rows, self.dim)) if bf16
+               else self._map())
         mm = getattr(arr, "_mmap", None)
         for start in range(0, self.rows, block_rows):
             stop = min(start + block_rows, self.rows)
             yield start, arr[start:stop]
             if mm is not None:
                 _release(mm, start * self.dim * 2, (stop - start) * self.dim * 2)
+
+    def ensure_bf16(self) -> float:
+        """Write the rows rounded to bfloat16 once (``vectors.bf16``), so a bf16 scan reads
+        the matmul's dtype straight from the page cache instead of converting every
+        float16 row on every search (measured: the conversion cost as much as the
+        matmul at 576 queries, and 8x it at 8). Returns rho = max |bf16(r) - r| / |r|
+        over the rows, which bounds the rounding in the re-rank's certificate.
+
+        Raises OSError where the cache folder is read-only.
+        """
+        info = self.path / "bf16.json"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rho = float(json.loads(info.read_text())["rho"])
+            if self.bf16_path.stat().st_size == self.rows * self.dim * 2:
+                return rho
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.path / f".bf16-{tag}"
+        rho = 0.0
+        try:
+            with open(tmp, "wb") as f:
+                for _start, block in self.blocks(MAX_BLOCK_ROWS):
+                    x = torch.from_numpy(np.array(block)).float()
+                    xb = x.to(torch.bfloat16)
+                    res = torch.linalg.vector_norm(x - xb.float(), dim=1)
+                    norm = torch.linalg.vector_norm(x, dim=1).clamp_min(1e-30)
+                    rho = max(rho, float((res / norm).max()))
+                    f.write(xb.view(torch.int16).numpy().tobytes())
+            os.replace(tmp, self.bf16_path)
+            tmp_info = self.path / f".bf16-{tag}.json"
+            tmp_info.write_text(json.dumps({"rho": rho * (1 + 1e-6)}))
+            os.replace(tmp_info, info)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return rho * (1 + 1e-6)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """float16 vectors of the given row numbers (for re-ranking)."""
@@ -213,21 +268,24 @@ def _calibration_path() -> Path:
 
 
 def calibration_key() -> str:
-    return f"{torch.__version__}/{torch.backends.cpu.get_cpu_capability()}/{torch.get_num_threads()}"
+    # v2: bfloat16 measured without the per-block conversion (the cache holds bf16 rows)
+    return f"v2/{torch.__version__}/{torch.backends.cpu.get_cpu_capability()}/{torch.get_num_threads()}"
 
 
 def measure_dtypes(dim: int = 1024, queries: int = 512, rows: int = 16384, repeats: int = 3) -> dict[str, float]:
-    """Seconds per block (fp16 -> dtype conversion + matmul) for float32 and bfloat16."""
+    """Seconds per block as the scan runs it: fp16 -> float32 conversion + matmul, and
+    the bfloat16 matmul of rows already in bfloat16 (read from vectors.bf16)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(queries, dim, generator=gen)
     block = torch.randn(rows, dim, generator=gen).half()
+    block_bf16 = block.to(torch.bfloat16)
     out: dict[str, float] = {}
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         qq = q.to(dt)
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            torch.matmul(qq, block.to(dt).T)
+            torch.matmul(qq, (block.to(dt) if dt == torch.float32 else block_bf16).T)
             best = min(best, time.perf_counter() - t)
         out[name] = best
     return out
@@ -258,6 +316,25 @@ def scan_dtype(requested: str | None = None) -> torch.dtype:
 
     choice = measured_once(_calibration_path(), measure)["choice"]
     return torch.bfloat16 if choice == "bfloat16" else torch.float32
+
+
+ENV_SCAN_DEVICE = "LLENS_SCAN_DEVICE"
+
+
+def scan_device(requested: str | None = None) -> torch.device:
+    """The scan's device: requested, else $LLENS_SCAN_DEVICE, else "auto" (CUDA when present)."""
+    name = (requested or os.environ.get(ENV_SCAN_DEVICE) or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown scan device '{name}' (use auto, cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"scan device '{name}': this torch build sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"scan device '{name}': only cpu and cuda are supported")
+    return dev
 
 
 def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
@@ -303,7 +380,10 @@ def topk_blocks(
     block_rows: int = MAX_BLOCK_ROWS,
     buffers: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-``keep`` of queries · rows over (start, float16 block) blocks.
+    """Running top-``keep`` of queries · rows over (start, block) blocks.
+
+    Blocks are float16, or int16 holding bfloat16 bits (read as they are when
+    ``dtype`` is bfloat16).
 
     Returns (scores [Q, keep'], row numbers [Q, keep']) best first, where
     keep' = min(keep, rows seen). The converted block and the score matrix
@@ -322,8 +402,13 @@ def topk_blocks(
         with warnings.catch_warnings():  # a read-only map: torch only reads it
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(np.asarray(block))
-        b = conv[:n]
-        b.copy_(src)
+        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
+            src = src.view(torch.bfloat16)
+        if src.dtype == dtype:
+            b = src  # already the matmul's dtype: no conversion, no copy
+        else:
+            b = conv[:n]
+            b.copy_(src)
         s = scores[: nq * n].view(nq, n)
         torch.mm(q, b.T, out=s)
         kk = min(keep, n)
@@ -363,10 +448,13 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
 
     The search policy's cost model (latentlens.search) fits scan time as
     rows * dim * (read + Q * mul); measured here with Q = 1 and Q = 512 (an
-    image's patches) over a block bigger than the CPU caches (~1.5 s once).
+    image's patches) over a block bigger than the CPU caches (~1.5 s once),
+    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16).
     """
     gen = torch.Generator().manual_seed(0)
-    block = torch.randn(rows, dim, generator=gen).half().numpy()
+    dtype = scan_dtype()
+    half = torch.randn(rows, dim, generator=gen).half()
+    block = (half.to(torch.bfloat16).view(torch.int16) if dtype == torch.bfloat16 else half).numpy()
     times = {}
     for nq in (1, 512):
         q = torch.nn.functional.normalize(torch.randn(nq, dim, generator=gen), dim=1)
@@ -374,7 +462,7 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
         br = block_rows_for(nq)
         for _ in range(repeats):
             t = time.perf_counter()
-            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 26, torch.float32, br)
+            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10 + DEFAULT_MARGIN, dtype, br)
             best = min(best, time.perf_counter() - t)
         times[nq] = best / (rows * dim)
     mul = max((times[512] - times[1]) / 511, 1e-13)
@@ -390,12 +478,52 @@ def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
     return v, torch.gather(rows, 1, sel)
 
 
+BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
+F32_U = 2.0 ** -24
+F16_U = 2.0 ** -11  # float16 (the GPU path: rows are float16 already, so exact there)
+F16_TINY = 2.0 ** -20  # absolute slack for float16 scores and queries near underflow
+
+
+def _outside_bound(
+    q: torch.Tensor, weakest: torch.Tensor, dtype: torch.dtype, rho: float, inv_range: tuple[float, float],
+) -> torch.Tensor:
+    """Per query: the highest float32 cosine a row outside the candidates can have.
+
+    Such a row's matmul score s is at most ``weakest`` (the last candidate's).
+    Its exact dot d = q . r differs from s by at most |r| * E + u_out * |s|:
+    E = (1 + u) |bf16(q) - q| + rho |q| (the rounding of query and row to
+    bfloat16) + gamma_D (1 + u)^2 |q| (float32 accumulation over D terms), and
+    u_out the rounding of the score itself to bfloat16 (counted twice, in case
+    the kernel rounds a partial sum). The same with float16's u on the GPU
+    path, where rho = 0 (the rows are float16 already). So its cosine d / |r| is at most
+    g(weakest) / |r| + E with g(x) = x + u_out' |x| (increasing in x). A
+    further 2 gamma_D covers the float32 re-rank's own rounding (ties within
+    it are ties).
+    """
+    dim = q.shape[1]
+    gamma = dim * F32_U / (1 - dim * F32_U)
+    qn = torch.linalg.vector_norm(q, dim=1)
+    if dtype == torch.float32:
+        err = gamma * qn
+        u_out = 0.0
+    else:
+        u = BF16_U if dtype == torch.bfloat16 else F16_U
+        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
+        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
+        u_out = 2 * u / (1 - 2 * u)
+    w = weakest.float()
+    g = w + u_out * w.abs()
+    lo, hi = inv_range
+    return torch.maximum(g * lo, g * hi) + err + 2 * gamma * qn
+
+
 class ScanEngine:
     """Exact k-NN over cached leaves (see module docstring)."""
 
     def __init__(
         self, store: Store, *, cache_root: Path | None = None, dtype: str | None = None,
         margin: int = DEFAULT_MARGIN, block_rows: int | None = None, use_cache: bool = True,
+        device: str | None = None,
     ):
         self.store = store
         self.cache = LeafCache(store, cache_root)
@@ -405,6 +533,14 @@ class ScanEngine:
         self.block_rows = block_rows
         self.use_cache = use_cache
         self._buffers: dict = {}
+        self.widened = 0  # (query, leaf) pairs whose candidates had to be widened, for tests and benches
+        self.device = scan_device(device)
+        # on an accelerator each leaf is copied to its memory once (float16) and scanned there
+        self._resident_scan = self.device.type != "cpu"
+        self._resident: dict[Path, torch.Tensor] = {}
+        # per leaf: the candidate count that certified most queries last time (dense leaves
+        # with in-distribution queries need more than k + margin: start there, not rescan)
+        self._keep_hint: dict[Path, int] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -433,26 +569,136 @@ class ScanEngine:
                 leaf = None  # cache dir not writable: scan the COPY stream instead
         if leaf is None:
             return self._search_stream(info, layer, queries, k)
-        dtype = self.dtype
-        inv = leaf.inv_norms()
-        block = min(block, _round_up(leaf.rows))
-        sims, rows = topk_blocks(leaf.blocks(block), queries, k + self.margin, dtype, block, self._buffers)
-        if dtype == torch.float32:
-            # float32 dots are exact; cosine = dot / |row| (stored fp16 rows are unit to ~1e-4)
-            sims, rows = _by_cosine(sims * torch.from_numpy(inv[rows.numpy()]), rows, k)
-        else:
-            sims, rows = self._rerank(leaf, inv, queries, rows, k)
+        sims, rows = self.search_leaf(leaf, queries, k, block_rows=block)
         return self._result(layer, leaf.keys(), sims, rows, k)
 
-    @staticmethod
-    def _rerank(
-        leaf: Leaf, inv: np.ndarray, queries: torch.Tensor, rows: torch.Tensor, k: int
+    def search_leaf(
+        self, leaf: Leaf, queries: torch.Tensor, k: int, *, block_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact float32 cosines of the candidates, best first."""
+        """Exact top-k (float32 cosines, row numbers) of unit ``queries`` in one cached leaf.
+
+        The scan keeps the top-(k + margin) by the matmul's (rounded) scores;
+        those are re-ranked by float32 cosine, and a query's answer is kept
+        only when it is certified: its k-th exact cosine is at least the most
+        any row outside the candidates could reach (the weakest candidate's
+        score plus the rounding bound, see _outside_bound). The others are
+        scanned again with 4x the candidates, until the candidates are the
+        whole leaf. So the answer is the float32 one, near-ties included,
+        whatever the matmul's dtype.
+        """
+        dtype = torch.float16 if self._resident_scan else self.dtype
+        nq = queries.shape[0]
+        block = min(block_rows or self.block_rows or block_rows_for(nq), _round_up(leaf.rows))
+        inv = leaf.inv_norms()
+        bf16_file, rho = False, 0.0
+        if self._resident_scan:
+            pass  # float16 rows as stored: rho = 0
+        elif dtype == torch.bfloat16:
+            try:
+                rho, bf16_file = leaf.ensure_bf16(), True
+            except OSError:  # read-only cache: convert each block (round to nearest)
+                rho = BF16_U
+        inv_t = torch.from_numpy(inv)
+        inv_range = (float(inv.min()), float(inv.max())) if leaf.rows else (1.0, 1.0)
+        kk = min(k, leaf.rows)
+        out_v = torch.full((nq, kk), -float("inf"))
+        out_i = torch.zeros((nq, kk), dtype=torch.int64)
+        todo = torch.arange(nq)
+        keep = min(max(k + self.margin, self._keep_hint.get(leaf.path, 0)), leaf.rows)
+        first = True
+        while len(todo):
+            q = queries[todo]
+            if self._resident_scan:
+                approx, cand = self._scan_resident(leaf, q, keep)
+            else:
+                approx, cand = topk_blocks(leaf.blocks(block, bf16=bf16_file), q, keep, dtype, block, self._buffers)
+            v, i = self._rerank(leaf, inv_t, q, cand, k)
+            if keep >= leaf.rows or kk == 0:
+                done = torch.ones(len(todo), dtype=torch.bool)
+            else:
+                bound = _outside_bound(q, approx[:, -1], dtype, rho, inv_range)
+                done = v[:, kk - 1] >= bound
+            out_v[todo[done]], out_i[todo[done]] = v[done], i[done]
+            todo = todo[~done]
+            self.widened += len(todo)
+            if first and len(todo) > nq // 10:
+                # > 10% rescanned: later searches of this leaf start wider (the hint only grows:
+                # halving it back would trade a rescan every few searches for a smaller re-rank)
+                self._keep_hint[leaf.path] = min(keep * 4, MAX_KEEP_HINT)
+            first = False
+            keep = min(keep * 4, leaf.rows)
+        return out_v, out_i
+
+    def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).
+
+        float16 products accumulate in float32 (reduced-precision reductions are
+        switched off for the call): the bound in _outside_bound holds.
+        """
+        mat = self._resident.get(leaf.path)
+        if mat is None:
+            mat = torch.empty((leaf.rows, leaf.dim), dtype=torch.float16, device=self.device)
+            for start, block in leaf.blocks(MAX_BLOCK_ROWS):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    mat[start:start + len(block)].copy_(torch.from_numpy(np.asarray(block)))
+            for old in [p for p in self._resident if p.parent == leaf.path.parent]:
+                del self._resident[old]  # an older version of this leaf
+            self._resident[leaf.path] = mat
+        q = queries.to(self.device, torch.float16)
+        nq = q.shape[0]
+        step = max(MIN_BLOCK_ROWS, (1 << 30) // max(2 * nq, 1))  # <= 1 GiB of scores at a time
+        best_v = best_i = None
+        flag = getattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", None)
+        if flag is not None:
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        try:
+            for start in range(0, leaf.rows, step):
+                s = q @ mat[start:start + step].T
+                v, i = torch.topk(s, min(keep, s.shape[1]), dim=1)
+                i = i + start
+                if best_v is not None and best_i is not None:
+                    v, i = torch.cat([best_v, v], dim=1), torch.cat([best_i, i], dim=1)
+                    v, sel = torch.topk(v, min(keep, v.shape[1]), dim=1)
+                    i = torch.gather(i, 1, sel)
+                best_v, best_i = v, i
+        finally:
+            if flag is not None:
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flag
+        assert best_v is not None and best_i is not None
+        return best_v.float().cpu(), best_i.cpu()
+
+    def _rerank(
+        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float32 cosines of the candidates, best first.
+
+        Each distinct row is read once (float16), and the [Q, keep, D] float32
+        candidates are built a few MiB of queries at a time in reused buffers:
+        built whole (56 MiB at 576 x 42 x 576) and freshly allocated per layer,
+        the re-rank cost 4x the bf16 scan's matmul (profiled under load: page faults, memory traffic).
+        """
+        nq, keep = rows.shape
+        dim = queries.shape[1]
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-        vecs = torch.from_numpy(leaf.gather(uniq)).float() * torch.from_numpy(inv[uniq])[:, None]
-        cand = vecs[torch.from_numpy(inverse.reshape(rows.shape))]  # [Q, keep, D]
-        return _by_cosine(torch.einsum("qd,qkd->qk", queries, cand), rows, k)
+        vecs = torch.from_numpy(leaf.gather(uniq))  # [U, D] float16
+        inverse_t = torch.from_numpy(inverse.reshape(rows.shape).astype(np.int64))
+        scale = inv[torch.from_numpy(uniq)][inverse_t]  # [Q, keep] 1/|row|
+        step = max(1, RERANK_BYTES // max(keep * dim * 4, 1))
+        n = min(step, nq) * keep
+        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
+        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
+            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
+            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        sims = torch.empty((nq, keep), dtype=torch.float32)
+        for lo in range(0, nq, step):
+            hi = min(lo + step, nq)
+            m = (hi - lo) * keep
+            torch.index_select(vecs, 0, inverse_t[lo:hi].reshape(-1), out=b16[:m])
+            c = b32[:m]
+            c.copy_(b16[:m])
+            torch.bmm(c.view(hi - lo, keep, dim), queries[lo:hi].unsqueeze(2), out=sims[lo:hi].unsqueeze(2))
+        return _by_cosine(sims * scale, rows, k)
 
     def _search_stream(self, info: ModelInfo, layer: int, queries: torch.Tensor, k: int) -> KnnResult:
         keys: list[np.ndarray] = []
@@ -496,5 +742,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_once",
-    "normalize_queries", "scan_dtype", "topk_blocks",
+    "normalize_queries", "scan_device", "scan_dtype", "topk_blocks",
 ]

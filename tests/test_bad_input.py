@@ -366,3 +366,11 @@ def test_reference_index_that_needs_unpickling(db_url, store_counts, tmp_path):
     before = store_counts()
     one_line_error(run("import-index", d, "--model", "ref-evil"), str(f), "arbitrary unpickling")
     _nothing_imported(db_url, "ref-evil", before, store_counts)
+
+
+def test_query_bad_scan_device(stored, tmp_path):
+    np.save(tmp_path / "q.npy", np.ones((2, 32), np.float32))
+    one_line_error(run("query", stored, "--vectors", tmp_path / "q.npy", "--device", "gpu0"), "gpu0",
+                   "unknown scan device")
+    r = run("query", stored, "--vectors", tmp_path / "q.npy", "--device", "cpu", "--mode", "exact", "--json")
+    assert r.exit_code == 0, r.output

@@ -115,3 +115,143 @@ def test_normalize_queries_errors():
     with pytest.raises(InputError, match="NaN"):
         normalize_queries(np.full(32, np.nan), 32)
     assert normalize_queries(torch.ones(32, dtype=torch.float64) * 1e4, 32).shape == (1, 32)
+
+
+# --------------------------------------------------------------------------
+# parity with float32 on near-ties (the bf16 scan's certificate)
+
+
+def _write_leaf(path, rows: np.ndarray):
+    """A cached leaf folder as LeafCache._fill writes it, without a database."""
+    import json
+
+    from latentlens.scan import CACHE_FORMAT, Leaf
+    from latentlens.store.types import KEY_DTYPE
+
+    path.mkdir(parents=True)
+    v = rows.astype(np.float16)
+    v.tofile(path / "vectors.f16")
+    keys = np.zeros(len(v), KEY_DTYPE)
+    keys["sentence_id"] = np.arange(len(v))
+    np.save(path / "keys.npy", keys)
+    np.save(path / "inv_norm.npy", (1 / np.linalg.norm(v.astype(np.float32), axis=1)).astype(np.float32))
+    (path / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "rows": len(v), "dim": v.shape[1],
+                                                "row_count": len(v), "version": 1}))
+    return Leaf(path, len(v), v.shape[1], len(v), 1), v
+
+
+def _near_ties(n_far=20000, n_tied=3000, dim=64, nq=6, seed=0):
+    """Rows whose cosines with each query crowd within ~2e-3 of each other at the top (far below
+    bf16's rounding of the scores, ~4e-3 at 0.9), above a mass of unrelated rows."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(nq, dim))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    far = rng.normal(size=(n_far, dim))
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    tied = []
+    for qi in range(nq):
+        noise = rng.normal(size=(n_tied // nq, dim))
+        noise -= (noise @ q[qi])[:, None] * q[qi]
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        c = 0.9 + rng.uniform(0, 2e-3, size=(len(noise), 1))
+        tied.append(c * q[qi] + np.sqrt(1 - c**2) * noise)
+    rows = np.concatenate([far, *tied])
+    return rows[rng.permutation(len(rows))].astype(np.float32), q.astype(np.float32)
+
+
+def _float32_top(v16: np.ndarray, q: np.ndarray, k: int):
+    v = v16.astype(np.float32)
+    sims = (q @ v.T) / np.linalg.norm(v, axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_scan_equals_float32_on_near_ties(tmp_path, dtype, read_only, monkeypatch):
+    rows, q = _near_ties()
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    if read_only:  # no vectors.bf16 can be written: blocks are converted as they are read
+        def refuse(self):
+            raise OSError("read-only")
+        monkeypatch.setattr(type(leaf), "ensure_bf16", refuse)
+    k = 10
+    eng = ScanEngine(None, dtype=dtype, block_rows=4096)
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), k)
+    want_s, want = _float32_top(v16, q, k + 1)
+    for qi in range(len(q)):
+        # the same rows in the same order, except where float32 itself ties (within 1e-6)
+        for j in range(k):
+            if got[qi, j] != want[qi, j]:
+                assert abs(float(sims[qi, j]) - want_s[qi, j]) < 1e-6, (qi, j)
+        np.testing.assert_allclose(sims[qi].numpy(), want_s[qi, :k], atol=1e-6)
+    if dtype == "bfloat16":
+        # the ties were real: bf16's own top-(k + margin) misses float32 answers, so the
+        # certificate had to widen (this is what the plain margin of 16 got wrong)
+        assert eng.widened > 0
+        qb = torch.from_numpy(q).bfloat16()
+        approx = (qb @ torch.from_numpy(v16).bfloat16().T).float()
+        plain = torch.topk(approx, k + eng.margin, dim=1).indices.numpy()
+        assert any(not set(want[qi, :k]) <= set(plain[qi]) for qi in range(len(q)))
+
+
+def test_bf16_copy_is_the_rounded_rows(tmp_path):
+    rows, _ = _near_ties(n_far=5000, n_tied=60)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows * 3.0)
+    rho = leaf.ensure_bf16()
+    b = torch.from_numpy(np.fromfile(leaf.bf16_path, dtype=np.int16).reshape(v16.shape)).view(torch.bfloat16)
+    assert torch.equal(b, torch.from_numpy(v16).to(torch.bfloat16))
+    assert 0 < rho <= 2.0 ** -8
+    assert leaf.ensure_bf16() == rho  # kept: not rewritten
+
+
+def test_resident_float16_path_equals_float32_on_near_ties(tmp_path):
+    """The GPU path (leaf kept on the device as float16, float16 matmul) run on the CPU."""
+    rows, q = _near_ties(n_far=6000, n_tied=1200)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, device="cpu")
+    eng._resident_scan = True
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    want_s, want = _float32_top(v16, q, 10)
+    np.testing.assert_allclose(sims.numpy(), want_s, atol=1e-6)
+    for qi in range(len(q)):
+        for j in range(10):
+            if got[qi, j] != want[qi, j]:
+                assert abs(float(sims[qi, j]) - want_s[qi, j]) < 1e-6
+    assert list(eng._resident) == [leaf.path]
+
+
+def test_scan_device_choice(monkeypatch):
+    from latentlens.scan import scan_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert scan_device("auto").type == "cpu"
+    assert scan_device(None).type == "cpu"
+    with pytest.raises(InputError, match="no CUDA device"):
+        scan_device("cuda")
+    with pytest.raises(InputError, match="unknown scan device"):
+        scan_device("gpu0")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_measure_scan_runs_in_the_scan_dtype(monkeypatch, dtype):
+    from latentlens.scan import measure_scan
+
+    monkeypatch.setenv("LLENS_SCAN_DTYPE", dtype)
+    c = measure_scan(dim=64, rows=8192, repeats=1)
+    assert c["read"] > 0 and c["mul"] > 0
+
+
+def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path):
+    rows, q = _near_ties()
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    qt = torch.from_numpy(q)
+    first = eng.search_leaf(leaf, qt, 10)
+    assert eng.widened > 0 and eng._keep_hint[leaf.path] > 10 + eng.margin
+    before = eng.widened
+    again = eng.search_leaf(leaf, qt, 10)
+    assert eng.widened - before < before  # fewer (here: no) second passes
+    assert torch.equal(first[0], again[0])
+    want_s, _ = _float32_top(v16, q, 10)
+    np.testing.assert_allclose(again[0].numpy(), want_s, atol=1e-6)
