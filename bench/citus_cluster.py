@@ -357,13 +357,15 @@ class Target:
     def json(self, *args: str, **kw: Any) -> Any:
         return json.loads(self.llens(*args, "--json", **kw).stdout)
 
-    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+    def sql(self, query: str, params: tuple = (), *, settings: dict[str, str] | None = None) -> list[tuple]:
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as conn:
             from pgvector.psycopg import register_vector
 
             register_vector(conn)
+            for name, value in (settings or {}).items():  # session settings (llens_knn reads hnsw.ef_search)
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             cur = conn.execute(query, params or None)  # no params: a '%' is a '%'
             return cur.fetchall() if cur.description else []
 
@@ -563,10 +565,14 @@ class Bench:
         probe = ("(SELECT e.embedding FROM token_embedding e JOIN sentence s ON s.id = e.sentence_id "
                  "WHERE e.model_id = (SELECT llens_model_id('smol')) AND e.layer = 8 ORDER BY s.text, e.position "
                  "LIMIT 1 OFFSET 17)")
+        # HNSW answers one graph per leaf on one server and one per shard on the cluster: at the
+        # default ef_search they may each miss a different neighbour, so the HNSW comparison runs at
+        # ef_search 1000 (exact on these leaves), as `llens query --mode ann --ef-search 1000` does
         for exact in (True, False):
-            self.compare(f"sql_llens_neighbors_{'exact' if exact else 'hnsw'}", lambda t, exact=exact: [
-                {"rank": r[0], "similarity": r[1], "token": r[2], "layer": r[4], "sentence": r[6], "position": r[7]}
-                for r in t.sql(f"SELECT * FROM llens_neighbors('smol', 8, {probe}, 10, %s)", (exact,))])
+            self.compare(f"sql_llens_neighbors_{'exact' if exact else 'hnsw_ef1000'}", lambda t, exact=exact: {
+                "neighbours": [{"similarity": r[1], "token": r[2], "layer": r[4], "sentence": r[6], "position": r[7]}
+                               for r in t.sql(f"SELECT * FROM llens_neighbors('smol', 8, {probe}, 10, %s)", (exact,),
+                                              settings=None if exact else {"hnsw.ef_search": "1000"})]})
         self.compare("sql_llens_knn", lambda t: [{"neighbours": [
             {"sentence": r[0], "position": r[1], "similarity": 1 - r[2], "layer": 16} for r in t.sql(
                 f"SELECT s.text, n.position, n.distance FROM llens_knn((SELECT llens_model_id('smol')), 16, "

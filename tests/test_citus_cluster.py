@@ -250,6 +250,35 @@ def test_a_reader_queries_the_cluster(cluster, written):
             conn.execute("INSERT INTO model (name, hidden_size, num_layers) VALUES ('x', 8, 1)")
 
 
+@pytest.mark.citus
+def test_a_writer_appends_on_the_cluster(cluster):
+    """Writers have INSERT, not UPDATE, on the reference tables (migration 0006); Citus locks a
+    reference table's shards for INSERT ... ON CONFLICT only for roles that may UPDATE it, so a
+    writer's registration and sentences must not use it there (they failed: permission denied)."""
+    url = cluster.coordinator.url
+    r = CliRunner(env={"LLENS_TEST_PW": "pw"}).invoke(
+        cli, ["db", "grant-writer", "citus_writer", "--password-env", "LLENS_TEST_PW", "--database-url", url])
+    assert r.exit_code == 0, r.output
+    writer = f"postgresql://citus_writer:pw@{url.split('@', 1)[1]}"
+    with Store.open(writer, upgrade=False) as store:
+        info, sids = _synthetic_model(store, "wsyn", sentences=40)
+        assert store.register_model("wsyn", hidden_size=64, num_layers=3).id == info.id  # registered once
+        corpus = store.register_corpus("wsyn-corpus", content_hash="wsyn")
+        again = store.add_sentences(corpus, [f"wsyn sentence {i}" for i in range(45)])
+        assert list(again[:40]) == list(sids) and len(set(again)) == 45  # stored once, 5 new
+        rng = np.random.default_rng(0)
+        m = 40
+        store.write_embeddings(info, EmbeddingBatch(
+            sentence_id=np.asarray(sids), position=np.ones(m, np.int32),
+            token_id=rng.integers(0, 300, m).astype(np.int32), char_start=np.full(m, -1, np.int32),
+            char_end=np.full(m, -1, np.int32), prefix_hash=np.arange(m, dtype=np.int64),
+            vectors={layer: rng.standard_normal((m, 64)).astype(np.float32) for layer in (1, 2, 3)}),
+            max_contexts_per_token=1000000)
+        assert store.get_model("wsyn").layer(1).row_count == m
+    with psycopg.connect(writer) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("UPDATE sentence SET text = '' WHERE corpus_id = %s", (corpus.id,))
+
+
 def test_distribute_is_refused_without_citus(db_url):
     r = CliRunner().invoke(cli, ["db", "distribute"])
     assert r.exit_code == 2

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
 from psycopg.types.json import Jsonb
 
 from latentlens.db import one_row
@@ -52,16 +53,16 @@ class CatalogMixin(StoreBase):
         citus = self.citus()
         with self.transaction() as conn:
             self._citus_turn(conn, citus, "llens_register")
-            conn.execute(
-                """
-                INSERT INTO model (name, revision, architecture, hidden_size, num_layers,
-                                   dtype, tokenizer_class, bos_token_id, params)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (name) DO NOTHING
-                """,
-                (name, revision, architecture, hidden_size, num_layers, dtype,
-                 tokenizer_class, bos_token_id, Jsonb(dict(params or {}))),
-            )
+            if not (citus and _exists(conn, "SELECT 1 FROM model WHERE name = %s", (name,))):
+                conn.execute(
+                    """
+                    INSERT INTO model (name, revision, architecture, hidden_size, num_layers,
+                                       dtype, tokenizer_class, bos_token_id, params)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+                    """ + _on_conflict_nothing(citus, "(name)"),
+                    (name, revision, architecture, hidden_size, num_layers, dtype,
+                     tokenizer_class, bos_token_id, Jsonb(dict(params or {}))),
+                )
         info = self.get_model(name)
         if info.hidden_size != hidden_size or info.num_layers != num_layers:
             raise ModelMismatch(
@@ -149,11 +150,12 @@ class CatalogMixin(StoreBase):
         citus = self.citus()
         with self.transaction() as conn:
             self._citus_turn(conn, citus, "llens_register")
-            conn.execute(
-                "INSERT INTO corpus (name, source, content_hash, params) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (name) DO NOTHING",
-                (name, source, content_hash, Jsonb(dict(params or {}))),
-            )
+            if not (citus and _exists(conn, "SELECT 1 FROM corpus WHERE name = %s", (name,))):
+                conn.execute(
+                    "INSERT INTO corpus (name, source, content_hash, params) VALUES (%s, %s, %s, %s) "
+                    + _on_conflict_nothing(citus, "(name)"),
+                    (name, source, content_hash, Jsonb(dict(params or {}))),
+                )
         info = self.get_corpus(name)
         if info.content_hash != content_hash:
             raise InputError(
@@ -227,17 +229,35 @@ class CatalogMixin(StoreBase):
             with conn.cursor().copy("COPY _llens_new_sentence (ordinal, text, text_hash) FROM STDIN") as copy:
                 for o, t, h in zip(ordinals, texts, hashes):
                     copy.write_row((o, t, h))
-            added = conn.execute(
-                """
-                INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
-                SELECT %(c)s, ordinal, text, text_hash FROM (
-                    SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
-                      FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
-                 ORDER BY ordinal  -- ids follow corpus order
-                ON CONFLICT (corpus_id, text_hash) DO NOTHING
-                """,
-                {"c": info.id},
-            )
+            if citus:
+                # Citus takes an ExclusiveLock on a reference table's shards for INSERT ... ON
+                # CONFLICT, which it grants only to roles that may UPDATE the table (a writer may
+                # not, migration 0006): under the turn taken above, insert only what is missing
+                added = conn.execute(
+                    """
+                    INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
+                    SELECT %(c)s, ordinal, text, text_hash FROM (
+                        SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
+                          FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
+                     WHERE first.text_hash <> ALL(%(have)s::bytea[])
+                     ORDER BY ordinal
+                    """,
+                    {"c": info.id, "have": [bytes(r[0]) for r in conn.execute(
+                        "SELECT text_hash FROM sentence WHERE corpus_id = %s AND text_hash = ANY(%s::bytea[])",
+                        (info.id, hashes)).fetchall()]},
+                )
+            else:
+                added = conn.execute(
+                    """
+                    INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
+                    SELECT %(c)s, ordinal, text, text_hash FROM (
+                        SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
+                          FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
+                     ORDER BY ordinal  -- ids follow corpus order
+                    ON CONFLICT (corpus_id, text_hash) DO NOTHING
+                    """,
+                    {"c": info.id},
+                )
             rows = conn.execute(
                 """
                 SELECT n.text_hash, s.id FROM (SELECT DISTINCT text_hash FROM _llens_new_sentence) n
@@ -247,7 +267,15 @@ class CatalogMixin(StoreBase):
             ).fetchall()
             # counted by what this chunk added (recounting the corpus per chunk is quadratic),
             # through an owner-run function: a writer cannot UPDATE corpus, only add to its count
-            conn.execute("SELECT llens_add_sentences(%s, %s)", (info.id, added.rowcount))
+            if not citus:
+                conn.execute("SELECT llens_add_sentences(%s, %s)", (info.id, added.rowcount))
+        if citus and added.rowcount:
+            # On Citus the owner-run UPDATE of corpus goes out on the owner's connections, and
+            # in the transaction that inserted sentences (which lock corpus' shards through
+            # their foreign key on the writer's connections) Citus sees a distributed deadlock:
+            # the count follows in its own transaction (a crash in between leaves it short)
+            with self.transaction() as conn:
+                conn.execute("SELECT llens_add_sentences(%s, %s)", (info.id, added.rowcount))
         by_hash = {bytes(h): i for h, i in rows}
         return np.array([by_hash[h] for h in hashes], dtype=np.int64)
 
@@ -255,3 +283,14 @@ class CatalogMixin(StoreBase):
         rows = self._fetch("SELECT id, text FROM sentence WHERE id = ANY(%s)", (list(map(int, ids)),))
         return dict(rows)
 
+
+def _exists(conn: psycopg.Connection, query: str, params: tuple) -> bool:
+    return conn.execute(query, params).fetchone() is not None
+
+
+def _on_conflict_nothing(citus: bool, target: str) -> str:
+    """``ON CONFLICT target DO NOTHING`` on one server. On Citus nothing: it takes an
+    ExclusiveLock on a reference table's shards for ON CONFLICT, granted only to roles
+    that may UPDATE it (writers may not, migration 0006); there the caller has checked,
+    under a turn (_citus_turn), that the row is missing."""
+    return "" if citus else f"ON CONFLICT {target} DO NOTHING"
