@@ -229,35 +229,22 @@ class CatalogMixin(StoreBase):
             with conn.cursor().copy("COPY _llens_new_sentence (ordinal, text, text_hash) FROM STDIN") as copy:
                 for o, t, h in zip(ordinals, texts, hashes):
                     copy.write_row((o, t, h))
-            if citus:
-                # Citus takes an ExclusiveLock on a reference table's shards for INSERT ... ON
-                # CONFLICT, which it grants only to roles that may UPDATE the table (a writer may
-                # not, migration 0006): under the turn taken above, insert only what is missing
-                added = conn.execute(
-                    """
-                    INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
-                    SELECT %(c)s, ordinal, text, text_hash FROM (
-                        SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
-                          FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
-                     WHERE first.text_hash <> ALL(%(have)s::bytea[])
-                     ORDER BY ordinal
-                    """,
-                    {"c": info.id, "have": [bytes(r[0]) for r in conn.execute(
-                        "SELECT text_hash FROM sentence WHERE corpus_id = %s AND text_hash = ANY(%s::bytea[])",
-                        (info.id, hashes)).fetchall()]},
-                )
-            else:
-                added = conn.execute(
-                    """
-                    INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
-                    SELECT %(c)s, ordinal, text, text_hash FROM (
-                        SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
-                          FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
-                     ORDER BY ordinal  -- ids follow corpus order
-                    ON CONFLICT (corpus_id, text_hash) DO NOTHING
-                    """,
-                    {"c": info.id},
-                )
+            # on Citus no ON CONFLICT (see _on_conflict_nothing): under the turn taken above,
+            # what is stored already is left out instead
+            have = [bytes(r[0]) for r in conn.execute(
+                "SELECT text_hash FROM sentence WHERE corpus_id = %s AND text_hash = ANY(%s::bytea[])",
+                (info.id, hashes)).fetchall()] if citus else []
+            added = conn.execute(
+                """
+                INSERT INTO sentence (corpus_id, ordinal, text, text_hash)
+                SELECT %(c)s, ordinal, text, text_hash FROM (
+                    SELECT DISTINCT ON (text_hash) ordinal, text, text_hash
+                      FROM _llens_new_sentence ORDER BY text_hash, ordinal) first
+                 WHERE first.text_hash <> ALL(%(have)s::bytea[])
+                 ORDER BY ordinal  -- ids follow corpus order
+                """ + _on_conflict_nothing(citus, "(corpus_id, text_hash)"),
+                {"c": info.id, "have": have},
+            )
             rows = conn.execute(
                 """
                 SELECT n.text_hash, s.id FROM (SELECT DISTINCT text_hash FROM _llens_new_sentence) n
