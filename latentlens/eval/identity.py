@@ -53,8 +53,7 @@ def vlm_source(info: Any, model: str, vlm: Any = None) -> tuple[str, str | None]
         return str(vlm.name), vlm.revision
     if info is None:
         return model, None
-    params = info.params or {}
-    return str(params.get("source") or info.name), params.get("revision") or info.revision
+    return info.checkpoint()
 
 
 def model_identity(source: str, revision: str | None = None) -> dict[str, Any]:

@@ -114,6 +114,12 @@ class ModelInfo:
         if imported and not self.loadable:
             raise InputError(f"model '{self.name}': {IMPORTED_WITHOUT_SOURCE}")
 
+    def checkpoint(self) -> tuple[str, str | None]:
+        """(source, revision) to load this model from: what ``llens ingest`` (or an import
+        with --source) recorded, else its name (a local dir is stored under its name)."""
+        params = self.params or {}
+        return str(params.get("source") or self.name), params.get("revision") or self.revision
+
     def layer(self, layer: int) -> LayerInfo:
         for li in self.layers:
             if li.layer == layer:

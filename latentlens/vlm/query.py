@@ -395,6 +395,5 @@ def load_vlm_for(info: Any, model: str, *, dtype: str, device: str | None) -> Vi
     if info is None:
         return load_vlm(model, dtype=dtype, device=device)
     info.require_source()
-    params = info.params or {}
-    source = params.get("source") or info.name
-    return load_vlm(source, dtype=dtype, device=device, revision=params.get("revision") or info.revision)
+    source, revision = info.checkpoint()
+    return load_vlm(source, dtype=dtype, device=device, revision=revision)
