@@ -9,6 +9,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
+from serve_app import make_app
 from vlm_tiny import CORPUS, build_llava, sample_image
 
 pytest.importorskip("fastapi")
@@ -47,7 +48,7 @@ def built(db_url, tmp_path_factory, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def client(db_url, built):
-    with TestClient(create_app(db_url, auth=False, token=None, allow_hosts=["testserver"])) as c:
+    with TestClient(make_app(db_url)) as c:
         yield c
 
 

@@ -131,10 +131,9 @@ def test_models_runs_provenance_and_web_app_show_the_import(setup, tmp_path):
     # the web app's models page: corpora and runs as for the ingested model
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
+    from serve_app import make_app
 
-    from latentlens.serve import create_app
-
-    with TestClient(create_app(url, auth=False, token=None, allow_hosts=["testserver"])) as c:
+    with TestClient(make_app(url)) as c:
         page = c.get("/models").text
     web = {m: page.split(f"<h2>{m}</h2>")[1].split("</section>")[0] for m in ("native", "imp")}
     assert "corpora: a-hub" in web["imp"] and "no runs" not in web["imp"]

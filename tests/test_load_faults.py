@@ -270,9 +270,9 @@ class Client(threading.Thread):
 
 def test_two_ingests_and_four_query_clients_at_once(setup, db_url, reference, tmp_path):
     from fastapi.testclient import TestClient
+    from serve_app import make_app
 
     from latentlens.query import Lens
-    from latentlens.serve import create_app
 
     rng = np.random.default_rng(SEED)
     q = rng.normal(size=(8, 64)).astype(np.float32)
@@ -316,7 +316,7 @@ def test_two_ingests_and_four_query_clients_at_once(setup, db_url, reference, tm
         c.answered += 1
 
     # (c) the web app (llens serve's app, in-process): models and a text query that runs the model
-    web = TestClient(create_app(db_url, auth=False, token=None, allow_hosts=["testserver"]))
+    web = TestClient(make_app(db_url))
     web.__enter__()
 
     def web_step(c: Client) -> None:
@@ -555,9 +555,9 @@ def _lock_waiters(url: str) -> int:
 
 def test_server_restarted_mid_query_and_mid_ingest(setup, db_url, reference, spare, tmp_path, one_torch_thread):
     from fastapi.testclient import TestClient
+    from serve_app import make_app
 
     from latentlens.query import Lens
-    from latentlens.serve import create_app
 
     gaps: list[str] = []
     url = restart(spare)
@@ -565,7 +565,7 @@ def test_server_restarted_mid_query_and_mid_ingest(setup, db_url, reference, spa
     np.save(tmp_path / "q.npy", q)
     query = ["query", "restart_a", "--vectors", str(tmp_path / "q.npy")]
     ingest_args = _ingest_args(setup["llama"], setup["corpus"], "restart_a", "--no-index", "--batch-size", "2")
-    web = TestClient(create_app(url, auth=False, token=None, allow_hosts=["testserver"]))
+    web = TestClient(make_app(url))
     with web:
         assert web.get("/api/models").status_code == 200
 

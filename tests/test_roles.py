@@ -325,12 +325,11 @@ def test_wrong_password_is_refused_on_the_embedded_server(runner, db_url, team):
 
 def test_serve_sign_in_refuses_wrong_passwords(db_url, team, filled):
     from fastapi.testclient import TestClient
-
-    from latentlens.serve.app import create_app
+    from serve_app import make_app
 
     owner = urlsplit(db_url).username
     # sign-in on (a team server's mode); TestClient's Host header is "testserver"
-    with TestClient(create_app(db_url, auth=True, allow_hosts=["testserver"])) as c:
+    with TestClient(make_app(db_url, auth=True, token=True)) as c:
         assert c.get("/api/models", auth=(WRITER, PASSWORDS[WRITER])).status_code == 200
         for creds in ((WRITER, "WRONG"), (READER, PASSWORDS[WRITER]), (owner, "x")):
             r = c.get("/api/models", auth=creds)

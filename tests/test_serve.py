@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
+from serve_app import TEST_HOSTS, make_app
 from vlm_tiny import CORPUS, build_llava, sample_image
 
 pytest.importorskip("fastapi")
@@ -25,12 +26,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from latentlens.serve import create_app  # noqa: E402
 
 MODEL = "tiny-llava"
-TEST_HOSTS = ["testserver"]  # the test client's Host
-
-
-def make_app(db_url, **kw):
-    """The app without sign-in and without its token (tested on their own in test_serve_perimeter.py)."""
-    return create_app(db_url, **{"auth": False, "token": None, "allow_hosts": TEST_HOSTS, **kw})
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
