@@ -225,11 +225,12 @@ class SearchMixin(StoreBase):
         search): for a writer nothing is measured, and the stale figure keeps the default exact."""
         info = self.get_model(model)
         todo = list(layers) if layers is not None else info.layer_numbers
+        if not (self.ann_supported() and self.may_calibrate()):
+            return []
         done = []
         for layer in todo:
             li = info.layer(layer)
-            if (li.index_kind and li.index_recall in ("stale", "unmeasured") and self.ann_supported()
-                    and self.may_calibrate()):
+            if li.index_kind and li.index_recall in ("stale", "unmeasured"):
                 self.calibrate_index(info, layer)
                 done.append(layer)
         return done
