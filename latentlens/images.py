@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from latentlens.db import first_line
 from latentlens.errors import InputError
 
 
@@ -69,7 +70,7 @@ def load_image(image: ImageSource, *, max_pixels: int | None = -1, name: str | N
         try:
             img = Image.fromarray(image if image.ndim == 2 or image.shape[2] != 1 else image[..., 0])
         except (TypeError, ValueError) as e:
-            raise InputError(f"cannot make an image of a {image.dtype} array {image.shape}: {_first_line(e)}") from e
+            raise InputError(f"cannot make an image of a {image.dtype} array {image.shape}: {first_line(e)}") from e
     else:
         src: Any
         if isinstance(image, (bytes, bytearray, memoryview)):
@@ -108,10 +109,6 @@ def _open_checked(src: Any, label: str, limit: int | None) -> Image.Image:
         n = f"{int(m.group(1)) / 1e6:.1f} megapixels" if m else "too many pixels"
         raise InputError(f"{label} is {n}, over Pillow's decompression-bomb limit: downscale it first") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        raise InputError(f"cannot read {label}: truncated or corrupt ({_first_line(e)})") from None
+        raise InputError(f"cannot read {label}: truncated or corrupt ({first_line(e)})") from None
     return img
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from latentlens.db import first_line
 from latentlens.errors import InputError, UnsupportedModel
 from latentlens.images import ImageSource, load_image, max_image_pixels  # noqa: F401  (re-exported)
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
@@ -59,12 +60,12 @@ def load_vlm(
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a model config from '{source}': {_first_line(e)}") from e
+        raise InputError(f"cannot load a model config from '{source}': {first_line(e)}") from e
     adapter = adapter_for(config)
     try:
         return adapter.from_pretrained(source, dtype=dtype, device=device, revision=revision)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load {adapter.display_name} model '{source}': {_first_line(e)}") from e
+        raise InputError(f"cannot load {adapter.display_name} model '{source}': {first_line(e)}") from e
 
 
 def extract_visual_tokens(
@@ -84,7 +85,3 @@ def extract_visual_tokens(
     return vlm.visual_tokens(load_image(image), layers=layers, prompt=prompt or DEFAULT_PROMPT,
                              resolution=parse_resolution(resolution))
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
