@@ -69,7 +69,7 @@ import pytest
 
 LOCAL = frozenset({
     "llens_meta", "alembic_version", "ingest_run", "eval_run", "eval_item", "eval_verdict", "analysis",
-    "atlas_run",
+    "atlas_run", "llens_function_access",
 })
 # the atlas (revision 0010): its catalog as reference tables, its rows distributed
 ATLAS_REFERENCE = frozenset({"atlas", "atlas_layer", "atlas_image"})

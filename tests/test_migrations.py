@@ -125,3 +125,38 @@ def test_0007_import_runs_down_and_up(empty_db_url):
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT kind, count(*) FROM ingest_run GROUP BY 1").fetchall() == [("ingest", 1)]
     migrate.downgrade(empty_db_url, "base")
+
+
+def test_owner_run_functions_come_from_one_table(empty_db_url):
+    """0011: llens_function_access decides which functions run as their owner; every
+    SECURITY DEFINER llens function is listed there, writers may call exactly those and
+    cannot write the table; the downgrade leaves 0010's grants as they were."""
+    def state(conn) -> tuple[set[str], set[str]]:
+        rows = conn.execute(
+            "SELECT p.proname, p.prosecdef, has_function_privilege(llens_team_role('writer'), p.oid, 'EXECUTE') "
+            "FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE 'llens%'"
+        ).fetchall()
+        return {r[0] for r in rows if r[1]}, {r[0] for r in rows if r[2]}
+
+    migrate.downgrade(empty_db_url, "base")
+    migrate.upgrade(empty_db_url, "0010")
+    with psycopg.connect(empty_db_url) as conn:
+        before = state(conn)
+    migrate.upgrade(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        definer, writer_calls = state(conn)
+        listed = dict(conn.execute("SELECT proname::text, access FROM llens_function_access").fetchall())
+        assert definer == {n for n, a in listed.items() if a == "definer"}, "a SECURITY DEFINER function not in the table"
+        assert definer <= writer_calls
+        assert not writer_calls & {n for n, a in listed.items() if a == "owner_only"}
+        assert "llens_drop_model" in listed and "llens_atlas_add_rows" in definer
+        for what in ("INSERT", "UPDATE", "DELETE"):
+            assert not conn.execute("SELECT has_table_privilege(llens_team_role('writer'), "
+                                    "'llens_function_access', %s)", (what,)).fetchone()[0]
+        assert (definer, writer_calls) == before, "0011 changes where the list lives, not what it grants"
+    migrate.downgrade(empty_db_url, "0010")
+    with psycopg.connect(empty_db_url) as conn:
+        assert state(conn) == before
+        assert conn.execute("SELECT to_regclass('llens_function_access')").fetchone()[0] is None
+    migrate.upgrade(empty_db_url)
+    assert migrate.current_revision_url(empty_db_url) == migrate.head_revision()
