@@ -177,7 +177,7 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
 
 def _comparison(result, result_b, cmp_layers, cmp_methods, png_layer, png_method):
     """The two views: layers A,B and/or methods M1,M2 of one result, or the same view of two models."""
-    from latentlens.compare import Side, compare
+    from latentlens.compare import Side, compare, paired_layer
     from latentlens.report import result_methods
 
     layer = png_layer if png_layer is not None else result.layers[0].visual_layer
@@ -185,8 +185,8 @@ def _comparison(result, result_b, cmp_layers, cmp_methods, png_layer, png_method
     left_layer, right_layer = cmp_layers or (layer, layer)
     left_method, right_method = cmp_methods or (method, method)
     right = result_b if result_b is not None else result
-    if result_b is not None and cmp_layers is None and right_layer not in right.visual_layers:
-        right_layer = right.layers[0].visual_layer
+    if result_b is not None and cmp_layers is None:
+        right_layer = paired_layer(right_layer, right)
     return compare(Side(result, left_layer, left_method), Side(right, right_layer, right_method))
 
 
@@ -228,4 +228,6 @@ def _write(result, img, out_dir, png_layer, png_method, as_json, cmp=None) -> No
         if cmp is not None:
             click.echo(f"Wrote {paths['compare']} ({cmp.left.label} vs {cmp.right.label}: "
                        f"{cmp.mean_overlap:.2f} of {cmp.k} words shared per patch)")
+            if cmp.grid_note:
+                click.echo(cmp.grid_note)
 

@@ -75,6 +75,21 @@ class Comparison:
     pairs: list[PatchPair]
 
     @property
+    def grids(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(rows, cols) of visual tokens of view A's and view B's result."""
+        return ((int(self.left.result.grid[0]), int(self.left.result.grid[1])),
+                (int(self.right.result.grid[0]), int(self.right.result.grid[1])))
+
+    @property
+    def grid_note(self) -> str | None:
+        """What to say where the two views have different grids (two models), else None."""
+        (ar, ac), (br, bc) = self.grids
+        if (ar, ac) == (br, bc):
+            return None
+        return (f"A's grid is {ar}x{ac} visual tokens, B's {br}x{bc}: B's list for a patch is that of B's patch "
+                "under its centre.")
+
+    @property
     def mean_overlap(self) -> float:
         """Mean shared words per compared patch (0..k)."""
         done = [p.overlap for p in self.pairs if p.left and p.right]
@@ -82,7 +97,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"left": self.left.label, "right": self.right.label, "k": self.k,
-                "mean_overlap": round(self.mean_overlap, 4), "patches": [p.to_dict() for p in self.pairs]}
+                "grids": [list(g) for g in self.grids], "mean_overlap": round(self.mean_overlap, 4), "patches": [p.to_dict() for p in self.pairs]}
 
 
 def norm_word(word: str) -> str:
@@ -117,6 +132,12 @@ def _match(left: Sequence[PatchResult], right: Sequence[PatchResult], same_grid:
         out.append(min(right, key=lambda q: math.hypot((q.box[0] + q.box[2]) / 2 - cx, (q.box[1] + q.box[3]) / 2 - cy),
                        default=None))
     return out
+
+
+def paired_layer(layer: int, other: ImageQueryResult) -> int:
+    """Another model's visual layer for ``layer``: the same number where its result has it, else its
+    first (two models' layers differ in count; `llens report --compare` and the web app pair them so)."""
+    return layer if layer in other.visual_layers else other.layers[0].visual_layer
 
 
 def compare(left: Side, right: Side, k: int | None = None) -> Comparison:
@@ -159,6 +180,8 @@ def render_compare_html(comp: Comparison, img: Any, *, title: str | None = None)
     summary = (f"{len(comp.pairs)} patches of a {res.image_size[0]}x{res.image_size[1]} image; per patch the top "
                f"{comp.k} words of each view and the words they share (mean {comp.mean_overlap:.2f} of {comp.k} "
                f"over {compared} patches).")
+    if comp.grid_note:
+        summary += " " + comp.grid_note
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

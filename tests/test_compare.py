@@ -13,7 +13,14 @@ from latentlens.cli.main import cli
 from test_report import ALL, CHROMIUM, _dump_dom, make_result, requires_chromium
 from vlm_tiny import build_qwen, ingest_text, sample_image
 
-from latentlens.compare import Side, compare, shared_words, write_compare
+from latentlens.compare import (
+    Side,
+    compare,
+    paired_layer,
+    render_compare_html,
+    shared_words,
+    write_compare,
+)
 from latentlens.errors import InputError
 
 
@@ -60,9 +67,19 @@ def test_two_models_with_other_grids_match_by_patch_centre():
     by = {p.patch_idx: p.right_patch for p in cmp.pairs}
     # 40-px cells against 80-px cells: (row 1, col 1) lies in coarse (0, 0); (row 2, col 2) in coarse (1, 1)
     assert by[0] == 0 and by[7] == 0 and by[14] == 4 and by[23] == 5
+    # the two grids are said: in the page's summary and in --json
+    assert cmp.grid_note and "A's grid is 4x6 visual tokens, B's 2x3" in cmp.grid_note
+    assert cmp.to_dict()["grids"] == [[4, 6], [2, 3]]
+    assert "B&#x27;s 2x3" in render_compare_html(cmp, sample_image(fine.image_size))
+    assert compare(Side(fine, 8), Side(fine, 8)).grid_note is None
     other = make_result(size=(100, 100), grid=(2, 2), layers=(8,))
     with pytest.raises(InputError, match="different images"):
         compare(Side(fine, 8), Side(other, 8))
+
+
+def test_another_models_layer_is_paired_by_number_else_its_first():
+    b = make_result(layers=(0, 7, 14), seed=1)
+    assert [paired_layer(x, b) for x in (0, 7, 8, 16)] == [0, 7, 0, 0]
 
 
 @requires_chromium

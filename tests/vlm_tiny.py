@@ -76,7 +76,7 @@ def words(text: str) -> list[str]:
 
 
 def build_llava(out: Path, *, image_size: int = 32, patch_size: int = 8, seed: int = 0,
-                with_processor: bool = True) -> Path:
+                with_processor: bool = True, text_layers: int = 3) -> Path:
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -93,7 +93,7 @@ def build_llava(out: Path, *, image_size: int = 32, patch_size: int = 8, seed: i
             image_size=image_size, patch_size=patch_size,
         ),
         text_config=LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers, num_attention_heads=4,
             num_key_value_heads=4, vocab_size=len(tok), bos_token_id=1, eos_token_id=2,
             pad_token_id=3,
         ),

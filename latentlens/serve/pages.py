@@ -21,6 +21,7 @@ from latentlens.lenses import METHODS
 from latentlens.report import METHOD_NAMES
 from latentlens.serve import work
 from latentlens.serve.deps import Session, session
+from latentlens.serve.work import is_vlm
 
 router = APIRouter(include_in_schema=False)
 
@@ -54,14 +55,6 @@ def fragment(request: Request) -> bool:
     return bool(request.headers.get("x-fragment"))
 
 
-_VLM_MARKS = ("ForConditionalGeneration", "VL", "Vision", "Llava", "Molmo", "Idefics", "PaliGemma")
-
-
-def is_vlm(architecture: str | None) -> bool:
-    """Whether a stored model's architecture is a vision-language model's (its image side can run)."""
-    return bool(architecture) and any(m in (architecture or "") for m in _VLM_MARKS)
-
-
 def _models(s: Session, chosen: str | None = None) -> list[dict]:
     """The stored models for a form's menu; ``chosen`` (from the URL) must be one of them."""
     models = [{"name": m.name, "layers": m.layer_numbers, "rows": m.row_count, "vlm": is_vlm(m.architecture)}
@@ -69,6 +62,11 @@ def _models(s: Session, chosen: str | None = None) -> list[dict]:
     if chosen and chosen not in {m["name"] for m in models}:
         s.store.get_model(chosen)  # UnknownModel: one line naming it and the stored models
     return models
+
+
+def _other_vlms(s: Session, model: str) -> list[str]:
+    """The VLMs an image result of ``model`` can be compared with: the image form's, less ``model``."""
+    return [m["name"] for m in _models(s) if m["vlm"] and m["name"] != model]
 
 
 def _default_vlm(models: list[dict], chosen: str | None) -> str | None:
@@ -159,7 +157,8 @@ def image_run(
         visual_layers=visual_layers, layers=layers, k=k, patches=patches, methods=methods, prompt=prompt,
         resolution=resolution,
     )
-    ctx = {"result": result, "draft": draft, "image_name": image.filename}
+    ctx = {"result": result, "draft": draft, "image_name": image.filename,
+           "compare_models": _other_vlms(s, result.model)}
     if fragment(request):
         return page(request, "_image_result.html", s, **ctx)
     form = {"model": model, "visual_layers": visual_layers, "layers": layers, "k": k, "patches": patches,
@@ -205,6 +204,39 @@ def draft_compare(draft: str, a: str, b: str, s: Session = Depends(session)) -> 
     return compare_html(d.results, img, a, b, f"{d.model}: {d.image_name}, {a} vs {b}")
 
 
+def _layer(value: str, what: str) -> int | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{what}: expected a layer number, got {value!r}") from None
+
+
+def compare_models_html(s: Session, result: Any, img: Any, image_bytes: bytes, image_name: str | None,
+                        params: dict, model_b: str, a: str, layer_b: str) -> HTMLResponse:
+    from latentlens.compare import render_compare_html
+
+    cmp = work.compare_models(s.state, s.store, user=s.user, result=result, image_bytes=image_bytes,
+                              image_name=image_name, params=params or {}, model_b=model_b, view=_view(a, "a"),
+                              layer_b=_layer(layer_b, "B's layer"))
+    title = f"{image_name or 'image'}: {cmp.left.result.model} vs {cmp.right.result.model}"
+    return HTMLResponse(render_compare_html(cmp, img, title=title))
+
+
+@router.post("/drafts/{draft}/compare-model")
+def draft_compare_model(draft: str, model_b: str = Form(""), a: str = Form(""), layer_b: str = Form(""),
+                        s: Session = Depends(session)) -> Response:
+    """View A of a draft image result against the same image through another VLM (it runs that model:
+    a POST, so the perimeter's same-origin check applies)."""
+    d = s.state.get_draft(draft, s.user)
+    if d.kind != "image":
+        raise work.NotFound("that result has no image grid")
+    img = work.read_image(d.image_bytes or b"", len(d.image_bytes or b"") + 1, s.state.max_image_pixels)
+    return compare_models_html(s, d.results, img, d.image_bytes or b"", d.image_name, d.params, model_b, a, layer_b)
+
+
 # ---------------------------------------------------------------------------
 # saved analyses
 
@@ -233,7 +265,9 @@ def analysis_page(request: Request, analysis_id: int, s: Session = Depends(sessi
         from latentlens.vlm.query import ImageQueryResult
 
         result = ImageQueryResult.from_dict(a.result)  # its views, for the comparison form
-    return page(request, "analysis.html", s, a=a, grid=grid, result=result, me=s.store.current_user())
+    others = _other_vlms(s, result.model) if result is not None else []
+    return page(request, "analysis.html", s, a=a, grid=grid, result=result, compare_models=others,
+                me=s.store.current_user())
 
 
 @router.get("/analyses/{analysis_id}/report")
@@ -248,6 +282,15 @@ def analysis_report(analysis_id: int, s: Session = Depends(session)) -> Response
 def analysis_compare(analysis_id: int, a: str, b: str, s: Session = Depends(session)) -> Response:
     result, img, an = work.image_analysis(s.store, analysis_id)
     return compare_html(result, img, a, b, f"{an.title or f'Analysis {an.id}'}: {a} vs {b}")
+
+
+@router.post("/analyses/{analysis_id}/compare-model")
+def analysis_compare_model(analysis_id: int, model_b: str = Form(""), a: str = Form(""), layer_b: str = Form(""),
+                           s: Session = Depends(session)) -> Response:
+    """View A of a saved image analysis against its image through another VLM."""
+    result, img, an = work.image_analysis(s.store, analysis_id)
+    return compare_models_html(s, result, img, an.input_data or b"", (an.input or {}).get("image"), an.params or {},
+                               model_b, a, layer_b)
 
 
 @router.post("/analyses/{analysis_id}/delete")

@@ -192,6 +192,48 @@ def image_query(
     return result, img, draft
 
 
+_VLM_MARKS = ("ForConditionalGeneration", "VL", "Vision", "Llava", "Molmo", "Idefics", "PaliGemma")
+
+
+def is_vlm(architecture: str | None) -> bool:
+    """Whether a stored model's architecture is a vision-language model's (its image side can run)."""
+    return bool(architecture) and any(m in (architecture or "") for m in _VLM_MARKS)
+
+
+def compare_models(
+    state: ServeState, store: Any, *, user: str | None, result: Any, image_bytes: bytes, image_name: str | None,
+    params: dict, model_b: str, view: tuple[int, str], layer_b: int | None = None,
+) -> Any:
+    """An image result's view A against the same image through another stored VLM, as
+    `llens report --compare MODEL_B` does: MODEL_B runs through ``image_query`` (the image form's
+    path) with the result's prompt, resolution, k and visual layers (those MODEL_B has), and B's
+    layer is paired with A's by ``latentlens.compare.paired_layer`` unless ``layer_b`` is given."""
+    from latentlens.compare import Side, compare, paired_layer
+
+    name = (model_b or "").strip()
+    if not name:
+        raise InputError("pick a second model to compare with")
+    info = store.get_model(name)  # UnknownModel: one line naming the stored models
+    if info.name == result.model:
+        raise InputError(f"'{info.name}' is this result's own model: pick another model to compare with "
+                         "(two layers or methods of one model: the other Compare form)")
+    if not is_vlm(info.architecture):
+        raise InputError(f"'{info.name}' is a text-only model ({info.architecture or 'no architecture recorded'}): "
+                         "compare with a vision-language model")
+    left = Side(result, view[0], view[1]).check()
+    vls = sorted({v for v in result.visual_layers if v <= info.num_layers} | ({layer_b} if layer_b is not None else set()))
+    patches = str(params.get("patches") or "all").strip()
+    # another grid puts explicit cells elsewhere: B is read everywhere and matched by patch centre
+    patches = patches if patches in ("all", "center") and not params.get("sample") else "all"
+    result_b, _img, _draft = image_query(
+        state, store, user=user, model=info.name, image_bytes=image_bytes, image_name=image_name,
+        visual_layers=vls or None, k=result.k, patches=patches, methods=[left.method], prompt=result.prompt or None,
+        resolution=params.get("resolution") or None, mode=str(params.get("mode") or "auto"),
+    )
+    right_layer = layer_b if layer_b is not None else paired_layer(left.visual_layer, result_b)
+    return compare(left, Side(result_b, right_layer, left.method))
+
+
 # ---------------------------------------------------------------------------
 # saved analyses
 

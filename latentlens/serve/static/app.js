@@ -57,11 +57,16 @@
 
   function setup(root) {
     root.querySelectorAll("iframe.report").forEach(fitFrame);
-    // the comparison form loads its iframe (target="compare"), shown once asked for
-    root.querySelectorAll("form#compare-form").forEach(function (f) {
+    // the comparison forms load their iframe (target="compare"), shown once asked for; comparing
+    // with another model runs it: busy until the frame has loaded
+    root.querySelectorAll("form#compare-form, form#compare-model-form").forEach(function (f) {
       f.addEventListener("submit", function () {
         var frame = document.getElementById("compare");
         if (frame) frame.hidden = false;
+        if (frame && f.dataset.busy) {
+          startBusy(f.dataset.busy);
+          frame.addEventListener("load", stopBusy, { once: true });
+        }
       });
     });
     root.querySelectorAll("form[data-confirm]").forEach(function (f) {
