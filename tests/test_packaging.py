@@ -231,7 +231,7 @@ def test_each_extra_alone_starts_what_it_promises(isolated_wheel, extra, db_url,
     else:
         assert have["torch"] and have["PIL"] and have["pgserver"]
         code = ("import latentlens.models, latentlens.models.loading, latentlens.vlm.extract, "
-                "latentlens.vlm.llava, latentlens.ingest, latentlens.scan, latentlens.interop")
+                "latentlens.architectures.llava, latentlens.ingest, latentlens.scan, latentlens.interop")
         r = _run(bin_dir, [str(bin_dir / "python"), "-c", code], tmp_path)
         assert r.returncode == 0, r.stderr
         r = _run(bin_dir, [llens, "ingest", "--help"], tmp_path)
