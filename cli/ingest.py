@@ -21,10 +21,10 @@ class _IngestCommand(click.Command):
     (imported only when help is shown: the registry imports torch)."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from latentlens.vlm.extract import supported_models
+        from latentlens.architectures import supported_vlms
 
         with formatter.section("Vision-language families (model types)"):
-            formatter.write_text(supported_models())
+            formatter.write_text(supported_vlms())
         super().format_epilog(ctx, formatter)
 
 

@@ -1,7 +1,7 @@
 """The two baselines LatentLens is measured against: LogitLens and EmbeddingLens.
 
 Both read a hidden state through the model's own vocabulary, so they need
-only the model (its heads, found by latentlens.models' adapters), never the
+only the model (its heads, found by its family class in latentlens.architectures), never the
 store:
 
 * **LogitLens**: the model's final norm then its LM head (tied or not,

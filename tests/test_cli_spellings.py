@@ -35,11 +35,11 @@ def test_eval_model_is_still_the_judge_model(monkeypatch):
 
 
 def test_ingest_help_lists_every_vlm_family_of_the_registry():
-    from latentlens.vlm.extract import ADAPTERS
+    from latentlens.architectures import vlm_families
 
     r = CliRunner().invoke(cli, ["ingest", "--help"])
     assert r.exit_code == 0
     text = " ".join(r.output.split())  # help text is wrapped
-    for adapter in ADAPTERS:
+    for adapter in vlm_families():
         assert adapter.display_name in text, adapter.display_name
     assert "{vlm_families}" not in text

@@ -81,11 +81,11 @@ def test_judge_model_option_and_hidden_old_spelling():
 
 
 def test_ingest_help_lists_every_registered_vlm_family():
-    from latentlens.vlm.extract import ADAPTERS
+    from latentlens.architectures import vlm_families
 
     r = CliRunner().invoke(cli, ["ingest", "--help"], terminal_width=200)
     text = "".join(r.output.split())  # help wraps lines (at hyphens too)
-    assert len(ADAPTERS) >= 11
-    for adapter in ADAPTERS:
+    assert len(vlm_families()) >= 11
+    for adapter in vlm_families():
         want = f"{adapter.display_name}({'/'.join(adapter.model_types)})".replace(" ", "")
         assert want in text, adapter

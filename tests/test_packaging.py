@@ -34,6 +34,9 @@ def test_wheel_contents(wheel):
         "latentlens/sql/0001_store.sql",
         "latentlens/migrations/versions/0002_search.py",
         "latentlens/sql/0002_search.sql",
+        # the architecture registry and its family modules (a package of their own)
+        "latentlens/architectures/__init__.py",
+        "latentlens/architectures/llava.py",
     ):
         assert required in names
     assert not any(n.startswith(("cli/", "migrations/", "sql/", "tests/")) for n in names)
@@ -231,7 +234,7 @@ def test_each_extra_alone_starts_what_it_promises(isolated_wheel, extra, db_url,
     else:
         assert have["torch"] and have["PIL"] and have["pgserver"]
         code = ("import latentlens.models, latentlens.models.loading, latentlens.vlm.extract, "
-                "latentlens.vlm.llava, latentlens.ingest, latentlens.scan, latentlens.interop")
+                "latentlens.architectures.llava, latentlens.ingest, latentlens.scan, latentlens.interop")
         r = _run(bin_dir, [str(bin_dir / "python"), "-c", code], tmp_path)
         assert r.returncode == 0, r.stderr
         r = _run(bin_dir, [llens, "ingest", "--help"], tmp_path)

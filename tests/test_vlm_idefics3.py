@@ -1,7 +1,7 @@
 """Idefics3 / SmolVLM: tiny random models built from configs, end to end.
 
 The grid is the high-resolution one over the split canvas (crops' tokens, the
-global view left out); see latentlens/vlm/idefics3.py.
+global view left out); see latentlens/architectures/idefics3.py.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def test_resolution_squashes_first(vlm):
 def test_torch_processor_equals_torchvision_and_the_processor(vlm, model_dir, size):
     """The torch-only image processor gives the same tensors as Molmo2ImageProcessor, and our
     prompt the same ids and token types as Molmo2Processor."""
-    from latentlens.vlm.molmo2 import TorchMolmo2ImageProcessor
+    from latentlens.architectures.molmo2 import TorchMolmo2ImageProcessor
 
     img = sample_image(size)
     ours = TorchMolmo2ImageProcessor.from_pretrained(str(model_dir))(images=[img], return_tensors="pt")

@@ -262,7 +262,7 @@ def test_llava_onevision_layout_at_the_released_size(size):
         image_size_to_num_patches,
     )
 
-    from latentlens.vlm.llava_onevision import anyres_grid
+    from latentlens.architectures.llava_onevision import anyres_grid
 
     cfg = LlavaOnevisionConfig()
     assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.vision_aspect_ratio) == (

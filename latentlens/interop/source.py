@@ -53,9 +53,9 @@ def resolve_source(source: str, *, read_config: bool = True) -> SourceModel:
                          "or give --num-layers to import without reading it") from None
     text = cfg
     try:
-        from latentlens.models.adapters import adapter_for_config
+        from latentlens.architectures import family_for
 
-        text = adapter_for_config(cfg).text_config(cfg)
+        text = family_for(cfg).text_config_of(cfg)
     except Exception:  # an architecture without an adapter yet: transformers' own answer
         text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
     hidden, n = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)

@@ -134,6 +134,7 @@ class LanguageModel:
         self.architecture = architecture
         self.device = device
         self.dtype = dtype
+        #: the family class (latentlens.architectures) it was loaded with; for a VLM, the class load_vlm uses
         self.adapter = adapter
         #: LensHeads (final norm, LM head, input embedding) for the vocabulary lenses; None if not loaded
         self.heads = heads

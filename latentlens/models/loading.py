@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from latentlens import config as llens_config
+from latentlens.architectures import Adapter, family_for
 from latentlens.errors import InputError, LatentLensError
-from latentlens.models.adapters import Adapter, adapter_for_config
 from latentlens.models.base import LanguageModel, TextSide
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -209,10 +209,10 @@ def load_language_model(
     try:
         with warnings.catch_warnings(), loading_weights():
             warnings.simplefilter("ignore")
-            cfg = Adapter()._load_config(load_from, **kw)
-            adapter = adapter_for_config(cfg)
-            tokenizer = adapter._load_tokenizer(load_from, **kw)
-            full = adapter._load(load_from, cfg, dtype=torch_dtype, **kw)
+            cfg = Adapter._load_config(load_from, **kw)
+            family = family_for(cfg)
+            tokenizer = family._load_tokenizer(load_from, **kw)
+            full = family._load(load_from, cfg, dtype=torch_dtype, **kw)
     except LatentLensError:
         raise
     except Exception as e:
@@ -229,15 +229,15 @@ def load_language_model(
             _save_gguf_cache(cache, full, tokenizer)
         except OSError as e:  # a cache is an optimisation: never fail the load for it
             warnings.warn(f"could not cache dequantized GGUF weights in {cache}: {e}", stacklevel=2)
-    heads = adapter.heads(full) if lens_heads else None
-    lm = adapter.language_model(full)
+    heads = family.heads_of(full) if lens_heads else None
+    lm = family.language_model_of(full)
     lm = lm.to(dev)
     if heads is not None and heads.unembedding.is_meta:
         raise InputError(f"cannot load model '{source}': its LM head was not loaded (no weights for it)")
     if heads is not None and heads.unembedding.device != dev:
         # an untied LM head is not part of the decoder stack moved above
         heads.unembedding = heads.unembedding.detach().to(dev)
-    text_cfg = adapter.text_config(cfg)
+    text_cfg = family.text_config_of(cfg)
     arch = (getattr(cfg, "architectures", None) or [type(full).__name__])[0]
     del full
     return LanguageModel(
@@ -249,7 +249,7 @@ def load_language_model(
         params=params,
         device=dev,
         dtype=torch_dtype,
-        adapter=adapter,
+        adapter=family,
         heads=heads,
     )
 
@@ -300,15 +300,15 @@ def load_text_side(source: str, *, gguf_file: str | None = None, revision: str |
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cfg = Adapter()._load_config(load_from, **kw)
-            adapter = adapter_for_config(cfg)
-            tokenizer = adapter._load_tokenizer(load_from, **kw)
+            cfg = Adapter._load_config(load_from, **kw)
+            family = family_for(cfg)
+            tokenizer = family._load_tokenizer(load_from, **kw)
     except LatentLensError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load the tokenizer of '{source}': {msg}") from None
-    text_cfg = adapter.text_config(cfg)
+    text_cfg = family.text_config_of(cfg)
     limit = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     if arch is None:  # a GGUF config names none: the class load_language_model would build

@@ -1,4 +1,4 @@
-"""The adapter base: everything a vision-language model needs except its quirks.
+"""The VLM base: everything a vision-language family needs except its quirks.
 
 One forward pass per image: the chat template wraps the prompt and one image
 placeholder, the placeholder is expanded to one token per visual token, and
@@ -7,9 +7,13 @@ model records ``inputs_embeds`` (the visual tokens as they enter the LLM,
 after the projector: "visual layer 0"); hidden_states[l] at the image-token
 positions gives layer l.
 
-A subclass supplies only what differs between architectures: which
-transformers class to load, how the image is preprocessed and where its
-tokens sit (``prepare_image``), and any extra forward inputs. The processor,
+A family (one module in ``latentlens.architectures``, one class) supplies
+only what differs between architectures: which transformers class to load,
+how the image is preprocessed and where its tokens sit (``prepare_image``),
+and any extra forward inputs. The class is its own text-side adapter too
+(``latentlens.architectures.base.Adapter``): ingest loads the same class's
+language model, so the text index and the visual tokens come from one place.
+The processor,
 when it loads, is used for its chat template only; pixels and tokens always
 go through the image processor and tokenizer here, one code path for users
 with and without torchvision.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from latentlens.architectures.base import Adapter
 from latentlens.errors import InputError
 from latentlens.store.types import check_layer_range
 from latentlens.vlm.geometry import Patch
@@ -83,13 +88,10 @@ class VisualTokens:
         return len(self.patches)
 
 
-class VisionLanguageModel:
-    """A loaded VLM behind a small, architecture-neutral interface."""
+class VisionLanguageModel(Adapter):
+    """A loaded VLM behind a small, architecture-neutral interface; the class is its text-side adapter."""
 
-    #: shown in messages and docs
-    display_name: ClassVar[str] = "?"
-    #: config.model_type values this adapter handles
-    model_types: ClassVar[tuple[str, ...]] = ()
+    multimodal = True
     #: the chat template's text for one image, expanded to one token per visual token
     image_placeholder: ClassVar[str] = "<image>"
     #: used when neither the processor nor the tokenizer has a chat template
@@ -111,6 +113,24 @@ class VisionLanguageModel:
     @classmethod
     def model_class(cls) -> ModelClass:
         raise NotImplementedError
+
+    # ---- the text side (ingest, the lenses): load it whole, keep its language model --------
+
+    @classmethod
+    def _load(cls, source: str, config: Any, *, dtype: Any, **kw: Any) -> Any:
+        return cls.model_class().from_pretrained(source, config=config, dtype=dtype, **kw)
+
+    @classmethod
+    def text_config_of(cls, config: Any) -> Any:
+        return config.text_config
+
+    @classmethod
+    def language_model_of(cls, model: Any) -> Any:
+        inner = getattr(model, "model", model)
+        lm = getattr(inner, "language_model", None)
+        if lm is None:
+            raise InputError(f"cannot find the language model inside {type(model).__name__}")
+        return lm
 
     @classmethod
     def from_pretrained(
@@ -185,17 +205,14 @@ class VisionLanguageModel:
 
     @property
     def language_model(self) -> torch.nn.Module:
-        """The decoder stack, found by the one place that knows architectures (latentlens.models)."""
-        from latentlens.models import language_model_of
-
-        return language_model_of(self.model)
+        """The decoder stack, where this family's text side finds it for ingest."""
+        lm: torch.nn.Module = type(self).language_model_of(self.model)
+        return lm
 
     @property
     def heads(self) -> Any:
         """Final norm, LM head and input embedding of the language model (for the baselines)."""
-        from latentlens.models import heads_of
-
-        return heads_of(self.model)
+        return type(self).heads_of(self.model)
 
     # ---- architecture hooks ---------------------------------------------
 

@@ -1,8 +1,8 @@
 """Load a vision-language model and extract the visual tokens of an image.
 
-``load_vlm`` picks the adapter from the checkpoint's config; adding an
-architecture is one small ``VisionLanguageModel`` subclass listed in
-``ADAPTERS``.
+``load_vlm`` asks the registry (``latentlens.architectures``) for the family
+class of the checkpoint's config: the same class ingest loads the text side
+with. Adding an architecture is one module there and one registry line.
 """
 
 from __future__ import annotations
@@ -10,45 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from latentlens.architectures import vlm_family_for
 from latentlens.db import first_line
-from latentlens.errors import InputError, UnsupportedModel
+from latentlens.errors import InputError
 from latentlens.images import ImageSource, load_image, max_image_pixels  # noqa: F401  (re-exported)
 from latentlens.vlm.base import DEFAULT_PROMPT, VisionLanguageModel, VisualTokens
-from latentlens.vlm.gemma3 import Gemma3VLM
 from latentlens.vlm.geometry import parse_resolution
-from latentlens.vlm.idefics3 import Idefics3VLM, SmolVLM
-from latentlens.vlm.internvl import InternVLVLM
-from latentlens.vlm.llava import LlavaVLM
-from latentlens.vlm.llava_next import LlavaNextVLM
-from latentlens.vlm.llava_onevision import LlavaOnevisionVLM
-from latentlens.vlm.molmo2 import Molmo2VLM
-from latentlens.vlm.paligemma import PaliGemmaVLM
-from latentlens.vlm.qwen2_vl import Qwen2VLM, Qwen25VLM
-from latentlens.vlm.qwen3_vl import Qwen3VLM
-
-ADAPTERS: tuple[type[VisionLanguageModel], ...] = (
-    LlavaVLM, LlavaNextVLM, Qwen2VLM, Qwen25VLM, Gemma3VLM,
-    Idefics3VLM, SmolVLM, PaliGemmaVLM,
-    Qwen3VLM, LlavaOnevisionVLM,
-    InternVLVLM, Molmo2VLM,
-)
-
-
-def supported_models() -> str:
-    return ", ".join(f"{a.display_name} ({'/'.join(a.model_types)})" for a in ADAPTERS)
-
-
-def adapter_for(config: Any) -> type[VisionLanguageModel]:
-    """The adapter class for a transformers config (by model_type)."""
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS:
-        if model_type in adapter.model_types:
-            return adapter
-    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
-    raise UnsupportedModel(
-        f"no vision-language adapter for model type '{model_type}' ({archs}); "
-        f"supported: {supported_models()}"
-    )
 
 
 def load_vlm(
@@ -61,11 +28,11 @@ def load_vlm(
         config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load a model config from '{source}': {first_line(e)}") from e
-    adapter = adapter_for(config)
+    family = vlm_family_for(config)
     try:
-        return adapter.from_pretrained(source, dtype=dtype, device=device, revision=revision)
+        return family.from_pretrained(source, dtype=dtype, device=device, revision=revision)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load {adapter.display_name} model '{source}': {first_line(e)}") from e
+        raise InputError(f"cannot load {family.display_name} model '{source}': {first_line(e)}") from e
 
 
 def extract_visual_tokens(

@@ -1,6 +1,6 @@
 """Qwen3-VL (Qwen3VLForConditionalGeneration): Qwen2-VL's geometry, plus DeepStack.
 
-Pixels and tokens work as in Qwen2-VL (``latentlens.vlm.qwen2_vl``): the image
+Pixels and tokens work as in Qwen2-VL (``latentlens.architectures.qwen2_vl``): the image
 processor (Qwen2VLImageProcessor, with 16-px patches in Qwen3-VL) stretches
 the image to sides that are multiples of patch * merge (32 px) with an area
 in [min, max] pixels, and the merger turns each 2x2 block of ViT patches into
@@ -29,8 +29,8 @@ visual and stored layer l are the same space, as for the other adapters.
 
 from __future__ import annotations
 
+from latentlens.architectures.qwen2_vl import Qwen2VLM
 from latentlens.vlm.base import ModelClass
-from latentlens.vlm.qwen2_vl import Qwen2VLM
 
 
 class Qwen3VLM(Qwen2VLM):

@@ -43,10 +43,10 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from latentlens.architectures.qwen2_vl import Qwen2VLM
 from latentlens.errors import InputError
 from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, Patch, stretch
-from latentlens.vlm.qwen2_vl import Qwen2VLM
 
 
 class LlavaOnevisionVLM(VisionLanguageModel):

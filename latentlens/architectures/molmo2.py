@@ -31,6 +31,10 @@ architecture; Molmo2 *adds* the pooled image features to the ``<im_patch>``
 token's embedding (other models replace it), so layer 0 is
 ``get_image_features(...) + embed(<im_patch>)``.
 
+The text side is the base's: Molmo2's input embedding has
+``additional_vocab_size`` rows past the LM head's (the image and other special
+tokens), and EmbeddingLens ranks them too.
+
 Molmo2's image processor exists only with the torchvision backend. Without
 torchvision the adapter runs transformers' own Molmo2 preprocessing code
 (tiling, crops, patch and pooling indices) with the two torchvision calls

@@ -64,6 +64,14 @@ class Idefics3VLM(VisionLanguageModel):
 
         return Idefics3ForConditionalGeneration
 
+    @classmethod
+    def language_model_of(cls, model: Any) -> Any:
+        """Idefics3 keeps its language model at ``model.model.text_model``."""
+        lm = getattr(getattr(model, "model", model), "text_model", None)
+        if lm is None:
+            raise InputError(f"cannot find the language model inside {type(model).__name__}")
+        return lm
+
     # ---- tokens -----------------------------------------------------------
 
     def _token(self, attr: str, default: str) -> str:

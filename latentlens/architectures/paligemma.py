@@ -13,14 +13,14 @@ l >= 1 depend on the whole prompt, text after the image included, not only on
 what comes before. Prompts are PaliGemma's task prefixes ("caption en",
 "describe en", ...); the default prompt works but is not one of them.
 
-The text side (``llens ingest``) runs the language model causally, as PaliGemma
-reads the text it writes (its suffix), see ``PaliGemmaAdapter`` in
-latentlens.models.adapters.
+The text side (``llens ingest``, ``PaliGemmaVLM._load``) runs the language
+model causally, as PaliGemma reads the text it writes (its suffix).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from PIL import Image
@@ -40,6 +40,14 @@ class PaliGemmaVLM(VisionLanguageModel):
         from transformers import PaliGemmaForConditionalGeneration
 
         return PaliGemmaForConditionalGeneration
+
+    @classmethod
+    def _load(cls, source: str, config: Any, *, dtype: Any, **kw: Any) -> Any:
+        """PaliGemma's text config asks for bidirectional attention (its prefix-LM prompt); run
+        alone on a corpus, its language model would then attend to later tokens too. Loaded
+        for the text side it is causal, as PaliGemma reads the text it writes."""
+        config.text_config.use_bidirectional_attention = False
+        return super()._load(source, config, dtype=dtype, **kw)
 
     def chat_text(self, prompt: str) -> str:
         """PaliGemmaProcessor's layout: the image, BOS, the prompt, a newline."""

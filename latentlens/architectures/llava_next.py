@@ -22,9 +22,9 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from latentlens.architectures.llava import LlavaVLM
 from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
 from latentlens.vlm.geometry import Affine, grid_patches, stretch
-from latentlens.vlm.llava import LlavaVLM
 
 
 class LlavaNextVLM(VisionLanguageModel):
