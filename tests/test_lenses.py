@@ -76,20 +76,12 @@ def test_untied_head_is_the_lm_heads_own_matrix(tiny):
 
 
 def test_vlm_logitlens_matches_the_vlms_own_logits_at_image_tokens(tmp_path):
-    from vlm_tiny import build_llava, sample_image
+    from vlm_checks import assert_logitlens_matches_own_logits
+    from vlm_tiny import build_llava
 
     from latentlens.vlm.extract import load_vlm
 
-    vlm = load_vlm(str(build_llava(tmp_path / "llava")))
-    img = sample_image((64, 64))
-    last = vlm.num_layers
-    vt = vlm.visual_tokens(img, layers=[last])
-    inputs, _ = vlm.encode(img, vt.prompt, None)
-    with torch.inference_mode():
-        logits = vlm.model(**inputs).logits[0, torch.from_numpy(vt.positions)].float()
-    hits = VocabularyLens.of(vlm).logit_lens(vt.vectors[last], last, k=3)
-    want = torch.topk(torch.softmax(logits, -1), 3)
-    assert [[h.token_id for h in row] for row in hits] == want.indices.tolist()
+    assert_logitlens_matches_own_logits(load_vlm(str(build_llava(tmp_path / "llava"))), (64, 64))
 
 
 def test_expand_word_and_parse_methods():

@@ -18,8 +18,8 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from vlm_checks import assert_logitlens_matches_own_logits, cli_ingest_query_report
 from vlm_checks import assert_tiles as _assert_tiles
-from vlm_checks import cli_ingest_query_report
 from vlm_tiny import sample_image
 from vlm_tiny_internvl import PATCH, TILE, TOKENS_PER_TILE, build_internvl, internvl_processor
 
@@ -168,18 +168,7 @@ def test_encoding_equals_the_processor(vlm, size):
 
 
 def test_logitlens_matches_the_models_own_logits(vlm):
-    from latentlens.lenses import VocabularyLens
-
-    img = sample_image((96, 48))
-    last = vlm.num_layers
-    vt = vlm.visual_tokens(img, layers=[last])
-    inputs, _ = vlm.encode(img, vt.prompt, None)
-    with torch.inference_mode():
-        logits = vlm.model(**inputs).logits[0, torch.from_numpy(vt.positions)].float()
-    hits = VocabularyLens.of(vlm).logit_lens(vt.vectors[last], last, k=3)
-    want = torch.topk(torch.softmax(logits, -1), 3)
-    assert [[h.token_id for h in row] for row in hits] == want.indices.tolist()
-    np.testing.assert_allclose([[h.score for h in row] for row in hits], want.values.numpy(), atol=1e-5)
+    assert_logitlens_matches_own_logits(vlm, (96, 48))
 
 
 # ---------------------------------------------------------------------------

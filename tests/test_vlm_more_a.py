@@ -19,8 +19,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from latentlens.cli.main import cli
+from vlm_checks import assert_logitlens_matches_own_logits, cli_ingest_query_report
 from vlm_checks import assert_tiles as _assert_tiles
-from vlm_checks import cli_ingest_query_report
 from vlm_tiny import CORPUS, QWEN_SPECIALS, QWEN_TEMPLATE, make_tokenizer, sample_image
 
 from latentlens.vlm import extract_visual_tokens, load_vlm
@@ -401,16 +401,5 @@ def test_cli_ingest_query_report(ingested, model_dirs, vlms, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logitlens_matches_the_vlms_own_logits_at_image_tokens(vlms, kind):
-    from latentlens.lenses import VocabularyLens
-
     vlm = vlms[kind]
-    img = sample_image((96, 64))
-    last = vlm.num_layers
-    vt = vlm.visual_tokens(img, layers=[last])
-    inputs, _ = vlm.encode(img, vt.prompt, None)
-    with torch.inference_mode():
-        logits = vlm.model(**inputs).logits[0, torch.from_numpy(vt.positions)].float()
-    hits = VocabularyLens.of(vlm).logit_lens(vt.vectors[last], last, k=3)
-    want = torch.topk(torch.softmax(logits, -1), 3)
-    assert [[h.token_id for h in row] for row in hits] == want.indices.tolist()
-    np.testing.assert_allclose([[h.score for h in row] for row in hits], want.values.numpy(), atol=1e-5)
+    assert_logitlens_matches_own_logits(vlm, (96, 64))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from vlm_checks import area as _area
-from vlm_checks import cli_ingest_query_report
+from vlm_checks import assert_logitlens_matches_own_logits, cli_ingest_query_report
 from vlm_tiny import sample_image
 from vlm_tiny_paligemma import build_paligemma
 
@@ -146,20 +146,8 @@ def test_boxes_follow_the_pixels_the_model_sees(model_dirs):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logitlens_matches_the_models_own_logits(vlms, kind):
-    from latentlens.lenses import VocabularyLens
-
     vlm = vlms[kind]
-    img = sample_image((96, 48))
-    last = vlm.num_layers
-    vt = vlm.visual_tokens(img, layers=[last])
-    inputs, _ = vlm.encode(img, vt.prompt, None)
-    with torch.inference_mode():
-        logits = vlm.model(**inputs).logits[0, torch.from_numpy(vt.positions)].float()
-    lens = VocabularyLens.of(vlm)
-    hits = lens.logit_lens(vt.vectors[last], last, k=3)
-    want = torch.topk(torch.softmax(logits, -1), 3)
-    assert [[h.token_id for h in row] for row in hits] == want.indices.tolist()
-    np.testing.assert_allclose([[h.score for h in row] for row in hits], want.values.numpy(), atol=1e-5)
+    assert_logitlens_matches_own_logits(vlm, (96, 48))
 
 
 @pytest.mark.parametrize("kind", KINDS)

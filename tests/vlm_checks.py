@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
@@ -70,3 +71,25 @@ def cli_ingest_query_report(model_dir: Path, tmp_path: Path, *, size: tuple[int,
     assert (out / "report.html").is_file() and (out / "report.png").is_file()
     assert f"{rows}x{cols} visual tokens, {rows * cols} queried" in r.output
     return d
+
+
+def assert_logitlens_matches_own_logits(vlm, size: tuple[int, int] = (96, 48)):
+    """LogitLens at the last layer equals the VLM's own next-token softmax at its image tokens
+    (same top-3 ids and probabilities): the heads, norm and positions are the model's. Returns
+    the lens for family-specific checks."""
+    import torch
+
+    from latentlens.lenses import VocabularyLens
+
+    img = sample_image(size)
+    last = vlm.num_layers
+    vt = vlm.visual_tokens(img, layers=[last])
+    inputs, _ = vlm.encode(img, vt.prompt, None)
+    with torch.inference_mode():
+        logits = vlm.model(**inputs).logits[0, torch.from_numpy(vt.positions)].float()
+    lens = VocabularyLens.of(vlm)
+    hits = lens.logit_lens(vt.vectors[last], last, k=3)
+    want = torch.topk(torch.softmax(logits, -1), 3)
+    assert [[h.token_id for h in row] for row in hits] == want.indices.tolist()
+    np.testing.assert_allclose([[h.score for h in row] for row in hits], want.values.numpy(), atol=1e-5)
+    return lens
