@@ -9,7 +9,8 @@ import shutil
 import pytest
 from click.testing import CliRunner
 from latentlens.cli.main import cli
-from vlm_tiny import CORPUS, build_llava, sample_image
+from vlm_checks import cli_ingest
+from vlm_tiny import build_llava, sample_image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MODEL = "tiny-llava-atlas-cli"
@@ -19,12 +20,8 @@ MODEL = "tiny-llava-atlas-cli"
 def built(db_url, tmp_path_factory, one_torch_thread):
     base = tmp_path_factory.mktemp("atlas-cli")
     model_dir = build_llava(base / MODEL)
-    corpus = base / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    cli_ingest(model_dir, base)
     runner = CliRunner()
-    r = runner.invoke(cli, ["ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3", "--skip-positions", "0",
-                            "--no-index", "--no-progress"])
-    assert r.exit_code == 0, r.output
     images = base / "photos"
     images.mkdir()
     for i, size in enumerate([(96, 64), (64, 96), (80, 80)]):

@@ -34,17 +34,22 @@ def assert_tiles(patches, region) -> None:
                 assert ox <= 1e-9 or oy <= 1e-9, (a, b)
 
 
+def cli_ingest(model_dir: Path, tmp_path: Path) -> None:
+    """`llens ingest` of the tiny corpus (layers 0-3, every position, no index) through the CLI."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    r = CliRunner().invoke(cli, ["ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3",
+                                 "--skip-positions", "0", "--no-index", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+
+
 def cli_ingest_query_report(model_dir: Path, tmp_path: Path, *, size: tuple[int, int] = (96, 48),
                             prompt: str | None = None, ingest: bool = True) -> dict:
     """Run `llens ingest` (unless done), `llens query --image --method all --json` and `llens report`;
     check what holds for every architecture and return the query's JSON for grid checks."""
     runner = CliRunner()
     if ingest:
-        corpus = tmp_path / "corpus.txt"
-        corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-        r = runner.invoke(cli, ["ingest", str(model_dir), str(corpus), "--layers", "0,1,2,3",
-                                "--skip-positions", "0", "--no-index", "--no-progress", "--json"])
-        assert r.exit_code == 0, r.output
+        cli_ingest(model_dir, tmp_path)
     image = tmp_path / f"photo-{model_dir.name}.png"
     sample_image(size).save(image)
     name = model_dir.name
