@@ -57,6 +57,10 @@ MAX_KEEP_HINT = 1024
 SCORE_BUDGET = 96 << 20
 MAX_BLOCK_ROWS = 65536
 MIN_BLOCK_ROWS = 4096
+# rows per chunk whose best score decides whether the threshold scan looks at them
+SELECT_CHUNK = 32
+# rows a query may keep in the one-pass threshold scan before it falls back to a top-k scan
+MAX_CANDIDATES = 2048
 # bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
 # every parallel op waits for a descheduled worker thread)
 RERANK_BYTES = 16 << 20
@@ -423,6 +427,108 @@ def topk_blocks(
     return best_v, best_i
 
 
+@dataclass
+class Collected:
+    """What threshold_blocks kept: (query, row, score) triples, grouped by query, and per query
+    the threshold every row not kept scored below; ``over``: queries that hit the cap (not kept)."""
+
+    query: torch.Tensor  # [P] int64, ascending
+    row: torch.Tensor  # [P] int64
+    score: torch.Tensor  # [P] float32
+    threshold: torch.Tensor  # [Q] float32
+    over: torch.Tensor  # [Q] bool
+
+
+def threshold_blocks(
+    blocks: Iterator[tuple[int, np.ndarray]],
+    queries: torch.Tensor,
+    k: int,
+    threshold: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    block_rows: int = MAX_BLOCK_ROWS,
+    buffers: dict | None = None,
+    cap: int = MAX_CANDIDATES,
+) -> Collected:
+    """Every row whose score could make a query's top k, in one pass over the blocks.
+
+    Per query a running k-th best score (a lower bound: the k-th best of the
+    maxima of the block's SELECT_CHUNK-row chunks, scores of distinct rows) gives
+    ``threshold(kth)``; a block's rows scoring at least the current threshold
+    are kept. Only the chunks whose maximum reaches it are looked at, so the
+    selection costs a max over the score matrix, not a sort of it (torch.topk
+    over the whole [Q, block] matrix cost as much as the bf16 matmul). The
+    threshold only rises, so every row not kept scored below the final one.
+    A query that keeps more than ``cap`` rows stops collecting (``over``):
+    memory stays one block's scores plus Q * cap triples.
+    """
+    q = queries.to(dtype).contiguous()
+    nq, dim = q.shape
+    top = torch.full((nq, 0), -float("inf"))  # running best chunk maxima
+    thr = torch.full((nq,), -float("inf"))
+    count = torch.zeros(nq, dtype=torch.int64)
+    over = torch.zeros(nq, dtype=torch.bool)
+    got_q: list[torch.Tensor] = []
+    got_r: list[torch.Tensor] = []
+    got_s: list[torch.Tensor] = []
+    conv, scores = _buffers(buffers, dtype, dim, nq, block_rows)
+    c = SELECT_CHUNK
+    for start, block in blocks:
+        n = len(block)
+        if n > block_rows:
+            raise ValueError(f"block of {n} rows exceeds block_rows={block_rows}")
+        with warnings.catch_warnings():  # a read-only map: torch only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(np.asarray(block))
+        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
+            src = src.view(torch.bfloat16)
+        if src.dtype == dtype:
+            b = src
+        else:
+            b = conv[:n]
+            b.copy_(src)
+        s = scores[: nq * n].view(nq, n)
+        torch.mm(q, b.T, out=s)
+        pad = -n % c
+        if pad:  # the last block: pad to whole chunks with -inf (never selected)
+            s = torch.cat([s, torch.full((nq, pad), -float("inf"), dtype=s.dtype)], dim=1)
+        # chunk j of a block is its rows j, j + nc, j + 2 nc, ...: the max over the middle
+        # dimension is an elementwise max of contiguous rows (3x faster than over the last)
+        nc = (n + pad) // c
+        chunks = s.view(nq, c, nc)
+        cmax = chunks.amax(dim=1)
+        best = torch.cat([top, cmax.float()], dim=1)
+        top = torch.topk(best, min(k, best.shape[1]), dim=1).values
+        if top.shape[1] >= k:
+            thr = torch.maximum(thr, threshold(top[:, k - 1]))
+        live = torch.where(over, float("inf"), thr)
+        # compared in float32 (type promotion): a threshold rounded to bfloat16 could round up
+        qi, ci = (cmax >= live[:, None]).nonzero(as_tuple=True)
+        if len(qi) == 0:
+            continue
+        sel = chunks[qi, :, ci]  # [P, c] the chunks that may hold candidates
+        hit = sel >= live[qi, None]
+        added = torch.zeros(nq, dtype=torch.int64).index_add_(0, qi, hit.sum(dim=1))
+        newly = (count + added > cap) & ~over
+        if newly.any():
+            over |= newly
+            hit &= ~newly[qi, None]
+        count += torch.where(over, 0, added)
+        p, j = hit.nonzero(as_tuple=True)
+        got_q.append(qi[p])
+        got_r.append(ci[p] + j * nc + start)
+        got_s.append(sel[p, j].float())
+    if got_q:
+        qq, rr, ss = torch.cat(got_q), torch.cat(got_r), torch.cat(got_s)
+        keep = ~over[qq]
+        qq, rr, ss = qq[keep], rr[keep], ss[keep]
+        order = torch.sort(qq, stable=True).indices
+        qq, rr, ss = qq[order], rr[order], ss[order]
+    else:
+        qq = rr = torch.zeros(0, dtype=torch.int64)
+        ss = torch.zeros(0)
+    return Collected(qq, rr, ss, thr, over)
+
+
 def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The block and score buffers, reused across layers and calls when ``cache`` is given
     (fresh ~100 MiB buffers per layer cost page faults each time)."""
@@ -478,10 +584,40 @@ def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
     return v, torch.gather(rows, 1, sel)
 
 
+def _by_query(
+    qidx: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, nq: int, width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, rows) of pairs grouped by query (ascending ``qidx``) as [nq, >= width] rows padded with -inf."""
+    counts = torch.bincount(qidx, minlength=nq)
+    w = max(width, int(counts.max()) if len(qidx) else 0)
+    pos = torch.arange(len(qidx)) - (torch.cumsum(counts, 0) - counts)[qidx]
+    v = torch.full((nq, w), -float("inf"))
+    r = torch.zeros((nq, w), dtype=torch.int64)
+    v[qidx, pos] = values
+    r[qidx, pos] = rows
+    return v, r
+
+
 BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 F32_U = 2.0 ** -24
 F16_U = 2.0 ** -11  # float16 (the GPU path: rows are float16 already, so exact there)
 F16_TINY = 2.0 ** -20  # absolute slack for float16 scores and queries near underflow
+
+
+def _error_terms(q: torch.Tensor, dtype: torch.dtype, rho: float) -> tuple[torch.Tensor, float]:
+    """Per query the absolute error E of a cosine read off a matmul score, and u_out (see _outside_bound)."""
+    dim = q.shape[1]
+    gamma = dim * F32_U / (1 - dim * F32_U)
+    qn = torch.linalg.vector_norm(q, dim=1)
+    if dtype == torch.float32:
+        err = gamma * qn
+        u_out = 0.0
+    else:
+        u = BF16_U if dtype == torch.bfloat16 else F16_U
+        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
+        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
+        u_out = 2 * u / (1 - 2 * u)
+    return err + 2 * gamma * qn, u_out
 
 
 def _outside_bound(
@@ -500,21 +636,39 @@ def _outside_bound(
     further 2 gamma_D covers the float32 re-rank's own rounding (ties within
     it are ties).
     """
-    dim = q.shape[1]
-    gamma = dim * F32_U / (1 - dim * F32_U)
-    qn = torch.linalg.vector_norm(q, dim=1)
-    if dtype == torch.float32:
-        err = gamma * qn
-        u_out = 0.0
-    else:
-        u = BF16_U if dtype == torch.bfloat16 else F16_U
-        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
-        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
-        u_out = 2 * u / (1 - 2 * u)
+    err, u_out = _error_terms(q, dtype, rho)
     w = weakest.float()
     g = w + u_out * w.abs()
     lo, hi = inv_range
-    return torch.maximum(g * lo, g * hi) + err + 2 * gamma * qn
+    return torch.maximum(g * lo, g * hi) + err
+
+
+def _threshold(
+    q: torch.Tensor, kth: torch.Tensor, dtype: torch.dtype, rho: float, inv_range: tuple[float, float],
+) -> torch.Tensor:
+    """Per query: the lowest matmul score a row needs to possibly beat the exact k-th,
+    when k rows score at least ``kth``; _outside_bound inverted.
+
+    Those k rows' float32 cosines are at least min(h(kth) lo, h(kth) hi) - E with
+    h(x) = x - u_out |x|, so the k-th exact cosine is too; a row scoring below the
+    returned t has _outside_bound(t) at most that, and cannot be in the top k.
+    (-inf where kth is -inf: fewer than k rows seen.)
+    """
+    return _threshold_of(_error_terms(q, dtype, rho), kth, inv_range)
+
+
+def _threshold_of(terms: tuple[torch.Tensor, float], kth: torch.Tensor, inv_range: tuple[float, float]) -> torch.Tensor:
+    """_threshold with the queries' error terms computed once (_error_terms)."""
+    err, u_out = terms
+    lo, hi = inv_range
+    kth = kth.double()
+    h = kth - u_out * kth.abs()
+    target = torch.minimum(h * lo, h * hi) - 2 * err.double()  # what g(t) * inv may reach
+    y = torch.where(target >= 0, target / hi, target / lo)
+    t = torch.where(y >= 0, y / (1 + u_out), y / (1 - u_out))
+    # a hair lower than the algebra, for float rounding in computing it (the certificate is checked anyway)
+    t = t - 1e-6 * (1 + t.abs())
+    return t.float().nan_to_num(nan=-float("inf"))
 
 
 class ScanEngine:
@@ -577,14 +731,16 @@ class ScanEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k (float32 cosines, row numbers) of unit ``queries`` in one cached leaf.
 
-        The scan keeps the top-(k + margin) by the matmul's (rounded) scores;
-        those are re-ranked by float32 cosine, and a query's answer is kept
-        only when it is certified: its k-th exact cosine is at least the most
-        any row outside the candidates could reach (the weakest candidate's
-        score plus the rounding bound, see _outside_bound). The others are
-        scanned again with 4x the candidates, until the candidates are the
-        whole leaf. So the answer is the float32 one, near-ties included,
-        whatever the matmul's dtype.
+        One pass (threshold_blocks) keeps every row whose matmul score is
+        within the rounding bound of the running k-th best, so that the k-th
+        exact cosine of the re-ranked candidates is certified: at least the
+        most any row left out could reach (its score is below the threshold,
+        plus the rounding bound, see _outside_bound). Queries not certified
+        (or over the candidate cap: ties by the thousand) take the older path:
+        the top-(k + margin) by score, re-ranked and certified the same way,
+        scanned again with 4x the candidates until certified or the candidates
+        are the whole leaf. So the answer is the float32 one, near-ties
+        included, whatever the matmul's dtype.
         """
         dtype = torch.float16 if self._resident_scan else self.dtype
         nq = queries.shape[0]
@@ -604,6 +760,9 @@ class ScanEngine:
         out_v = torch.full((nq, kk), -float("inf"))
         out_i = torch.zeros((nq, kk), dtype=torch.int64)
         todo = torch.arange(nq)
+        if not self._resident_scan and kk > 0:
+            todo = self._one_pass(leaf, inv_t, queries, kk, dtype, rho, inv_range, block, bf16_file, out_v, out_i)
+            self.widened += len(todo)
         keep = min(max(k + self.margin, self._keep_hint.get(leaf.path, 0)), leaf.rows)
         first = True
         while len(todo):
@@ -628,6 +787,68 @@ class ScanEngine:
             first = False
             keep = min(keep * 4, leaf.rows)
         return out_v, out_i
+
+    def _one_pass(
+        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, kk: int, dtype: torch.dtype, rho: float,
+        inv_range: tuple[float, float], block: int, bf16_file: bool, out_v: torch.Tensor, out_i: torch.Tensor,
+    ) -> torch.Tensor:
+        """The threshold scan, its re-rank and certificate: fills out_v / out_i of the certified
+        queries and returns the others' numbers (for the top-k path)."""
+        nq = queries.shape[0]
+
+        terms = _error_terms(queries, dtype, rho)
+
+        def thr_of(kth: torch.Tensor) -> torch.Tensor:
+            return _threshold_of(terms, kth, inv_range)
+
+        got = threshold_blocks(leaf.blocks(block, bf16=bf16_file), queries, kk, thr_of, dtype, block,
+                               self._buffers, max(MAX_CANDIDATES, 8 * kk))
+        # the final threshold from the exact k-th best score among the kept (tighter than the
+        # running one, a bound from chunk maxima): drop the rows below it before re-ranking
+        approx, _rows = _by_query(got.query, got.score, got.row, nq, kk)
+        thr = torch.maximum(got.threshold, thr_of(torch.topk(approx, kk, dim=1).values[:, kk - 1]))
+        keep = got.score >= thr[got.query]
+        qq, rr = got.query[keep], got.row[keep]
+        exact = self._rerank_pairs(leaf, inv, queries, qq, rr)
+        sims, rows = _by_query(qq, exact, rr, nq, kk)
+        v, i = _by_cosine(sims, rows, kk)
+        # thr = -inf: no row was left out
+        done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= _outside_bound(queries, thr, dtype, rho, inv_range)))
+        out_v[done], out_i[done] = v[done], i[done]
+        return torch.arange(nq)[~done]
+
+    def _rerank_pairs(
+        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, qidx: torch.Tensor, rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Exact float32 cosines of (query, row) pairs, any number per query.
+
+        Each distinct row is read once (float16); pairs are done a few MiB at a
+        time in reused buffers (see _rerank).
+        """
+        n = len(rows)
+        dim = queries.shape[1]
+        out = torch.empty(n, dtype=torch.float32)
+        if n == 0:
+            return out
+        uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
+        vecs = torch.from_numpy(leaf.gather(uniq))  # [U, D] float16
+        inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+        step = max(1, min(n, RERANK_BYTES // (dim * 4)))
+        b16, b32, bq = (self._buffers.get(x) for x in ("pairs16", "pairs32", "pairsq"))
+        if b16 is None or b32 is None or bq is None or b16.shape[1] != dim or b16.shape[0] < step:
+            b16 = self._buffers["pairs16"] = torch.empty((step, dim), dtype=torch.float16)
+            b32 = self._buffers["pairs32"] = torch.empty((step, dim), dtype=torch.float32)
+            bq = self._buffers["pairsq"] = torch.empty((step, dim), dtype=torch.float32)
+        q = queries.float().contiguous()
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            m = hi - lo
+            torch.index_select(vecs, 0, inverse_t[lo:hi], out=b16[:m])
+            b32[:m].copy_(b16[:m])
+            torch.index_select(q, 0, qidx[lo:hi], out=bq[:m])
+            # a [m, 1, D] x [m, D, 1] bmm is a batch of tiny matmuls: 1.5x slower than this
+            torch.sum(b32[:m].mul_(bq[:m]), dim=1, out=out[lo:hi])
+        return out * inv[torch.from_numpy(uniq)][inverse_t]
 
     def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).
