@@ -500,8 +500,7 @@ def threshold_blocks(
         top = torch.topk(best, min(k, best.shape[1]), dim=1).values
         if top.shape[1] >= k:
             thr = torch.maximum(thr, threshold(top[:, k - 1]))
-        live = torch.where(over, float("inf"), thr)
-        # compared in float32 (type promotion): a threshold rounded to bfloat16 could round up
+        live = _round_down(torch.where(over, float("inf"), thr), s.dtype)
         qi, ci = (cmax >= live[:, None]).nonzero(as_tuple=True)
         if len(qi) == 0:
             continue
@@ -527,6 +526,15 @@ def threshold_blocks(
         qq = rr = torch.zeros(0, dtype=torch.int64)
         ss = torch.zeros(0)
     return Collected(qq, rr, ss, thr, over)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, rounded towards -inf (a threshold rounded up would drop rows it must keep;
+    comparing in the scores' own dtype spares converting them)."""
+    if dtype == x.dtype:
+        return x
+    y = x.to(dtype)
+    return torch.where(y.to(x.dtype) > x, torch.nextafter(y, torch.full_like(y, -float("inf"))), y)
 
 
 def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -808,9 +816,7 @@ class ScanEngine:
         approx, _rows = _by_query(got.query, got.score, got.row, nq, kk)
         thr = torch.maximum(got.threshold, thr_of(torch.topk(approx, kk, dim=1).values[:, kk - 1]))
         keep = got.score >= thr[got.query]
-        qq, rr = got.query[keep], got.row[keep]
-        exact = self._rerank_pairs(leaf, inv, queries, qq, rr)
-        sims, rows = _by_query(qq, exact, rr, nq, kk)
+        sims, rows = self._rerank_pairs(leaf, inv, queries, got.query[keep], got.row[keep], kk)
         v, i = _by_cosine(sims, rows, kk)
         # thr = -inf: no row was left out
         done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= _outside_bound(queries, thr, dtype, rho, inv_range)))
@@ -819,36 +825,52 @@ class ScanEngine:
 
     def _rerank_pairs(
         self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, qidx: torch.Tensor, rows: torch.Tensor,
-    ) -> torch.Tensor:
-        """Exact float32 cosines of (query, row) pairs, any number per query.
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float32 cosines of (query, row) pairs grouped by query (ascending ``qidx``),
+        any number per query: ([Q, W] cosines padded with -inf, [Q, W] row numbers), W >= width.
 
-        Each distinct row is read once (float16); pairs are done a few MiB at a
-        time in reused buffers (see _rerank).
+        Each distinct row is read once (float16). Queries go by groups of similar
+        candidate counts (sorted by count), a few MiB of [g, w, D] float32 rows at a
+        time in reused buffers, times the queries in one bmm: no per-pair copy of
+        the query (a pairwise multiply-and-sum moved 2.3x the bytes).
         """
-        n = len(rows)
-        dim = queries.shape[1]
-        out = torch.empty(n, dtype=torch.float32)
-        if n == 0:
-            return out
+        nq, dim = queries.shape
+        counts = torch.bincount(qidx, minlength=nq)
+        w_all = max(width, int(counts.max()) if len(qidx) else 0)
+        pos = torch.arange(len(qidx)) - (torch.cumsum(counts, 0) - counts)[qidx]
+        sims = torch.full((nq, w_all), -float("inf"))
+        rowmat = torch.zeros((nq, w_all), dtype=torch.int64)
+        if len(qidx) == 0:
+            return sims, rowmat
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
         vecs = torch.from_numpy(leaf.gather(uniq))  # [U, D] float16
         inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
-        step = max(1, min(n, RERANK_BYTES // (dim * 4)))
-        b16, b32, bq = (self._buffers.get(x) for x in ("pairs16", "pairs32", "pairsq"))
-        if b16 is None or b32 is None or bq is None or b16.shape[1] != dim or b16.shape[0] < step:
-            b16 = self._buffers["pairs16"] = torch.empty((step, dim), dtype=torch.float16)
-            b32 = self._buffers["pairs32"] = torch.empty((step, dim), dtype=torch.float32)
-            bq = self._buffers["pairsq"] = torch.empty((step, dim), dtype=torch.float32)
-        q = queries.float().contiguous()
-        for lo in range(0, n, step):
-            hi = min(lo + step, n)
-            m = hi - lo
-            torch.index_select(vecs, 0, inverse_t[lo:hi], out=b16[:m])
-            b32[:m].copy_(b16[:m])
-            torch.index_select(q, 0, qidx[lo:hi], out=bq[:m])
-            # a [m, 1, D] x [m, D, 1] bmm is a batch of tiny matmuls: 1.5x slower than this
-            torch.sum(b32[:m].mul_(bq[:m]), dim=1, out=out[lo:hi])
-        return out * inv[torch.from_numpy(uniq)][inverse_t]
+        slot = torch.zeros((nq, w_all), dtype=torch.int64)  # padding reads row 0, masked below
+        slot[qidx, pos] = inverse_t
+        rowmat[qidx, pos] = rows
+        scale = torch.zeros((nq, w_all))
+        scale[qidx, pos] = inv[rows]
+        n = max(RERANK_BYTES // (dim * 4), w_all)
+        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
+        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
+            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
+            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        order = torch.argsort(counts, descending=True)
+        cnt = counts[order].tolist()
+        lo = 0
+        while lo < nq and cnt[lo] > 0:
+            w = cnt[lo]
+            hi = min(nq, lo + max(1, n // w))
+            grp = order[lo:hi]
+            m = (hi - lo) * w
+            torch.index_select(vecs, 0, slot[grp, :w].reshape(-1), out=b16[:m])
+            c = b32[:m]
+            c.copy_(b16[:m])
+            sims[grp, :w] = torch.bmm(c.view(hi - lo, w, dim), queries[grp].unsqueeze(2)).squeeze(2)
+            lo = hi
+        valid = torch.arange(w_all)[None, :] < counts[:, None]
+        return torch.where(valid, sims * scale, -float("inf")), rowmat
 
     def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).
