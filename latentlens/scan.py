@@ -676,7 +676,7 @@ def _threshold_of(terms: tuple[torch.Tensor, float], kth: torch.Tensor, inv_rang
     t = torch.where(y >= 0, y / (1 + u_out), y / (1 - u_out))
     # a hair lower than the algebra, for float rounding in computing it (the certificate is checked anyway)
     t = t - 1e-6 * (1 + t.abs())
-    return t.float().nan_to_num(nan=-float("inf"))
+    return t.float().nan_to_num(nan=-float("inf"), posinf=float("inf"), neginf=-float("inf"))
 
 
 class ScanEngine:
