@@ -28,6 +28,7 @@ This module imports torch; the store does not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -563,7 +564,8 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
     The search policy's cost model (latentlens.search) fits scan time as
     rows * dim * (read + Q * mul); measured here with Q = 1 and Q = 512 (an
     image's patches) over a block bigger than the CPU caches (~1.5 s once),
-    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16).
+    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16),
+    with the scan's one-pass selection (threshold_blocks).
     """
     gen = torch.Generator().manual_seed(0)
     dtype = scan_dtype()
@@ -576,7 +578,9 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
         br = block_rows_for(nq)
         for _ in range(repeats):
             t = time.perf_counter()
-            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10 + DEFAULT_MARGIN, dtype, br)
+            threshold_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10,
+                             functools.partial(_threshold, q, dtype=dtype, rho=BF16_U / 2, inv_range=(1.0, 1.0)),
+                             dtype, br)
             best = min(best, time.perf_counter() - t)
         times[nq] = best / (rows * dim)
     mul = max((times[512] - times[1]) / 511, 1e-13)
