@@ -13,14 +13,17 @@ done right, as fast as the reference library's in-RAM matmul:
   by the whole query batch with torch, in float32 (converted per block) or,
   where the CPU has BF16/AMX units, in bfloat16 read straight from a second
   copy of the leaf rounded once to bfloat16 (``vectors.bf16``: no per-search
-  conversion), and folded into a running top-(k + margin); pages of a
-  finished block are dropped from the process (``MADV_DONTNEED``), so
-  resident memory is one block plus the query batch, whatever the leaf size,
-  while the OS page cache keeps the file hot for the next query;
-* the candidates are re-ranked by exact float32 cosine, and the answer is
-  certified equal to the float32 one: where a row outside the candidates
-  could still beat the k-th (bounded by the rounding of bfloat16), that
-  query is scanned again with more candidates (ScanEngine.search_leaf).
+  conversion); each block keeps, per query, the rows scoring at least a
+  threshold that trails the running k-th best by the rounding bound
+  (threshold_blocks); pages of a finished block are dropped from the process
+  (``MADV_DONTNEED``), so resident memory is one block plus the query batch
+  and the kept rows, whatever the leaf size, while the OS page cache keeps
+  the file hot for the next query;
+* the kept rows are re-ranked by exact float32 cosine, and the answer is
+  certified equal to the float32 one in that one pass: no row left out
+  can beat the k-th (bounded by the rounding of bfloat16). A query that is
+  not certified, or kept too many rows, is scanned again the older way:
+  top-(k + margin) candidates, widened until certified (ScanEngine.search_leaf).
 
 This module imports torch; the store does not.
 """
