@@ -678,7 +678,15 @@ def _threshold_of(terms: tuple[torch.Tensor, float], kth: torch.Tensor, inv_rang
     lo, hi = inv_range
     kth = kth.double()
     h = kth - u_out * kth.abs()
-    target = torch.minimum(h * lo, h * hi) - 2 * err.double()  # what g(t) * inv may reach
+    return _inverse_bound(terms, torch.minimum(h * lo, h * hi) - err.double(), inv_range)
+
+
+def _inverse_bound(terms: tuple[torch.Tensor, float], cos: torch.Tensor, inv_range: tuple[float, float]) -> torch.Tensor:
+    """Per query the lowest matmul score t whose _outside_bound(t) may reach ``cos``: a row
+    scoring below t cannot beat a float32 cosine of ``cos``."""
+    err, u_out = terms
+    lo, hi = inv_range
+    target = cos.double() - err.double()  # what g(t) * inv may reach
     y = torch.where(target >= 0, target / hi, target / lo)
     t = torch.where(y >= 0, y / (1 + u_out), y / (1 - u_out))
     # a hair lower than the algebra, for float rounding in computing it (the certificate is checked anyway)
@@ -818,15 +826,27 @@ class ScanEngine:
 
         got = threshold_blocks(leaf.blocks(block, bf16=bf16_file), queries, kk, thr_of, dtype, block,
                                self._buffers, max(MAX_CANDIDATES, 8 * kk))
-        # the final threshold from the exact k-th best score among the kept (tighter than the
-        # running one, a bound from chunk maxima): drop the rows below it before re-ranking
-        approx, _rows = _by_query(got.query, got.score, got.row, nq, kk)
+        # the final threshold from the k-th best score among the kept (tighter than the
+        # running one, a bound from chunk maxima)
+        approx, rowmat = _by_query(got.query, got.score, got.row, nq, kk)
         thr = torch.maximum(got.threshold, thr_of(torch.topk(approx, kk, dim=1).values[:, kk - 1]))
-        keep = got.score >= thr[got.query]
-        sims, rows = self._rerank_pairs(leaf, inv, queries, got.query[keep], got.row[keep], kk)
-        v, i = _by_cosine(sims, rows, kk)
-        # thr = -inf: no row was left out
-        done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= _outside_bound(queries, thr, dtype, rho, inv_range)))
+        # re-rank in two steps: the best k + margin by score first; their exact k-th then says
+        # which of the other kept rows can still beat it (those within the rounding bound
+        # below it, ~half the rows above thr, which assumed the worst rounding both ways)
+        m = min(kk + self.margin, approx.shape[1])
+        first_v, first = torch.topk(approx, m, dim=1)
+        ok1 = (first_v >= thr[:, None]) & (first_v > -float("inf"))  # not padding
+        q1 = torch.arange(nq).repeat_interleave(m).view(nq, m)
+        sims1, rows1 = self._rerank_pairs(leaf, inv, queries, q1[ok1], rowmat.gather(1, first)[ok1], kk)
+        v1 = torch.topk(sims1, kk, dim=1).values[:, kk - 1]
+        need = torch.maximum(thr, _inverse_bound(terms, v1, inv_range))
+        rest = ((approx >= need[:, None]) & (approx > -float("inf"))).scatter_(1, first, False)
+        q2, p2 = rest.nonzero(as_tuple=True)
+        sims2, rows2 = self._rerank_pairs(leaf, inv, queries, q2, rowmat[q2, p2], 0)
+        v, i = _by_cosine(torch.cat([sims1, sims2], dim=1), torch.cat([rows1, rows2], dim=1), kk)
+        # every row not re-ranked scored below `need`; thr = -inf: no row was left out
+        bound = _outside_bound(queries, need, dtype, rho, inv_range)
+        done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= bound))
         out_v[done], out_i[done] = v[done], i[done]
         return torch.arange(nq)[~done]
 
