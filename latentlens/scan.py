@@ -492,34 +492,37 @@ def threshold_blocks(
             b.copy_(src)
         s = scores[: nq * n].view(nq, n)
         torch.mm(q, b.T, out=s)
-        pad = -n % c
-        if pad:  # the last block: pad to whole chunks with -inf (never selected)
-            s = torch.cat([s, torch.full((nq, pad), -float("inf"), dtype=s.dtype)], dim=1)
         # chunk j of a block is its rows j, j + nc, j + 2 nc, ...: the max over the middle
-        # dimension is an elementwise max of contiguous rows (3x faster than over the last)
-        nc = (n + pad) // c
-        chunks = s.view(nq, c, nc)
+        # dimension is an elementwise max of contiguous rows (3x faster than over the last);
+        # the last block's rows past whole chunks (< c) count one by one (no padded copy)
+        nc = n // c
+        chunks = s[:, : nc * c].view(nq, c, nc)
+        tail = s[:, nc * c:]
         cmax = chunks.amax(dim=1)
-        best = torch.cat([top, cmax.float()], dim=1)
+        best = torch.cat([top, cmax.float(), tail.float()], dim=1)
         top = torch.topk(best, min(k, best.shape[1]), dim=1).values
         if top.shape[1] >= k:
             thr = torch.maximum(thr, threshold(top[:, k - 1]))
         live = _round_down(torch.where(over, float("inf"), thr), s.dtype)
         qi, ci = (cmax >= live[:, None]).nonzero(as_tuple=True)
-        if len(qi) == 0:
-            continue
         sel = chunks[qi, :, ci]  # [P, c] the chunks that may hold candidates
         hit = sel >= live[qi, None]
+        tq, tj = (tail >= live[:, None]).nonzero(as_tuple=True)
+        if len(qi) == 0 and len(tq) == 0:
+            continue
         added = torch.zeros(nq, dtype=torch.int64).index_add_(0, qi, hit.sum(dim=1))
+        added.index_add_(0, tq, torch.ones_like(tq))
         newly = (count + added > cap) & ~over
         if newly.any():
             over |= newly
             hit &= ~newly[qi, None]
+            t_ok = ~newly[tq]
+            tq, tj = tq[t_ok], tj[t_ok]
         count += torch.where(over, 0, added)
         p, j = hit.nonzero(as_tuple=True)
-        got_q.append(qi[p])
-        got_r.append(ci[p] + j * nc + start)
-        got_s.append(sel[p, j].float())
+        got_q += [qi[p], tq]
+        got_r += [ci[p] + j * nc + start, tj + nc * c + start]
+        got_s += [sel[p, j].float(), tail[tq, tj].float()]
     if got_q:
         qq, rr, ss = torch.cat(got_q), torch.cat(got_r), torch.cat(got_s)
         keep = ~over[qq]
