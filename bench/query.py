@@ -223,7 +223,7 @@ def worker(kind: str, spec: dict) -> dict:
                     for p in r.search.values():
                         counts[p] = counts.get(p, 0) + 1
                 out[mode]["paths"][name] = counts
-        out["scan_dtype"] = str(lens.scan.dtype)
+        out["scan_dtype"] = f"{lens.scan.dtype}, selection {lens.scan.select} (LLENS_SCAN_SELECT)"
         out["widened"] = lens.scan.widened  # (query, leaf) pairs the re-rank had to rescan with more candidates
         lens.close()
         lenses["auto"].close()

@@ -327,6 +327,17 @@ def scan_dtype(requested: str | None = None) -> torch.dtype:
 
 
 ENV_SCAN_DEVICE = "LLENS_SCAN_DEVICE"
+ENV_SCAN_SELECT = "LLENS_SCAN_SELECT"
+
+
+def scan_select(requested: str | None = None) -> str:
+    """How the CPU scan selects candidates: "threshold" (one certified pass, the default) or
+    "topk" (top-(k + margin), widened until certified: the path before the one pass, kept to
+    compare them on other machines), from ``requested`` or $LLENS_SCAN_SELECT."""
+    name = (requested or os.environ.get(ENV_SCAN_SELECT) or "threshold").strip().lower()
+    if name not in ("threshold", "topk"):
+        raise InputError(f"unknown scan selection '{name}' (use threshold or topk)")
+    return name
 
 
 def scan_device(requested: str | None = None) -> torch.device:
@@ -703,9 +714,10 @@ class ScanEngine:
     def __init__(
         self, store: Store, *, cache_root: Path | None = None, dtype: str | None = None,
         margin: int = DEFAULT_MARGIN, block_rows: int | None = None, use_cache: bool = True,
-        device: str | None = None,
+        device: str | None = None, select: str | None = None,
     ):
         self.store = store
+        self.select = scan_select(select)
         self.cache = LeafCache(store, cache_root)
         self._dtype_name = dtype
         self._dtype: torch.dtype | None = None
@@ -786,7 +798,7 @@ class ScanEngine:
         out_v = torch.full((nq, kk), -float("inf"))
         out_i = torch.zeros((nq, kk), dtype=torch.int64)
         todo = torch.arange(nq)
-        if not self._resident_scan and kk > 0:
+        if self.select == "threshold" and not self._resident_scan and kk > 0:
             todo = self._one_pass(leaf, inv_t, queries, kk, dtype, rho, inv_range, block, bf16_file, out_v, out_i)
             self.widened += len(todo)
         keep = min(max(k + self.margin, self._keep_hint.get(leaf.path, 0)), leaf.rows)
@@ -1015,5 +1027,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_once",
-    "normalize_queries", "scan_device", "scan_dtype", "topk_blocks",
+    "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]

@@ -215,6 +215,21 @@ def test_one_pass_equals_float32_on_near_ties(tmp_path, nq, level, k):
     assert eng.widened == 0
 
 
+def test_topk_selection_still_available_and_exact(tmp_path, monkeypatch):
+    """LLENS_SCAN_SELECT=topk: the top-(k + margin) path (rescans on near-ties), same answer."""
+    from latentlens.scan import scan_select
+
+    rows, q = _near_ties(n_far=6000, n_tied=1200)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    monkeypatch.setenv("LLENS_SCAN_SELECT", "topk")
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert eng.select == "topk" and eng.widened > 0
+    with pytest.raises(InputError, match="unknown scan selection"):
+        scan_select("sort")
+
+
 def test_threshold_blocks_keeps_every_row_that_can_win():
     """Every row left out scored below the final threshold, which is what the certificate assumes."""
     from latentlens.scan import threshold_blocks
