@@ -63,6 +63,8 @@ MAX_BLOCK_ROWS = 65536
 MIN_BLOCK_ROWS = 4096
 # rows per chunk whose best score decides whether the threshold scan looks at them
 SELECT_CHUNK = 32
+# batches up to this many queries select rows by one mask over the scores instead
+DIRECT_SELECT_QUERIES = 32
 # rows a query may keep in the one-pass threshold scan before it falls back to a top-k scan
 MAX_CANDIDATES = 2048
 # bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
@@ -503,6 +505,23 @@ def threshold_blocks(
             b.copy_(src)
         s = scores[: nq * n].view(nq, n)
         torch.mm(q, b.T, out=s)
+        if nq <= DIRECT_SELECT_QUERIES:
+            # a few queries: the block's own top k and one mask are cheaper than chunk maxima
+            # (a max over the middle dimension of [Q, 32, n/32] is slow when Q is small)
+            best = torch.cat([top, torch.topk(s, min(k, n), dim=1).values.float()], dim=1)
+            top = torch.topk(best, min(k, best.shape[1]), dim=1).values
+            if top.shape[1] >= k:
+                thr = torch.maximum(thr, threshold(top[:, k - 1]))
+            live = _round_down(torch.where(over, float("inf"), thr), s.dtype)
+            qi, ri = (s >= live[:, None]).nonzero(as_tuple=True)
+            newly = (count + torch.bincount(qi, minlength=nq) > cap) & ~over
+            over |= newly
+            qi, ri = qi[~over[qi]], ri[~over[qi]]
+            count += torch.bincount(qi, minlength=nq)
+            got_q.append(qi)
+            got_r.append(ri + start)
+            got_s.append(s[qi, ri].float())
+            continue
         # chunk j of a block is its rows j, j + nc, j + 2 nc, ...: the max over the middle
         # dimension is an elementwise max of contiguous rows (3x faster than over the last);
         # the last block's rows past whole chunks (< c) count one by one (no padded copy)

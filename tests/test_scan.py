@@ -252,26 +252,28 @@ def test_threshold_blocks_keeps_every_row_that_can_win():
 
 @pytest.mark.parametrize("n", [5, 33, 1057])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_threshold_blocks_rows_past_whole_chunks(n, dtype):
+@pytest.mark.parametrize("nq", [3, 40])  # one mask over the scores / chunk maxima
+def test_threshold_blocks_rows_past_whole_chunks(n, dtype, nq):
     """A block whose rows are not whole 32-row chunks: the rows past them are kept too."""
     from latentlens.scan import threshold_blocks
 
     v = np.random.default_rng(n).normal(size=(n, 16)).astype(np.float16)
-    q = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(nq, 16), dim=1)
     got = threshold_blocks(((s, v[s: s + 256]) for s in range(0, n, 256)), q, 3, lambda kth: kth - 0.05, dtype, 256)
     scores = (q.to(dtype) @ torch.from_numpy(v).to(dtype).T).float()
-    for qi in range(3):
+    for qi in range(nq):
         kept = got.row[got.query == qi].tolist()
         assert set(torch.nonzero(scores[qi] >= got.threshold[qi]).flatten().tolist()) <= set(kept)
         assert len(set(kept)) == len(kept) and max(kept) < n
 
 
-def test_threshold_blocks_caps_candidates_per_query():
+@pytest.mark.parametrize("nq", [4, 40])
+def test_threshold_blocks_caps_candidates_per_query(nq):
     """Rows that all tie: each query stops collecting at the cap (memory stays Q x cap triples)."""
     from latentlens.scan import threshold_blocks
 
     v16 = np.tile(np.linspace(-1, 1, 32, dtype=np.float32), (5000, 1)).astype(np.float16)
-    qt = torch.nn.functional.normalize(torch.randn(4, 32), dim=1)
+    qt = torch.nn.functional.normalize(torch.randn(nq, 32), dim=1)
     qt[0] = torch.from_numpy(v16[0].astype(np.float32))
     blocks = ((s, v16[s: s + 1024]) for s in range(0, len(v16), 1024))
     got = threshold_blocks(blocks, qt, 10, lambda kth: kth, torch.bfloat16, 1024, cap=100)
