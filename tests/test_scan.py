@@ -188,7 +188,7 @@ def test_scan_equals_float32_on_near_ties(tmp_path, dtype, read_only, monkeypatc
             raise OSError("read-only")
         monkeypatch.setattr(type(leaf), "ensure_bf16", refuse)
     k = 10
-    eng = ScanEngine(None, dtype=dtype, block_rows=4096)
+    eng = ScanEngine(None, dtype=dtype, block_rows=4096, select="threshold")
     sims, got = eng.search_leaf(leaf, torch.from_numpy(q), k)
     want = _assert_float32_answer(sims, got, v16, q, k)
     # one pass certified every query: no rescan (the top-(k + margin) scan needed one for ~all)
@@ -209,10 +209,27 @@ def test_one_pass_equals_float32_on_near_ties(tmp_path, nq, level, k):
     answer, certified in one pass."""
     rows, q = _near_ties(n_far=8000, n_tied=nq * 60 if nq > 8 else 3000, dim=64, nq=nq, seed=nq + k, level=level)
     leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
-    eng = ScanEngine(None, dtype="bfloat16", block_rows=8192)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=8192, select="threshold")
     sims, got = eng.search_leaf(leaf, torch.from_numpy(q), k)
     _assert_float32_answer(sims, got, v16, q, k)
     assert eng.widened == 0
+
+
+def test_auto_selection_takes_the_one_pass_on_dense_leaves(tmp_path):
+    """auto: top-k first; the queries it leaves get the one pass, and so does every later
+    batch on that leaf (no rescan any more); the answer is float32's throughout."""
+    rows, q = _near_ties()
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    assert eng.select == "auto"
+    qt = torch.from_numpy(q)
+    sims, got = eng.search_leaf(leaf, qt, 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert leaf.path in eng._dense and 0 < eng.widened <= len(q)  # one rescan at most, by the one pass
+    before = eng.widened
+    sims, got = eng.search_leaf(leaf, qt, 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert eng.widened == before
 
 
 def test_topk_selection_still_available_and_exact(tmp_path, monkeypatch):
@@ -228,6 +245,8 @@ def test_topk_selection_still_available_and_exact(tmp_path, monkeypatch):
     assert eng.select == "topk" and eng.widened > 0
     with pytest.raises(InputError, match="unknown scan selection"):
         scan_select("sort")
+    monkeypatch.delenv("LLENS_SCAN_SELECT")
+    assert scan_select() == "auto"
 
 
 def test_threshold_blocks_keeps_every_row_that_can_win():
@@ -368,7 +387,7 @@ def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path, monkeypa
     monkeypatch.setattr(scan, "MAX_CANDIDATES", 16)  # 500 near-ties a query: all over the cap
     rows, q = _near_ties()
     leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
-    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096, select="threshold")
     qt = torch.from_numpy(q)
     first = eng.search_leaf(leaf, qt, 10)
     assert eng.widened > len(q) and eng._keep_hint[leaf.path] > 10 + eng.margin
