@@ -3,12 +3,14 @@
 * threshold: one pass keeps every row within the rounding bound of the running
   k-th best, re-ranks those and certifies (the default);
 * topk:      the top-(k + 32) by score, re-ranked, rescanned with 4x the
-  candidates where not certified (LLENS_SCAN_SELECT=topk).
+  candidates where not certified (LLENS_SCAN_SELECT=topk);
+* auto:      top-k, the one pass for what it leaves and on leaves where it
+  left > 10% of a batch (the default).
 
 Rows are bench/query.py's synthetic clustered rows (normalised, as the store
 keeps them), written once as a cache leaf under --work; queries are stored rows
 plus noise (in-distribution, best cosine ~0.99, k-th ~0.83) and random unit
-vectors (out of distribution), 576 and 8 of each. The two engines alternate
+vectors (out of distribution), 576 and 8 of each. The engines alternate
 search by search (same machine state); the table shows median wall and CPU
 seconds per search of one leaf (x layers for a whole index), the rescans
 ("widened") and whether both answers agree (they must: both are certified).
@@ -70,8 +72,9 @@ def main() -> None:
                 if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
     print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} (noisy when high)")
-    print(f"{'rows':>8} {'queries':<8} {'threshold s':>11} {'topk s':>8} {'topk/thr':>8} {'cpu thr':>8} "
-          f"{'cpu topk':>8} {'widened thr':>11} {'topk':>5} {'same':>5}")
+    print(f"{'rows':>8} {'queries':<8} {'threshold s':>11} {'topk s':>8} {'auto s':>8} {'topk/thr':>8} "
+          f"{'topk/auto':>9} {'cpu thr':>8} {'cpu topk':>8} {'cpu auto':>8} {'widened thr':>11} {'topk':>5} "
+          f"{'auto':>5} {'same':>5}")
     for rows in args.rows or [300000]:
         leaf = leaf_for(rows, args.dim, Path(args.work))
         v16 = np.memmap(leaf.vectors_path, dtype=np.float16, mode="r", shape=(leaf.rows, leaf.dim))
@@ -81,23 +84,24 @@ def main() -> None:
         ood = rng.normal(size=(576, leaf.dim)).astype(np.float32)
         for name, q in (("in-576", ind), ("ood-576", ood), ("in-8", ind[:8]), ("ood-8", ood[:8])):
             qt = torch.nn.functional.normalize(torch.from_numpy(q), dim=1)
-            engines = {s: ScanEngine(None, dtype=args.dtype, select=s) for s in ("threshold", "topk")}
+            engines = {s: ScanEngine(None, dtype=args.dtype, select=s) for s in ("threshold", "topk", "auto")}
             wall: dict[str, list[float]] = {s: [] for s in engines}
             cpus: dict[str, list[float]] = {s: [] for s in engines}
             out = {}
             for r in range(args.repeat + 1):  # the first search of each is not timed (keep hints, bf16 copy)
-                for s in (("threshold", "topk") if r % 2 else ("topk", "threshold")):
+                for s in (("threshold", "topk", "auto") if r % 2 else ("auto", "topk", "threshold")):
                     t, c = time.perf_counter(), time.process_time()
                     out[s] = engines[s].search_leaf(leaf, qt, args.k)
                     if r:
                         wall[s].append(time.perf_counter() - t)
                         cpus[s].append(time.process_time() - c)
-            same = bool(torch.allclose(out["threshold"][0], out["topk"][0], atol=1e-6))
+            same = all(bool(torch.allclose(out[s][0], out["topk"][0], atol=1e-6)) for s in out)
             w = {s: statistics.median(x) for s, x in wall.items()}
             c = {s: statistics.median(x) for s, x in cpus.items()}
-            print(f"{rows:>8} {name:<8} {w['threshold']:11.3f} {w['topk']:8.3f} {w['topk'] / w['threshold']:7.2f}x "
-                  f"{c['threshold']:8.3f} {c['topk']:8.3f} {engines['threshold'].widened:>11} "
-                  f"{engines['topk'].widened:>5} {str(same):>5}", flush=True)
+            print(f"{rows:>8} {name:<8} {w['threshold']:11.3f} {w['topk']:8.3f} {w['auto']:8.3f} "
+                  f"{w['topk'] / w['threshold']:7.2f}x {w['topk'] / w['auto']:8.2f}x {c['threshold']:8.3f} "
+                  f"{c['topk']:8.3f} {c['auto']:8.3f} {engines['threshold'].widened:>11} "
+                  f"{engines['topk'].widened:>5} {engines['auto'].widened:>5} {str(same):>5}", flush=True)
 
 
 if __name__ == "__main__":
