@@ -15,15 +15,16 @@ done right, as fast as the reference library's in-RAM matmul:
   copy of the leaf rounded once to bfloat16 (``vectors.bf16``: no per-search
   conversion); each block keeps, per query, the rows scoring at least a
   threshold that trails the running k-th best by the rounding bound
-  (threshold_blocks); pages of a finished block are dropped from the process
+  (threshold_blocks: the one pass), or its running top-(k + margin)
+  (topk_blocks; see scan_select for which runs when); pages of a finished block are dropped from the process
   (``MADV_DONTNEED``), so resident memory is one block plus the query batch
   and the kept rows, whatever the leaf size, while the OS page cache keeps
   the file hot for the next query;
 * the kept rows are re-ranked by exact float32 cosine, and the answer is
-  certified equal to the float32 one in that one pass: no row left out
-  can beat the k-th (bounded by the rounding of bfloat16). A query that is
-  not certified, or kept too many rows, is scanned again the older way:
-  top-(k + margin) candidates, widened until certified (ScanEngine.search_leaf).
+  certified equal to the float32 one: no row left out can beat the k-th
+  (bounded by the rounding of bfloat16). The one pass certifies by
+  construction; a top-k query not certified is scanned again by the one
+  pass (or with 4x the candidates), until certified (ScanEngine.search_leaf).
 
 This module imports torch; the store does not.
 """
