@@ -13,14 +13,18 @@ done right, as fast as the reference library's in-RAM matmul:
   by the whole query batch with torch, in float32 (converted per block) or,
   where the CPU has BF16/AMX units, in bfloat16 read straight from a second
   copy of the leaf rounded once to bfloat16 (``vectors.bf16``: no per-search
-  conversion), and folded into a running top-(k + margin); pages of a
-  finished block are dropped from the process (``MADV_DONTNEED``), so
-  resident memory is one block plus the query batch, whatever the leaf size,
-  while the OS page cache keeps the file hot for the next query;
-* the candidates are re-ranked by exact float32 cosine, and the answer is
-  certified equal to the float32 one: where a row outside the candidates
-  could still beat the k-th (bounded by the rounding of bfloat16), that
-  query is scanned again with more candidates (ScanEngine.search_leaf).
+  conversion); each block keeps, per query, the rows scoring at least a
+  threshold that trails the running k-th best by the rounding bound
+  (threshold_blocks: the one pass), or its running top-(k + margin)
+  (topk_blocks; see scan_select for which runs when); pages of a finished block are dropped from the process
+  (``MADV_DONTNEED``), so resident memory is one block plus the query batch
+  and the kept rows, whatever the leaf size, while the OS page cache keeps
+  the file hot for the next query;
+* the kept rows are re-ranked by exact float32 cosine, and the answer is
+  certified equal to the float32 one: no row left out can beat the k-th
+  (bounded by the rounding of bfloat16). The one pass certifies by
+  construction; a top-k query not certified is scanned again by the one
+  pass (or with 4x the candidates), until certified (ScanEngine.search_leaf).
 
 This module imports torch; the store does not.
 """
@@ -28,6 +32,7 @@ This module imports torch; the store does not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
@@ -57,6 +62,12 @@ MAX_KEEP_HINT = 1024
 SCORE_BUDGET = 96 << 20
 MAX_BLOCK_ROWS = 65536
 MIN_BLOCK_ROWS = 4096
+# rows per chunk whose best score decides whether the threshold scan looks at them
+SELECT_CHUNK = 32
+# batches up to this many queries select rows by one mask over the scores instead
+DIRECT_SELECT_QUERIES = 32
+# rows a query may keep in the one-pass threshold scan before it falls back to a top-k scan
+MAX_CANDIDATES = 2048
 # bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
 # every parallel op waits for a descheduled worker thread)
 RERANK_BYTES = 16 << 20
@@ -319,6 +330,22 @@ def scan_dtype(requested: str | None = None) -> torch.dtype:
 
 
 ENV_SCAN_DEVICE = "LLENS_SCAN_DEVICE"
+ENV_SCAN_SELECT = "LLENS_SCAN_SELECT"
+
+
+def scan_select(requested: str | None = None) -> str:
+    """How the CPU scan selects candidates, from ``requested`` or $LLENS_SCAN_SELECT:
+
+    "threshold": one certified pass (threshold_blocks); "topk": the top-(k + margin),
+    widened until certified; "auto" (default): top-k, which certifies ~all of a
+    batch on sparse leaves and far queries at less cost, and the one pass for the
+    queries it leaves, and for every later batch on a leaf where it left > 10%
+    (dense leaves, near-ties: the one pass was 1.5-2.4x faster there).
+    """
+    name = (requested or os.environ.get(ENV_SCAN_SELECT) or "auto").strip().lower()
+    if name not in ("auto", "threshold", "topk"):
+        raise InputError(f"unknown scan selection '{name}' (use auto, threshold or topk)")
+    return name
 
 
 def scan_device(requested: str | None = None) -> torch.device:
@@ -423,6 +450,136 @@ def topk_blocks(
     return best_v, best_i
 
 
+@dataclass
+class Collected:
+    """What threshold_blocks kept: (query, row, score) triples, grouped by query, and per query
+    the threshold every row not kept scored below; ``over``: queries that hit the cap (not kept)."""
+
+    query: torch.Tensor  # [P] int64, ascending
+    row: torch.Tensor  # [P] int64
+    score: torch.Tensor  # [P] float32
+    threshold: torch.Tensor  # [Q] float32
+    over: torch.Tensor  # [Q] bool
+
+
+def threshold_blocks(
+    blocks: Iterator[tuple[int, np.ndarray]],
+    queries: torch.Tensor,
+    k: int,
+    threshold: Callable[[torch.Tensor], torch.Tensor],
+    dtype: torch.dtype = torch.float32,
+    block_rows: int = MAX_BLOCK_ROWS,
+    buffers: dict | None = None,
+    cap: int = MAX_CANDIDATES,
+) -> Collected:
+    """Every row whose score could make a query's top k, in one pass over the blocks.
+
+    Per query a running k-th best score (a lower bound: the k-th best of the
+    maxima of the block's SELECT_CHUNK-row chunks, scores of distinct rows) gives
+    ``threshold(kth)``; a block's rows scoring at least the current threshold
+    are kept. Only the chunks whose maximum reaches it are looked at, so the
+    selection costs a max over the score matrix, not a sort of it (torch.topk
+    over the whole [Q, block] matrix cost as much as the bf16 matmul). The
+    threshold only rises, so every row not kept scored below the final one.
+    A query that keeps more than ``cap`` rows stops collecting (``over``):
+    memory stays one block's scores plus Q * cap triples.
+    """
+    q = queries.to(dtype).contiguous()
+    nq, dim = q.shape
+    top = torch.full((nq, 0), -float("inf"))  # running best chunk maxima
+    thr = torch.full((nq,), -float("inf"))
+    count = torch.zeros(nq, dtype=torch.int64)
+    over = torch.zeros(nq, dtype=torch.bool)
+    got_q: list[torch.Tensor] = []
+    got_r: list[torch.Tensor] = []
+    got_s: list[torch.Tensor] = []
+    conv, scores = _buffers(buffers, dtype, dim, nq, block_rows)
+    c = SELECT_CHUNK
+    for start, block in blocks:
+        n = len(block)
+        if n > block_rows:
+            raise ValueError(f"block of {n} rows exceeds block_rows={block_rows}")
+        with warnings.catch_warnings():  # a read-only map: torch only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.from_numpy(np.asarray(block))
+        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
+            src = src.view(torch.bfloat16)
+        if src.dtype == dtype:
+            b = src
+        else:
+            b = conv[:n]
+            b.copy_(src)
+        s = scores[: nq * n].view(nq, n)
+        torch.mm(q, b.T, out=s)
+        if nq <= DIRECT_SELECT_QUERIES:
+            # a few queries: the block's own top k and one mask are cheaper than chunk maxima
+            # (a max over the middle dimension of [Q, 32, n/32] is slow when Q is small)
+            best = torch.cat([top, torch.topk(s, min(k, n), dim=1).values.float()], dim=1)
+            top = torch.topk(best, min(k, best.shape[1]), dim=1).values
+            if top.shape[1] >= k:
+                thr = torch.maximum(thr, threshold(top[:, k - 1]))
+            live = _round_down(torch.where(over, float("inf"), thr), s.dtype)
+            qi, ri = (s >= live[:, None]).nonzero(as_tuple=True)
+            newly = (count + torch.bincount(qi, minlength=nq) > cap) & ~over
+            over |= newly
+            qi, ri = qi[~over[qi]], ri[~over[qi]]
+            count += torch.bincount(qi, minlength=nq)
+            got_q.append(qi)
+            got_r.append(ri + start)
+            got_s.append(s[qi, ri].float())
+            continue
+        # chunk j of a block is its rows j, j + nc, j + 2 nc, ...: the max over the middle
+        # dimension is an elementwise max of contiguous rows (3x faster than over the last);
+        # the last block's rows past whole chunks (< c) count one by one (no padded copy)
+        nc = n // c
+        chunks = s[:, : nc * c].view(nq, c, nc)
+        tail = s[:, nc * c:]
+        cmax = chunks.amax(dim=1)
+        best = torch.cat([top, cmax.float(), tail.float()], dim=1)
+        top = torch.topk(best, min(k, best.shape[1]), dim=1).values
+        if top.shape[1] >= k:
+            thr = torch.maximum(thr, threshold(top[:, k - 1]))
+        live = _round_down(torch.where(over, float("inf"), thr), s.dtype)
+        qi, ci = (cmax >= live[:, None]).nonzero(as_tuple=True)
+        sel = chunks[qi, :, ci]  # [P, c] the chunks that may hold candidates
+        hit = sel >= live[qi, None]
+        tq, tj = (tail >= live[:, None]).nonzero(as_tuple=True)
+        if len(qi) == 0 and len(tq) == 0:
+            continue
+        added = torch.zeros(nq, dtype=torch.int64).index_add_(0, qi, hit.sum(dim=1))
+        added.index_add_(0, tq, torch.ones_like(tq))
+        newly = (count + added > cap) & ~over
+        if newly.any():
+            over |= newly
+            hit &= ~newly[qi, None]
+            t_ok = ~newly[tq]
+            tq, tj = tq[t_ok], tj[t_ok]
+        count += torch.where(over, 0, added)
+        p, j = hit.nonzero(as_tuple=True)
+        got_q += [qi[p], tq]
+        got_r += [ci[p] + j * nc + start, tj + nc * c + start]
+        got_s += [sel[p, j].float(), tail[tq, tj].float()]
+    if got_q:
+        qq, rr, ss = torch.cat(got_q), torch.cat(got_r), torch.cat(got_s)
+        keep = ~over[qq]
+        qq, rr, ss = qq[keep], rr[keep], ss[keep]
+        order = torch.sort(qq, stable=True).indices
+        qq, rr, ss = qq[order], rr[order], ss[order]
+    else:
+        qq = rr = torch.zeros(0, dtype=torch.int64)
+        ss = torch.zeros(0)
+    return Collected(qq, rr, ss, thr, over)
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, rounded towards -inf (a threshold rounded up would drop rows it must keep;
+    comparing in the scores' own dtype spares converting them)."""
+    if dtype == x.dtype:
+        return x
+    y = x.to(dtype)
+    return torch.where(y.to(x.dtype) > x, torch.nextafter(y, torch.full_like(y, -float("inf"))), y)
+
+
 def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The block and score buffers, reused across layers and calls when ``cache`` is given
     (fresh ~100 MiB buffers per layer cost page faults each time)."""
@@ -449,7 +606,8 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
     The search policy's cost model (latentlens.search) fits scan time as
     rows * dim * (read + Q * mul); measured here with Q = 1 and Q = 512 (an
     image's patches) over a block bigger than the CPU caches (~1.5 s once),
-    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16).
+    in the dtype the scan will use (bfloat16 rows as read from vectors.bf16),
+    with the scan's one-pass selection (threshold_blocks).
     """
     gen = torch.Generator().manual_seed(0)
     dtype = scan_dtype()
@@ -462,7 +620,9 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
         br = block_rows_for(nq)
         for _ in range(repeats):
             t = time.perf_counter()
-            topk_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10 + DEFAULT_MARGIN, dtype, br)
+            threshold_blocks(((s, block[s:s + br]) for s in range(0, rows, br)), q, 10,
+                             functools.partial(_threshold, q, dtype=dtype, rho=BF16_U / 2, inv_range=(1.0, 1.0)),
+                             dtype, br)
             best = min(best, time.perf_counter() - t)
         times[nq] = best / (rows * dim)
     mul = max((times[512] - times[1]) / 511, 1e-13)
@@ -478,10 +638,40 @@ def _by_cosine(sims: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
     return v, torch.gather(rows, 1, sel)
 
 
+def _by_query(
+    qidx: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, nq: int, width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, rows) of pairs grouped by query (ascending ``qidx``) as [nq, >= width] rows padded with -inf."""
+    counts = torch.bincount(qidx, minlength=nq)
+    w = max(width, int(counts.max()) if len(qidx) else 0)
+    pos = torch.arange(len(qidx)) - (torch.cumsum(counts, 0) - counts)[qidx]
+    v = torch.full((nq, w), -float("inf"))
+    r = torch.zeros((nq, w), dtype=torch.int64)
+    v[qidx, pos] = values
+    r[qidx, pos] = rows
+    return v, r
+
+
 BF16_U = 2.0 ** -8  # unit roundoff of bfloat16 (8 significant bits, round to nearest)
 F32_U = 2.0 ** -24
 F16_U = 2.0 ** -11  # float16 (the GPU path: rows are float16 already, so exact there)
 F16_TINY = 2.0 ** -20  # absolute slack for float16 scores and queries near underflow
+
+
+def _error_terms(q: torch.Tensor, dtype: torch.dtype, rho: float) -> tuple[torch.Tensor, float]:
+    """Per query the absolute error E of a cosine read off a matmul score, and u_out (see _outside_bound)."""
+    dim = q.shape[1]
+    gamma = dim * F32_U / (1 - dim * F32_U)
+    qn = torch.linalg.vector_norm(q, dim=1)
+    if dtype == torch.float32:
+        err = gamma * qn
+        u_out = 0.0
+    else:
+        u = BF16_U if dtype == torch.bfloat16 else F16_U
+        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
+        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
+        u_out = 2 * u / (1 - 2 * u)
+    return err + 2 * gamma * qn, u_out
 
 
 def _outside_bound(
@@ -500,21 +690,47 @@ def _outside_bound(
     further 2 gamma_D covers the float32 re-rank's own rounding (ties within
     it are ties).
     """
-    dim = q.shape[1]
-    gamma = dim * F32_U / (1 - dim * F32_U)
-    qn = torch.linalg.vector_norm(q, dim=1)
-    if dtype == torch.float32:
-        err = gamma * qn
-        u_out = 0.0
-    else:
-        u = BF16_U if dtype == torch.bfloat16 else F16_U
-        qe = torch.linalg.vector_norm(q.to(dtype).float() - q, dim=1)
-        err = (1 + u) * qe + rho * qn + gamma * (1 + u) ** 2 * qn + F16_TINY
-        u_out = 2 * u / (1 - 2 * u)
+    err, u_out = _error_terms(q, dtype, rho)
     w = weakest.float()
     g = w + u_out * w.abs()
     lo, hi = inv_range
-    return torch.maximum(g * lo, g * hi) + err + 2 * gamma * qn
+    return torch.maximum(g * lo, g * hi) + err
+
+
+def _threshold(
+    q: torch.Tensor, kth: torch.Tensor, dtype: torch.dtype, rho: float, inv_range: tuple[float, float],
+) -> torch.Tensor:
+    """Per query: the lowest matmul score a row needs to possibly beat the exact k-th,
+    when k rows score at least ``kth``; _outside_bound inverted.
+
+    Those k rows' float32 cosines are at least min(h(kth) lo, h(kth) hi) - E with
+    h(x) = x - u_out |x|, so the k-th exact cosine is too; a row scoring below the
+    returned t has _outside_bound(t) at most that, and cannot be in the top k.
+    (-inf where kth is -inf: fewer than k rows seen.)
+    """
+    return _threshold_of(_error_terms(q, dtype, rho), kth, inv_range)
+
+
+def _threshold_of(terms: tuple[torch.Tensor, float], kth: torch.Tensor, inv_range: tuple[float, float]) -> torch.Tensor:
+    """_threshold with the queries' error terms computed once (_error_terms)."""
+    err, u_out = terms
+    lo, hi = inv_range
+    kth = kth.double()
+    h = kth - u_out * kth.abs()
+    return _inverse_bound(terms, torch.minimum(h * lo, h * hi) - err.double(), inv_range)
+
+
+def _inverse_bound(terms: tuple[torch.Tensor, float], cos: torch.Tensor, inv_range: tuple[float, float]) -> torch.Tensor:
+    """Per query the lowest matmul score t whose _outside_bound(t) may reach ``cos``: a row
+    scoring below t cannot beat a float32 cosine of ``cos``."""
+    err, u_out = terms
+    lo, hi = inv_range
+    target = cos.double() - err.double()  # what g(t) * inv may reach
+    y = torch.where(target >= 0, target / hi, target / lo)
+    t = torch.where(y >= 0, y / (1 + u_out), y / (1 - u_out))
+    # a hair lower than the algebra, for float rounding in computing it (the certificate is checked anyway)
+    t = t - 1e-6 * (1 + t.abs())
+    return t.float().nan_to_num(nan=-float("inf"), posinf=float("inf"), neginf=-float("inf"))
 
 
 class ScanEngine:
@@ -523,9 +739,10 @@ class ScanEngine:
     def __init__(
         self, store: Store, *, cache_root: Path | None = None, dtype: str | None = None,
         margin: int = DEFAULT_MARGIN, block_rows: int | None = None, use_cache: bool = True,
-        device: str | None = None,
+        device: str | None = None, select: str | None = None,
     ):
         self.store = store
+        self.select = scan_select(select)
         self.cache = LeafCache(store, cache_root)
         self._dtype_name = dtype
         self._dtype: torch.dtype | None = None
@@ -541,6 +758,8 @@ class ScanEngine:
         # per leaf: the candidate count that certified most queries last time (dense leaves
         # with in-distribution queries need more than k + margin: start there, not rescan)
         self._keep_hint: dict[Path, int] = {}
+        # leaves where the top-k path needed a rescan for > 10% of a batch: "auto" takes the one pass there
+        self._dense: set[Path] = set()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -577,14 +796,16 @@ class ScanEngine:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k (float32 cosines, row numbers) of unit ``queries`` in one cached leaf.
 
-        The scan keeps the top-(k + margin) by the matmul's (rounded) scores;
-        those are re-ranked by float32 cosine, and a query's answer is kept
-        only when it is certified: its k-th exact cosine is at least the most
-        any row outside the candidates could reach (the weakest candidate's
-        score plus the rounding bound, see _outside_bound). The others are
-        scanned again with 4x the candidates, until the candidates are the
-        whole leaf. So the answer is the float32 one, near-ties included,
-        whatever the matmul's dtype.
+        One pass (threshold_blocks) keeps every row whose matmul score is
+        within the rounding bound of the running k-th best, so that the k-th
+        exact cosine of the re-ranked candidates is certified: at least the
+        most any row left out could reach (its score is below the threshold,
+        plus the rounding bound, see _outside_bound). Queries not certified
+        (or over the candidate cap: ties by the thousand) take the older path:
+        the top-(k + margin) by score, re-ranked and certified the same way,
+        scanned again with 4x the candidates until certified or the candidates
+        are the whole leaf. So the answer is the float32 one, near-ties
+        included, whatever the matmul's dtype.
         """
         dtype = torch.float16 if self._resident_scan else self.dtype
         nq = queries.shape[0]
@@ -604,6 +825,12 @@ class ScanEngine:
         out_v = torch.full((nq, kk), -float("inf"))
         out_i = torch.zeros((nq, kk), dtype=torch.int64)
         todo = torch.arange(nq)
+        can = not self._resident_scan and kk > 0
+        tried = False  # the one pass, at most once a search
+        if can and (self.select == "threshold" or (self.select == "auto" and leaf.path in self._dense)):
+            todo, tried = self._one_pass_for(todo, leaf, inv_t, queries, kk, dtype, rho, inv_range, block,
+                                             bf16_file, out_v, out_i), True
+            self.widened += len(todo)
         keep = min(max(k + self.margin, self._keep_hint.get(leaf.path, 0)), leaf.rows)
         first = True
         while len(todo):
@@ -623,11 +850,122 @@ class ScanEngine:
             self.widened += len(todo)
             if first and len(todo) > nq // 10:
                 # > 10% rescanned: later searches of this leaf start wider (the hint only grows:
-                # halving it back would trade a rescan every few searches for a smaller re-rank)
+                # halving it back would trade a rescan every few searches for a smaller re-rank),
+                # and with "auto" they take the one pass (a dense leaf: near-ties everywhere)
                 self._keep_hint[leaf.path] = min(keep * 4, MAX_KEEP_HINT)
+                if self.select == "auto":
+                    self._dense.add(leaf.path)
             first = False
             keep = min(keep * 4, leaf.rows)
+            if len(todo) and can and not tried and self.select == "auto":
+                # those left: one pass certifies them at once (rather than 4x the candidates, again)
+                todo, tried = self._one_pass_for(todo, leaf, inv_t, queries, kk, dtype, rho, inv_range, block,
+                                                 bf16_file, out_v, out_i), True
         return out_v, out_i
+
+    def _one_pass_for(
+        self, todo: torch.Tensor, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, kk: int, dtype: torch.dtype,
+        rho: float, inv_range: tuple[float, float], block: int, bf16_file: bool, out_v: torch.Tensor,
+        out_i: torch.Tensor,
+    ) -> torch.Tensor:
+        """_one_pass for the queries numbered ``todo``; returns those it did not certify."""
+        if len(todo) == len(queries):
+            return todo[self._one_pass(leaf, inv, queries, kk, dtype, rho, inv_range, block, bf16_file, out_v, out_i)]
+        ov = torch.full((len(todo), kk), -float("inf"))
+        oi = torch.zeros((len(todo), kk), dtype=torch.int64)
+        left = self._one_pass(leaf, inv, queries[todo], kk, dtype, rho, inv_range, block, bf16_file, ov, oi)
+        ok = torch.ones(len(todo), dtype=torch.bool)
+        ok[left] = False
+        out_v[todo[ok]], out_i[todo[ok]] = ov[ok], oi[ok]
+        return todo[left]
+
+    def _one_pass(
+        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, kk: int, dtype: torch.dtype, rho: float,
+        inv_range: tuple[float, float], block: int, bf16_file: bool, out_v: torch.Tensor, out_i: torch.Tensor,
+    ) -> torch.Tensor:
+        """The threshold scan, its re-rank and certificate: fills out_v / out_i of the certified
+        queries and returns the others' numbers (for the top-k path)."""
+        nq = queries.shape[0]
+
+        terms = _error_terms(queries, dtype, rho)
+
+        def thr_of(kth: torch.Tensor) -> torch.Tensor:
+            return _threshold_of(terms, kth, inv_range)
+
+        got = threshold_blocks(leaf.blocks(block, bf16=bf16_file), queries, kk, thr_of, dtype, block,
+                               self._buffers, max(MAX_CANDIDATES, 8 * kk))
+        # the final threshold from the k-th best score among the kept (tighter than the
+        # running one, a bound from chunk maxima)
+        approx, rowmat = _by_query(got.query, got.score, got.row, nq, kk)
+        thr = torch.maximum(got.threshold, thr_of(torch.topk(approx, kk, dim=1).values[:, kk - 1]))
+        # re-rank in two steps: the best k + margin by score first; their exact k-th then says
+        # which of the other kept rows can still beat it (those within the rounding bound
+        # below it, ~half the rows above thr, which assumed the worst rounding both ways)
+        m = min(kk + self.margin, approx.shape[1])
+        first_v, first = torch.topk(approx, m, dim=1)
+        ok1 = (first_v >= thr[:, None]) & (first_v > -float("inf"))  # not padding
+        q1 = torch.arange(nq).repeat_interleave(m).view(nq, m)
+        sims1, rows1 = self._rerank_pairs(leaf, inv, queries, q1[ok1], rowmat.gather(1, first)[ok1], kk)
+        v1 = torch.topk(sims1, kk, dim=1).values[:, kk - 1]
+        need = torch.maximum(thr, _inverse_bound(terms, v1, inv_range))
+        rest = ((approx >= need[:, None]) & (approx > -float("inf"))).scatter_(1, first, False)
+        q2, p2 = rest.nonzero(as_tuple=True)
+        sims2, rows2 = self._rerank_pairs(leaf, inv, queries, q2, rowmat[q2, p2], 0)
+        v, i = _by_cosine(torch.cat([sims1, sims2], dim=1), torch.cat([rows1, rows2], dim=1), kk)
+        # every row not re-ranked scored below `need`; thr = -inf: no row was left out
+        bound = _outside_bound(queries, need, dtype, rho, inv_range)
+        done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= bound))
+        out_v[done], out_i[done] = v[done], i[done]
+        return torch.arange(nq)[~done]
+
+    def _rerank_pairs(
+        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, qidx: torch.Tensor, rows: torch.Tensor,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact float32 cosines of (query, row) pairs grouped by query (ascending ``qidx``),
+        any number per query: ([Q, W] cosines padded with -inf, [Q, W] row numbers), W >= width.
+
+        Each distinct row is read once (float16). Queries go by groups of similar
+        candidate counts (sorted by count), a few MiB of [g, w, D] float32 rows at a
+        time in reused buffers, times the queries in one bmm: no per-pair copy of
+        the query (a pairwise multiply-and-sum moved 2.3x the bytes).
+        """
+        nq, dim = queries.shape
+        counts = torch.bincount(qidx, minlength=nq)
+        w_all = max(width, int(counts.max()) if len(qidx) else 0)
+        pos = torch.arange(len(qidx)) - (torch.cumsum(counts, 0) - counts)[qidx]
+        sims = torch.full((nq, w_all), -float("inf"))
+        rowmat = torch.zeros((nq, w_all), dtype=torch.int64)
+        if len(qidx) == 0:
+            return sims, rowmat
+        uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
+        vecs = torch.from_numpy(leaf.gather(uniq))  # [U, D] float16
+        inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+        slot = torch.zeros((nq, w_all), dtype=torch.int64)  # padding reads row 0, masked below
+        slot[qidx, pos] = inverse_t
+        rowmat[qidx, pos] = rows
+        scale = torch.zeros((nq, w_all))
+        scale[qidx, pos] = inv[rows]
+        n = max(RERANK_BYTES // (dim * 4), w_all)
+        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
+        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
+            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
+            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        order = torch.argsort(counts, descending=True)
+        cnt = counts[order].tolist()
+        lo = 0
+        while lo < nq and cnt[lo] > 0:
+            w = cnt[lo]
+            hi = min(nq, lo + max(1, n // w))
+            grp = order[lo:hi]
+            m = (hi - lo) * w
+            torch.index_select(vecs, 0, slot[grp, :w].reshape(-1), out=b16[:m])
+            c = b32[:m]
+            c.copy_(b16[:m])
+            sims[grp, :w] = torch.bmm(c.view(hi - lo, w, dim), queries[grp].unsqueeze(2)).squeeze(2)
+            lo = hi
+        valid = torch.arange(w_all)[None, :] < counts[:, None]
+        return torch.where(valid, sims * scale, -float("inf")), rowmat
 
     def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).
@@ -742,5 +1080,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_once",
-    "normalize_queries", "scan_device", "scan_dtype", "topk_blocks",
+    "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]

@@ -111,7 +111,8 @@ class LayerSearch:
 
 
 def _cost_path() -> Path:
-    return config.cache_dir() / "scan" / "costs-v2.json"  # v2: measured at Q = 1 and 512
+    # v2: measured at Q = 1 and 512; v3: with the one-pass threshold selection
+    return config.cache_dir() / "scan" / "costs-v3.json"
 
 
 class CostModel:

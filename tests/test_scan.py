@@ -140,9 +140,10 @@ def _write_leaf(path, rows: np.ndarray):
     return Leaf(path, len(v), v.shape[1], len(v), 1), v
 
 
-def _near_ties(n_far=20000, n_tied=3000, dim=64, nq=6, seed=0):
+def _near_ties(n_far=20000, n_tied=3000, dim=64, nq=6, seed=0, level=0.9):
     """Rows whose cosines with each query crowd within ~2e-3 of each other at the top (far below
-    bf16's rounding of the scores, ~4e-3 at 0.9), above a mass of unrelated rows."""
+    bf16's rounding of the scores, ~4e-3 at 0.9), above a mass of unrelated rows (``level``:
+    where the ties sit: 0.9 in distribution, 0.25 out of it, where the unrelated rows crowd too)."""
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(nq, dim))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -153,7 +154,7 @@ def _near_ties(n_far=20000, n_tied=3000, dim=64, nq=6, seed=0):
         noise = rng.normal(size=(n_tied // nq, dim))
         noise -= (noise @ q[qi])[:, None] * q[qi]
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-        c = 0.9 + rng.uniform(0, 2e-3, size=(len(noise), 1))
+        c = level + rng.uniform(0, 2e-3, size=(len(noise), 1))
         tied.append(c * q[qi] + np.sqrt(1 - c**2) * noise)
     rows = np.concatenate([far, *tied])
     return rows[rng.permutation(len(rows))].astype(np.float32), q.astype(np.float32)
@@ -166,6 +167,17 @@ def _float32_top(v16: np.ndarray, q: np.ndarray, k: int):
     return np.take_along_axis(sims, order, 1), order
 
 
+def _assert_float32_answer(sims, got, v16, q, k):
+    want_s, want = _float32_top(v16, q, k + 1)
+    for qi in range(len(q)):
+        # the same rows in the same order, except where float32 itself ties (within 1e-6)
+        for j in range(k):
+            if got[qi, j] != want[qi, j]:
+                assert abs(float(sims[qi, j]) - want_s[qi, j]) < 1e-6, (qi, j)
+        np.testing.assert_allclose(sims[qi].numpy(), want_s[qi, :k], atol=1e-6)
+    return want
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("read_only", [False, True])
 def test_scan_equals_float32_on_near_ties(tmp_path, dtype, read_only, monkeypatch):
@@ -176,23 +188,149 @@ def test_scan_equals_float32_on_near_ties(tmp_path, dtype, read_only, monkeypatc
             raise OSError("read-only")
         monkeypatch.setattr(type(leaf), "ensure_bf16", refuse)
     k = 10
-    eng = ScanEngine(None, dtype=dtype, block_rows=4096)
+    eng = ScanEngine(None, dtype=dtype, block_rows=4096, select="threshold")
     sims, got = eng.search_leaf(leaf, torch.from_numpy(q), k)
-    want_s, want = _float32_top(v16, q, k + 1)
-    for qi in range(len(q)):
-        # the same rows in the same order, except where float32 itself ties (within 1e-6)
-        for j in range(k):
-            if got[qi, j] != want[qi, j]:
-                assert abs(float(sims[qi, j]) - want_s[qi, j]) < 1e-6, (qi, j)
-        np.testing.assert_allclose(sims[qi].numpy(), want_s[qi, :k], atol=1e-6)
+    want = _assert_float32_answer(sims, got, v16, q, k)
+    # one pass certified every query: no rescan (the top-(k + margin) scan needed one for ~all)
+    assert eng.widened == 0
     if dtype == "bfloat16":
-        # the ties were real: bf16's own top-(k + margin) misses float32 answers, so the
-        # certificate had to widen (this is what the plain margin of 16 got wrong)
-        assert eng.widened > 0
+        # the ties were real: bf16's own top-(k + margin) misses float32 answers
         qb = torch.from_numpy(q).bfloat16()
         approx = (qb @ torch.from_numpy(v16).bfloat16().T).float()
         plain = torch.topk(approx, k + eng.margin, dim=1).indices.numpy()
         assert any(not set(want[qi, :k]) <= set(plain[qi]) for qi in range(len(q)))
+
+
+@pytest.mark.parametrize("nq", [576, 8])
+@pytest.mark.parametrize("level", [0.9, 0.25])
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_one_pass_equals_float32_on_near_ties(tmp_path, nq, level, k):
+    """An image's patches or a few tokens, near-ties in and out of distribution: the float32
+    answer, certified in one pass."""
+    rows, q = _near_ties(n_far=8000, n_tied=nq * 60 if nq > 8 else 3000, dim=64, nq=nq, seed=nq + k, level=level)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=8192, select="threshold")
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), k)
+    _assert_float32_answer(sims, got, v16, q, k)
+    assert eng.widened == 0
+
+
+def test_auto_selection_takes_the_one_pass_on_dense_leaves(tmp_path):
+    """auto: top-k first; the queries it leaves get the one pass, and so does every later
+    batch on that leaf (no rescan any more); the answer is float32's throughout."""
+    rows, q = _near_ties()
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    assert eng.select == "auto"
+    qt = torch.from_numpy(q)
+    sims, got = eng.search_leaf(leaf, qt, 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert leaf.path in eng._dense and 0 < eng.widened <= len(q)  # one rescan at most, by the one pass
+    before = eng.widened
+    sims, got = eng.search_leaf(leaf, qt, 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert eng.widened == before
+
+
+def test_topk_selection_still_available_and_exact(tmp_path, monkeypatch):
+    """LLENS_SCAN_SELECT=topk: the top-(k + margin) path (rescans on near-ties), same answer."""
+    from latentlens.scan import scan_select
+
+    rows, q = _near_ties(n_far=6000, n_tied=1200)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    monkeypatch.setenv("LLENS_SCAN_SELECT", "topk")
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert eng.select == "topk" and eng.widened > 0
+    with pytest.raises(InputError, match="unknown scan selection"):
+        scan_select("sort")
+    monkeypatch.delenv("LLENS_SCAN_SELECT")
+    assert scan_select() == "auto"
+
+
+def test_threshold_blocks_keeps_every_row_that_can_win():
+    """Every row left out scored below the final threshold, which is what the certificate assumes."""
+    from latentlens.scan import threshold_blocks
+
+    rows, q = _near_ties(n_far=6000, n_tied=600, nq=6)
+    v16 = rows.astype(np.float16)
+    qt = torch.from_numpy(q)
+    blocks = ((s, v16[s: s + 1024]) for s in range(0, len(v16), 1024))
+    got = threshold_blocks(blocks, qt, 10, lambda kth: kth - 0.01, torch.float32, 1024)
+    scores = (qt @ torch.from_numpy(v16).float().T)
+    for qi in range(len(q)):
+        kept = set(got.row[got.query == qi].tolist())
+        must = set(torch.nonzero(scores[qi] >= got.threshold[qi]).flatten().tolist())
+        assert must <= kept
+        # the threshold is the running 10th best minus the slack, never above the true one
+        assert float(got.threshold[qi]) <= float(torch.topk(scores[qi], 10).values[-1]) - 0.01 + 1e-6
+    assert not got.over.any()
+    assert torch.equal(got.query, torch.sort(got.query).values)
+
+
+@pytest.mark.parametrize("n", [5, 33, 1057])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nq", [3, 40])  # one mask over the scores / chunk maxima
+def test_threshold_blocks_rows_past_whole_chunks(n, dtype, nq):
+    """A block whose rows are not whole 32-row chunks: the rows past them are kept too."""
+    from latentlens.scan import threshold_blocks
+
+    v = np.random.default_rng(n).normal(size=(n, 16)).astype(np.float16)
+    q = torch.nn.functional.normalize(torch.randn(nq, 16), dim=1)
+    got = threshold_blocks(((s, v[s: s + 256]) for s in range(0, n, 256)), q, 3, lambda kth: kth - 0.05, dtype, 256)
+    scores = (q.to(dtype) @ torch.from_numpy(v).to(dtype).T).float()
+    for qi in range(nq):
+        kept = got.row[got.query == qi].tolist()
+        assert set(torch.nonzero(scores[qi] >= got.threshold[qi]).flatten().tolist()) <= set(kept)
+        assert len(set(kept)) == len(kept) and max(kept) < n
+
+
+@pytest.mark.parametrize("nq", [4, 40])
+def test_threshold_blocks_caps_candidates_per_query(nq):
+    """Rows that all tie: each query stops collecting at the cap (memory stays Q x cap triples)."""
+    from latentlens.scan import threshold_blocks
+
+    v16 = np.tile(np.linspace(-1, 1, 32, dtype=np.float32), (5000, 1)).astype(np.float16)
+    qt = torch.nn.functional.normalize(torch.randn(nq, 32), dim=1)
+    qt[0] = torch.from_numpy(v16[0].astype(np.float32))
+    blocks = ((s, v16[s: s + 1024]) for s in range(0, len(v16), 1024))
+    got = threshold_blocks(blocks, qt, 10, lambda kth: kth, torch.bfloat16, 1024, cap=100)
+    assert got.over.all() and len(got.query) == 0
+
+
+def test_all_rows_tied_falls_back_and_stays_exact(tmp_path, monkeypatch):
+    import latentlens.scan as scan
+
+    monkeypatch.setattr(scan, "MAX_CANDIDATES", 64)
+    rows = np.tile(np.linspace(-1, 1, 32, dtype=np.float32), (3000, 1))
+    rows[::7] += 0.01
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    q = np.random.default_rng(3).normal(size=(5, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    want_s, _ = _float32_top(v16, q, 10)
+    np.testing.assert_allclose(sims.numpy(), want_s, atol=1e-6)
+    assert eng.widened >= 5  # every query over the cap: the top-k path answered (and rescanned)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_threshold_inverts_the_outside_bound(dtype):
+    """A row scoring below _threshold(kth) has a cosine bound below the least the k rows at
+    kth can have: the one pass certifies by construction."""
+    from latentlens.scan import _error_terms, _outside_bound, _threshold
+
+    q = torch.nn.functional.normalize(torch.randn(200, 96), dim=1)
+    kth = torch.linspace(-0.9, 0.95, 200)
+    for inv_range in ((1.0, 1.0), (0.999, 1.002), (0.5, 3.0)):
+        t = _threshold(q, kth, dtype, 2.0 ** -9, inv_range)
+        assert (t < kth).all()
+        err, u_out = _error_terms(q, dtype, 2.0 ** -9)
+        h = kth - u_out * kth.abs()
+        least = torch.minimum(h * inv_range[0], h * inv_range[1]) - err
+        assert (_outside_bound(q, t, dtype, 2.0 ** -9, inv_range) <= least).all()
+    assert torch.isneginf(_threshold(q, torch.full((200,), -float("inf")), dtype, 0.0, (1.0, 1.0))).all()
 
 
 def test_bf16_copy_is_the_rounded_rows(tmp_path):
@@ -242,13 +380,17 @@ def test_measure_scan_runs_in_the_scan_dtype(monkeypatch, dtype):
     assert c["read"] > 0 and c["mul"] > 0
 
 
-def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path):
+def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path, monkeypatch):
+    """The top-k path (queries over the one pass's candidate cap) learns how wide to start."""
+    import latentlens.scan as scan
+
+    monkeypatch.setattr(scan, "MAX_CANDIDATES", 16)  # 500 near-ties a query: all over the cap
     rows, q = _near_ties()
     leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
-    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096, select="threshold")
     qt = torch.from_numpy(q)
     first = eng.search_leaf(leaf, qt, 10)
-    assert eng.widened > 0 and eng._keep_hint[leaf.path] > 10 + eng.margin
+    assert eng.widened > len(q) and eng._keep_hint[leaf.path] > 10 + eng.margin
     before = eng.widened
     again = eng.search_leaf(leaf, qt, 10)
     assert eng.widened - before < before  # fewer (here: no) second passes
