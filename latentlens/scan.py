@@ -174,6 +174,17 @@ class Leaf:
         return out
 
 
+def _alive(pid: str) -> bool:
+    """Whether a process of this id runs (on this host: the cache dir is local); unsure -> yes."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True
+    return True
+
+
 def bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounded to nearest even as torch rounds
     (finite values: the leaves hold float16 rows)."""
@@ -339,9 +350,12 @@ class LeafCache:
 
     @staticmethod
     def _prune(base: Path, keep: str) -> None:
-        """Remove stale versions (open maps of them stay valid on POSIX)."""
+        """Remove stale versions (open maps of them stay valid on POSIX) and the temp folders
+        of fills whose process died midway (killed: no ``finally`` ran)."""
         for p in base.iterdir():
-            if p.name != keep and p.name.startswith("v"):
+            stale = p.name != keep and p.name.startswith("v")
+            dead = p.name.startswith(".tmp-") and not _alive(p.name.split("-")[1])
+            if stale or dead:
                 shutil.rmtree(p, ignore_errors=True)
 
     def clear(self) -> None:
