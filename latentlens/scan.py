@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from latentlens import config
-from latentlens.errors import EmptyResult, InputError
+from latentlens.errors import EmptyResult, InputError, LatentLensError
 from latentlens.store import KnnResult, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
@@ -340,7 +340,11 @@ class LeafCache:
             self.leaf_dir(info, todo[0])  # instance id asked once, on this thread's connection
 
             def one(layer: int) -> None:
-                with self.store.reader() as reader:
+                try:
+                    reader = self.store.reader()
+                except LatentLensError:
+                    return  # no second connection (server full, ...): copied one by one below
+                with reader:
                     self.get(info, layer, bf16=bf16, progress=progress, store=reader)
 
             with ThreadPoolExecutor(min(len(todo), workers or COPY_WORKERS)) as pool:

@@ -218,3 +218,14 @@ def test_scan_engine_warm_fills_every_layer(store, data, tmp_path):
     leaves = eng.warm(data["info"])
     assert [leaf.rows for leaf in leaves] == [data["info"].layer(x).row_count for x in data["info"].layer_numbers]
     assert not any(leaf.bf16_path.exists() for leaf in leaves)  # a float32 scan needs no bf16 copy
+
+
+def test_get_many_without_a_second_connection_copies_one_by_one(store, data, tmp_path, monkeypatch):
+    from latentlens.errors import DatabaseUnavailable
+
+    def refuse(self):
+        raise DatabaseUnavailable("too many connections")
+
+    monkeypatch.setattr(Store, "reader", refuse)
+    leaves = LeafCache(store, tmp_path / "c").get_many(data["info"], data["info"].layer_numbers, workers=4)
+    assert [leaf.rows for leaf in leaves] == [data["info"].layer(x).row_count for x in data["info"].layer_numbers]
