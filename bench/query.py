@@ -7,7 +7,9 @@ already in the store with --model), query batches are answered by
                $LLENS_REFERENCE_INDEX_PY or .cache/reference/latentlens/index.py, which
                .ci/setup unpacks): from_directory (all layers in RAM as float32), then search;
 * llens-cold:  Lens.neighbors(mode="exact") with an empty scan cache: the first query
-               of a fresh machine copies each leaf from PostgreSQL;
+               of a fresh machine copies each leaf from PostgreSQL (in parallel);
+* llens-new:   the first query (default mode) of a new process, the cache filled:
+               import + connect, then the search (vs the reference's load + search);
 * llens-exact: the same with the cache filled;
 * llens-ann:   mode="ann": HNSW only (at the ef_search its build measured, or --ef-search);
 * llens-auto:  the default: each layer's batch by the cost-based policy (latentlens.search).
@@ -181,6 +183,18 @@ def worker(kind: str, spec: dict) -> dict:
                 _keep_min(out, name, time.perf_counter() - t, time.process_time() - c)
             out["results"][name] = [[[n.contextual_layer, n.caption, n.position, n.similarity] for n in r]
                                     for r in res]
+    elif kind == "llens-new":
+        # a new process, the scan cache already filled: import + connect, then the first query
+        t = time.perf_counter()
+        from latentlens.query import Lens
+
+        lens = Lens.connect()
+        out["times"]["connect"] = [time.perf_counter() - t]
+        name, q = next(iter(queries.items()))
+        t, c = time.perf_counter(), time.process_time()
+        lens.neighbors(q, spec["model"], k=k)
+        _keep_min(out, name, time.perf_counter() - t, time.process_time() - c)
+        lens.close()
     elif kind == "llens-cold":
         from latentlens.query import Lens
 
@@ -336,6 +350,7 @@ def bench_one(args, name: str) -> None:
         for kind in ("ref", "llens") if r % 2 == 0 else ("llens", "ref"):
             runs[kind] = _pool(runs.get(kind), run_worker(kind, spec))
         print(f"  round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    runs["llens-new"] = run_worker("llens-new", spec)  # after the llens rounds: the cache is filled
     runs["llens-cold"] = run_worker("llens-cold", spec)
     sides = {"ref": runs["ref"], **{f"llens-{m}": runs["llens"][m] for m in ("exact", "ann", "auto")
                                     if m in runs["llens"]}}
@@ -363,6 +378,9 @@ def bench_one(args, name: str) -> None:
     print(f"first (cold) query, {first}: llens {_median(runs['llens-cold']['times'][first]):.2f}s "
           f"(copies every leaf); reference load {_median(runs['ref']['times']['load']):.2f}s "
           f"+ search {_median(runs['ref']['times'][first]):.2f}s")
+    print(f"first query of a new process (cache filled, default mode), {first}: llens import + connect "
+          f"{_median(runs['llens-new']['times']['connect']):.2f}s + search {_median(runs['llens-new']['times'][first]):.2f}s; "
+          f"reference load {_median(runs['ref']['times']['load']):.2f}s + search {_median(runs['ref']['times'][first]):.2f}s")
     print("peak RSS MiB: " + ", ".join(f"{kind} {r['maxrss_mb']:.0f}" for kind, r in runs.items())
           + " (llens: the exact, ann and auto process)")
     print("auto/best: auto's time over the faster of exact and HNSW-only, counting HNSW only "

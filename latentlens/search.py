@@ -250,12 +250,28 @@ class Searcher:
         out = {}
         # one round trip for the batch, not one per layer
         server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and self.store.ann_supported()
+        self._prefetch(info, [x for x in layers if mode == "exact" or query_kind == "visual"
+                              or not (server_ann and info.layer(x).index_kind)])
         for layer in layers:
             t = time.perf_counter()
             ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann)
             ls.seconds = time.perf_counter() - t
             out[layer] = ls
         return out
+
+    def _prefetch(self, info: ModelInfo, layers: list[int]) -> None:
+        """Copy the uncached leaves that will be scanned all at once (in parallel), not one by one."""
+        layers = [x for x in layers if info.layer(x).row_count > 0]
+        if len(layers) < 2 or not self.has_torch:
+            return
+        missing = [x for x in layers
+                   if self.scan.cache.cached(info, x, (info.layer(x).row_count, info.layer(x).version)) is None]
+        if len(missing) < 2:
+            return
+        t = time.perf_counter()
+        self.scan.prefetch(info, missing)
+        self.costs.observe_copy(sum(info.layer(x).row_count for x in missing) * info.hidden_size,
+                                time.perf_counter() - t)
 
     def _search_layer(
         self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,

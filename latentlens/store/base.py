@@ -96,6 +96,11 @@ class StoreBase:
         self.__dict__.pop("_citus", None)
         return [r[0] for r in rows]
 
+    def reader(self: S) -> S:
+        """A second store on a connection of its own to the same database (already checked by
+        ``open``): for reads in another thread, e.g. copying several leaves at once. Close it."""
+        return type(self)(db.connect(self.url), self.url)
+
     def close(self) -> None:
         self.conn.close()
 

@@ -230,7 +230,7 @@ class EmbeddingsMixin(StoreBase):
                     del buf[: len(HEADER)]
                     started = True
                 while started and len(buf) >= size * chunk_rows:
-                    yield _split_scan(bytes(buf[: size * chunk_rows]), dim)
+                    yield _split_scan(bytes(memoryview(buf)[: size * chunk_rows]), dim)  # one copy, not two
                     del buf[: size * chunk_rows]
         if started:
             body = bytes(buf[: len(buf) - len(TRAILER)])
