@@ -329,7 +329,7 @@ def bench_one(args, name: str) -> None:
         spec["refdir"] = str(refdir)
     with Store.open() as store:
         info = store.get_model(name)
-        ann = store.ann_supported()
+        ann = store.ann_supported() and not args.no_ann
         if ann and not all(li.index_kind for li in info.layers):
             print("  building HNSW indexes (m=16, ef_construction=64) and measuring their recall...", flush=True)
             t = time.perf_counter()
@@ -385,7 +385,9 @@ def bench_one(args, name: str) -> None:
           + " (llens: the exact, ann and auto process)")
     print("auto/best: auto's time over the faster of exact and HNSW-only, counting HNSW only "
           "where its tie-aware recall@10 is >= 0.95 on that query set")
-    if not ann:
+    if args.no_ann:
+        print("llens-ann: n/a (--no-ann: no HNSW built or searched; auto then scans every leaf)")
+    elif not ann:
         print("llens-ann: n/a (this server's pgvector failed the ANN probe: llens.ann_index = off)")
 
 
@@ -400,6 +402,8 @@ def main() -> None:
     p.add_argument("--ef-search", type=int, default=None)
     p.add_argument("--repeat", type=int, default=3, help="searches per side and round")
     p.add_argument("--rounds", type=int, default=3, help="alternating reference / llens processes; medians shown")
+    p.add_argument("--no-ann", action="store_true",
+                   help="no HNSW: skip its build (hours at 1M rows on 2 cores) and the ann column")
     p.add_argument("--model", help="benchmark a model already in the store instead of synthetic rows")
     p.add_argument("--work", default="/tmp/llens-bench")
     p.add_argument("--worker", help=argparse.SUPPRESS)
