@@ -28,6 +28,8 @@ from latentlens.models.base import LanguageModel, TextSide
 DTYPES = ("float32", "bfloat16", "float16")
 #: what ``dtype="auto"`` means: see auto_dtype
 AUTO = "auto"
+#: what "auto" resolves to where set (float32 or bfloat16), whatever the CPU
+ENV_AUTO_DTYPE = "LLENS_INGEST_DTYPE"
 
 #: transformers' from_pretrained switches process-wide state while it builds a model
 #: (weight-init and device contexts); two threads loading at once can leave it switched
@@ -84,7 +86,13 @@ def auto_dtype(device: str | None = None, *, bf16_units: bool | None = None) -> 
 
     bfloat16 there runs the forward ~3x faster, and its stored rows give the same
     top-10 neighbours as float32 ones (measured on SmolLM2: docs/ingest.md);
-    without the units it would be slower than float32."""
+    without the units it would be slower than float32. $LLENS_INGEST_DTYPE, where
+    set, is the answer instead (the test suite pins it, so it runs alike on every CPU)."""
+    env = os.environ.get(ENV_AUTO_DTYPE, "").strip().lower()
+    if env and env != AUTO:
+        if env not in DTYPES:
+            raise InputError(f"{ENV_AUTO_DTYPE} must be one of {', '.join(DTYPES)} or auto, got {env!r}")
+        return env
     if _device(device).type != "cpu":
         return "float32"
     return "bfloat16" if (cpu_bf16_units() if bf16_units is None else bf16_units) else "float32"
