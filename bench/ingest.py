@@ -44,7 +44,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_CORPUS = ROOT.parent / "shared" / "corpora" / "concepts.txt"
+# ../shared/corpora of a checkout (of a worktree two levels down too); else the demo corpus
+SHARED_CORPUS = next((p for p in (ROOT.parent / "shared" / "corpora" / "concepts.txt",
+                                  ROOT.parents[1] / "shared" / "corpora" / "concepts.txt") if p.exists()),
+                     ROOT.parent / "shared" / "corpora" / "concepts.txt")
 
 
 def _default_model() -> str | None:
@@ -112,7 +115,8 @@ def side_by_side(args) -> None:
     os.environ.update(env)
     t = time.perf_counter()
     lm = load_language_model(args.model, lens_heads=False)  # fills the dequantized GGUF cache
-    print(f"model: {lm!r} (first load {time.perf_counter() - t:.1f}s); {len(texts):,} sentences; "
+    print(f"model: {lm!r} (first load {time.perf_counter() - t:.1f}s); {len(texts):,} sentences of "
+          f"{args.corpus or (SHARED_CORPUS if SHARED_CORPUS.exists() else 'the demo corpus')}; "
           f"CPU bfloat16 units: {cpu_bf16_units()}; --dtype {args.dtype}"
           f"{' -> ' + auto_dtype() if args.dtype == 'auto' else ''}; load average "
           f"{os.getloadavg()[0]:.1f} (cores {os.cpu_count()})", flush=True)

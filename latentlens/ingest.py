@@ -160,7 +160,7 @@ class IngestOptions:
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     build_index: bool = True
-    #: ANN index builds at once, one leaf each on its own connection (see _build_leaves)
+    #: ANN index builds at once, one leaf each on its own connection (see build_leaves)
     index_jobs: int = 2
     window_batches: int = 8
     queue_chunks: int = 16
@@ -696,9 +696,9 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                  jobs: int = 2) -> list[int]:
     """Store.build_index for ``layers``, ``jobs`` leaves at a time, each on its own connection.
 
-    Why: one HNSW build has serial phases (the leader's scan, ANALYZE, the swap, the
-    recall calibration) that leave cores idle; two leaves at once took 7.6 s a leaf
-    against 11.7 s one after the other (35k x 576-d, 2-core Xeon: docs/ingest.md).
+    Why: one HNSW build leaves cores idle in its serial phases (parts of the graph
+    build, ANALYZE, the swap, the recall calibration); two leaves at once took 7.6 s a
+    leaf against 11.7 s one after the other (35k x 576-d, 2-core Xeon: docs/ingest.md).
     An error or an interrupt cancels the builds still running (each is one
     transaction: nothing half-built stays)."""
     todo = list(layers)
