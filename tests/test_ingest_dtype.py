@@ -72,6 +72,14 @@ def test_auto_dtype(monkeypatch):
         loading.auto_dtype("cpu", bf16_units=True)
 
 
+def test_cli_default_is_float32(db_url, tiny, corpora, bf16_cpu):
+    """bfloat16 moves ~8% of layer 1's top-10 neighbours (docs/ingest.md): never without asking."""
+    r = CliRunner().invoke(cli, ["ingest", str(tiny), str(corpora["a"]), "--name", "default_f32", "--layers", "1",
+                                 "--no-index", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _dtypes(db_url, json.loads(r.stdout)) == ("float32", "float32", "float32")
+
+
 def test_choose_dtype(monkeypatch):
     monkeypatch.delenv(loading.ENV_AUTO_DTYPE, raising=False)
     assert ing.choose_dtype("float16", "bfloat16", bf16_units=True) == "float16"  # asked for: as asked
@@ -82,8 +90,9 @@ def test_choose_dtype(monkeypatch):
 
 
 def _ingest(*args):
-    r = CliRunner().invoke(cli, ["ingest", *map(str, args), "--layers", "1,3", "--no-index", "--no-progress",
-                                 "--json"])
+    dtype = [] if "--dtype" in args else ["--dtype", "auto"]
+    r = CliRunner().invoke(cli, ["ingest", *map(str, args), *dtype, "--layers", "1,3", "--no-index",
+                                 "--no-progress", "--json"])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
