@@ -14,8 +14,9 @@ CPU with bfloat16 units). The embedded server is started and the model's
 dequantized GGUF cache filled before either is timed (both load the same
 float32 safetensors). --rounds alternates them; medians are shown.
 
---overlap: is the bfloat16 forward safe? Runs ingest's own planning and
-forward (no database) over the slice in float32 and in bfloat16, then
+--overlap: is a bfloat16 forward safe? Runs ingest's own planning and
+forward (no database) over the slice in float32 and in --dtype (auto:
+bf16-mixed, what auto picks on a CPU with bfloat16 units), then
 compares the top-10 neighbours (cosine over the normalised rows, rounded to
 halfvec as stored) for text queries of held-out sentences (each index
 queried by its own dtype's queries, as `llens query` would) and for random
@@ -244,20 +245,23 @@ def overlap(args) -> None:
 
     from latentlens.ingest import resolve_layers
     from latentlens.models import load_language_model
+    from latentlens.models.loading import BF16_MIXED
 
     texts = _texts(args)
     index_texts, held_out = texts[: args.n], texts[args.n: args.n + args.held_out]
+    other = BF16_MIXED if args.dtype == "auto" else args.dtype
     f32 = load_language_model(args.model, lens_heads=False, dtype="float32")
-    bf16 = load_language_model(args.model, lens_heads=False, dtype="bfloat16")
+    bf16 = load_language_model(args.model, lens_heads=False, dtype=other)
     layers = resolve_layers(args.layers, f32.num_layers)
-    print(f"{len(index_texts):,} indexed sentences, {len(held_out)} held-out ones; layers {layers}", flush=True)
+    print(f"float32 vs {other}: {len(index_texts):,} indexed sentences, {len(held_out)} held-out ones; "
+          f"layers {layers}", flush=True)
     t = time.perf_counter()
     rows32 = _rows(f32, index_texts, layers, args.batch_size)
     t32 = time.perf_counter() - t
     t = time.perf_counter()
     rows16 = _rows(bf16, index_texts, layers, args.batch_size)
     tb16 = time.perf_counter() - t
-    print(f"forward + gather: float32 {t32:.1f}s, bfloat16 {tb16:.1f}s ({t32 / tb16:.2f}x); "
+    print(f"forward + gather: float32 {t32:.1f}s, {other} {tb16:.1f}s ({t32 / tb16:.2f}x); "
           f"{len(rows32[layers[0]]):,} rows a layer", flush=True)
     # the yardstick: float32 against itself, batched otherwise (other padding, other kernels' sums)
     rows32b = _rows(f32, index_texts, layers, max(1, args.batch_size // 4) + 1)

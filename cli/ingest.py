@@ -13,7 +13,7 @@ from latentlens.cli._common import (
     output_options,
 )
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", "float32", "bf16-mixed", "bfloat16", "float16")
 
 
 class _IngestCommand(click.Command):
@@ -47,10 +47,11 @@ class _IngestCommand(click.Command):
 @click.option("--max-contexts-per-token", default=50, show_default=True, type=int,
               help="Keep at most this many contexts per token id (first come, first served).")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Sentences per forward pass.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
               help="Forward dtype, recorded with the run (hidden states are normalised in float32). auto: "
-                   "the dtype of the model's stored rows if it has some, else bfloat16 on a CPU with "
-                   "bfloat16 units (AVX512-BF16/AMX), ~3x faster there, float32 elsewhere.")
+                   "the dtype of the model's stored rows if it has some, else bf16-mixed (float32 weights "
+                   "and residual stream, later blocks' matmuls in bfloat16) on a CPU with bfloat16 units "
+                   "(AVX512-BF16/AMX), float32 elsewhere.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--max-length", default=None, type=int, help="Truncate sentences to this many tokens (counted).")
 @click.option("--limit", default=None, type=int, help="Only the first N sentences of the corpus.")
@@ -79,7 +80,7 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
     Examples:
         llens ingest HuggingFaceTB/SmolLM2-135M corpus.txt
         llens ingest ./SmolLM2-135M-Instruct.Q4_1.gguf corpus.txt --layers 1,8,16
-        llens ingest ./SmolLM2-135M-Instruct.Q4_1.gguf corpus.txt --dtype auto
+        llens ingest ./SmolLM2-135M-Instruct.Q4_1.gguf corpus.txt --dtype float32
         llens ingest llava-hf/llava-1.5-7b-hf captions.csv --column caption --dtype bfloat16
         llens ingest my-model corpus.txt --shard 0/2 &  llens ingest my-model corpus.txt --shard 1/2
         llens ingest --resume 7

@@ -62,7 +62,7 @@ def test_cpu_bf16_units_from_flags():
 
 def test_auto_dtype(monkeypatch):
     monkeypatch.delenv(loading.ENV_AUTO_DTYPE, raising=False)
-    assert loading.auto_dtype("cpu", bf16_units=True) == "bfloat16"
+    assert loading.auto_dtype("cpu", bf16_units=True) == "bf16-mixed"
     assert loading.auto_dtype("cpu", bf16_units=False) == "float32"  # AVX2 only: emulated bf16 is slower
     assert loading.auto_dtype("meta", bf16_units=True) == "float32"  # not the CPU
     monkeypatch.setenv(loading.ENV_AUTO_DTYPE, "float32")
@@ -72,12 +72,28 @@ def test_auto_dtype(monkeypatch):
         loading.auto_dtype("cpu", bf16_units=True)
 
 
-def test_cli_default_is_float32(db_url, tiny, corpora, bf16_cpu):
-    """bfloat16 moves ~8% of layer 1's top-10 neighbours (docs/ingest.md): never without asking."""
-    r = CliRunner().invoke(cli, ["ingest", str(tiny), str(corpora["a"]), "--name", "default_f32", "--layers", "1",
+def test_cli_default_is_auto(db_url, tiny, corpora, bf16_cpu):
+    r = CliRunner().invoke(cli, ["ingest", str(tiny), str(corpora["a"]), "--name", "default_auto", "--layers", "1",
                                  "--no-index", "--no-progress", "--json"])
     assert r.exit_code == 0, r.output
-    assert _dtypes(db_url, json.loads(r.stdout)) == ("float32", "float32", "float32")
+    assert _dtypes(db_url, json.loads(r.stdout)) == ("bf16-mixed",) * 3
+
+
+def test_bf16_mixed_keeps_the_first_block_and_the_residual_in_float32(tiny):
+    """A bfloat16 residual stream reorders layer 1's near-ties (docs/ingest.md): bf16-mixed
+    computes layer 1 exactly as float32 does, and the later ones close to it."""
+    f32 = load_language_model(str(tiny), dtype="float32")
+    mixed = load_language_model(str(tiny), dtype="bf16-mixed")
+    pure = load_language_model(str(tiny), dtype="bfloat16")
+    texts = sample_corpus_path().read_text(encoding="utf-8").splitlines()[:8]
+    a, b, c = (m.hidden_states(texts, [1, 3]) for m in (f32, mixed, pure))
+    assert mixed.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    for x, y, z in zip(a, b, c, strict=True):
+        assert torch.equal(torch.from_numpy(x.vectors[1]), torch.from_numpy(y.vectors[1]))
+        assert not torch.equal(torch.from_numpy(x.vectors[1]), torch.from_numpy(z.vectors[1]))
+        assert not torch.equal(torch.from_numpy(x.vectors[3]), torch.from_numpy(y.vectors[3]))  # bf16 matmuls ran
+        cos = torch.nn.functional.cosine_similarity(torch.from_numpy(x.vectors[3]), torch.from_numpy(y.vectors[3]))
+        assert cos.min() > 0.99
 
 
 def test_choose_dtype(monkeypatch):
@@ -85,7 +101,7 @@ def test_choose_dtype(monkeypatch):
     assert ing.choose_dtype("float16", "bfloat16", bf16_units=True) == "float16"  # asked for: as asked
     assert ing.choose_dtype("auto", "float32", bf16_units=True) == "float32"  # the stored rows' dtype
     assert ing.choose_dtype("auto", "bfloat16", bf16_units=False) == "bfloat16"
-    assert ing.choose_dtype("auto", None, bf16_units=True) == "bfloat16"
+    assert ing.choose_dtype("auto", None, bf16_units=True) == "bf16-mixed"
     assert ing.choose_dtype("auto", None, bf16_units=False) == "float32"
 
 
@@ -105,15 +121,15 @@ def _dtypes(url, summary):
 
 def test_cli_auto_dtype_is_chosen_and_recorded(db_url, tiny, corpora, bf16_cpu):
     s = _ingest(tiny, corpora["a"], "--name", "auto_bf16")
-    assert _dtypes(db_url, s) == ("bfloat16", "bfloat16", "bfloat16")
-    # the rows are what a bfloat16 forward gives, normalised from float32
-    lm = load_language_model(str(tiny), name="auto_bf16", dtype="bfloat16")
+    assert _dtypes(db_url, s) == ("bf16-mixed",) * 3
+    # the rows are what a bf16-mixed forward gives, normalised from float32
+    lm = load_language_model(str(tiny), name="auto_bf16", dtype="bf16-mixed")
     texts = corpora["a"].read_text(encoding="utf-8").splitlines()
     compare(db_url, "auto_bf16", expected_rows(lm, texts, [1, 3]), [1, 3], min_cos=0.99)
 
     bf16_cpu["on"] = False  # another CPU: the model's rows stay one dtype
     s = _ingest(tiny, corpora["b"], "--name", "auto_bf16")
-    assert _dtypes(db_url, s)[0] == "bfloat16"
+    assert _dtypes(db_url, s)[0] == "bf16-mixed"
     s = _ingest(tiny, corpora["b"], "--name", "auto_f32")  # a new model there: float32
     assert _dtypes(db_url, s) == ("float32", "float32", "float32")
     s = _ingest(tiny, corpora["c"], "--name", "auto_bf16", "--dtype", "float32")  # asked for: as asked
@@ -133,7 +149,7 @@ def test_resume_loads_the_runs_dtype(db_url, tiny, corpora, bf16_cpu, monkeypatc
 
     monkeypatch.setattr(latentlens.models, "load_from_store", load)
     r = CliRunner().invoke(cli, ["ingest", "--resume", str(s["run"]), "--no-index", "--no-progress"])
-    assert "stop here" in r.output and asked["dtype"] == "bfloat16"
+    assert "stop here" in r.output and asked["dtype"] == "bf16-mixed"
 
 
 def test_index_builds_run_on_their_own_connections(db_url, tiny, corpora, monkeypatch):

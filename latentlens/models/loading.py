@@ -26,6 +26,9 @@ from latentlens.models.adapters import Adapter, adapter_for_config
 from latentlens.models.base import LanguageModel, TextSide
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: float32 weights and residual stream, the first block in float32, the matmuls of every
+#: later block in bfloat16 (torch.autocast): what `auto` picks on a CPU with bfloat16 units
+BF16_MIXED = "bf16-mixed"
 #: what ``dtype="auto"`` means: see auto_dtype
 AUTO = "auto"
 #: what "auto" resolves to where set (float32 or bfloat16), whatever the CPU
@@ -56,6 +59,8 @@ def loading_weights() -> Iterator[None]:
 def _torch_dtype(dtype: str):
     import torch
 
+    if dtype == BF16_MIXED:
+        return torch.float32
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
     return getattr(torch, dtype)
@@ -81,23 +86,23 @@ def cpu_bf16_units(flags: set[str] | None = None) -> bool:
 
 
 def auto_dtype(device: str | None = None, *, bf16_units: bool | None = None) -> str:
-    """The forward dtype ``dtype="auto"`` picks: bfloat16 on a CPU with bfloat16 units,
-    float32 everywhere else (AVX2-only CPUs, GPUs).
+    """The forward dtype ``dtype="auto"`` picks: BF16_MIXED on a CPU with bfloat16 units,
+    float32 everywhere else (AVX2-only CPUs, where bfloat16 is emulated and slower; GPUs).
 
-    bfloat16 there runs the forward ~3x faster; its rows are near-ties of the float32
-    ones (recall@10 >= 0.99 against float32 with ties allowed) but move up to ~8% of
-    the exact top-10 sets at layer 1 (SmolLM2: docs/ingest.md), so ``llens ingest``
-    asks for it (``--dtype auto``) rather than defaulting to it. Without the units
-    bfloat16 is emulated, slower than float32. $LLENS_INGEST_DTYPE, where set, is the
-    answer instead (the test suite pins it, so it runs alike on every CPU)."""
+    Why mixed and not plain bfloat16: a bfloat16 residual stream moves ~8% of layer 1's
+    exact top-10 neighbours (overlap 0.918 with float32); with the first block and the
+    residual stream in float32 every layer keeps >= 0.96, at ~2-3x the float32 speed
+    (SmolLM2: docs/ingest.md). $LLENS_INGEST_DTYPE, where set, is the answer instead
+    (the test suite pins it, so it runs alike on every CPU)."""
     env = os.environ.get(ENV_AUTO_DTYPE, "").strip().lower()
     if env and env != AUTO:
-        if env not in DTYPES:
-            raise InputError(f"{ENV_AUTO_DTYPE} must be one of {', '.join(DTYPES)} or auto, got {env!r}")
+        if env not in (*DTYPES, BF16_MIXED):
+            raise InputError(f"{ENV_AUTO_DTYPE} must be one of {', '.join(DTYPES)}, {BF16_MIXED} or auto, "
+                             f"got {env!r}")
         return env
     if _device(device).type != "cpu":
         return "float32"
-    return "bfloat16" if (cpu_bf16_units() if bf16_units is None else bf16_units) else "float32"
+    return BF16_MIXED if (cpu_bf16_units() if bf16_units is None else bf16_units) else "float32"
 
 
 def _device(device: str | None):
@@ -225,8 +230,8 @@ def load_language_model(
 ) -> LanguageModel:
     """Load the language model (decoder stack + tokenizer) of ``source``.
 
-    ``dtype``: one of DTYPES, or "auto" (auto_dtype: bfloat16 on a CPU with
-    bfloat16 units, else float32); the chosen one is in ``lm.store_params()``.
+    ``dtype``: one of DTYPES, BF16_MIXED, or "auto" (auto_dtype: BF16_MIXED on a
+    CPU with bfloat16 units, else float32); the chosen one is in ``lm.store_params()``.
     A GGUF file is dequantized once, to float32 (cached), and cast from there.
 
     ``source`` is a transformers id, a local model dir, or a ``.gguf`` file
@@ -298,7 +303,7 @@ def load_language_model(
     text_cfg = adapter.text_config(cfg)
     arch = (getattr(cfg, "architectures", None) or [type(full).__name__])[0]
     del full
-    return LanguageModel(
+    lm_out = LanguageModel(
         name=name or default_name(source, gguf_file),
         model=lm,
         tokenizer=tokenizer,
@@ -310,6 +315,9 @@ def load_language_model(
         adapter=adapter,
         heads=heads,
     )
+    if dtype == BF16_MIXED:
+        lm_out.mix_bf16()
+    return lm_out
 
 
 def load_from_store(info: Any, **kw: Any) -> LanguageModel:
