@@ -13,7 +13,7 @@ from latentlens.cli._common import (
     output_options,
 )
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", "float32", "bf16-mixed", "bfloat16", "float16")
 
 
 class _IngestCommand(click.Command):
@@ -47,12 +47,17 @@ class _IngestCommand(click.Command):
 @click.option("--max-contexts-per-token", default=50, show_default=True, type=int,
               help="Keep at most this many contexts per token id (first come, first served).")
 @click.option("--batch-size", default=32, show_default=True, type=int, help="Sentences per forward pass.")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
-              help="Model weights dtype (hidden states are stored from float32).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+              help="Forward dtype, recorded with the run (hidden states are normalised in float32). auto: "
+                   "the dtype of the model's stored rows if it has some, else bf16-mixed (float32 weights "
+                   "and residual stream, later blocks' matmuls in bfloat16) on a CPU with bfloat16 units "
+                   "(AVX512-BF16/AMX), float32 elsewhere.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--max-length", default=None, type=int, help="Truncate sentences to this many tokens (counted).")
 @click.option("--limit", default=None, type=int, help="Only the first N sentences of the corpus.")
 @click.option("--no-index", is_flag=True, help="Don't build ANN indexes at the end.")
+@click.option("--index-jobs", default=2, show_default=True, type=int,
+              help="ANN indexes built at once at the end (one layer each, own connection).")
 @click.option("--shard", default=None, metavar="I/N", help="Process shard I of N (run N of these at once).")
 @click.option("--resume", "resume_id", default=None, type=int, metavar="RUN_ID",
               help="Continue an unfinished run (MODEL and CORPUS are then not needed).")
@@ -62,7 +67,7 @@ class _IngestCommand(click.Command):
 @handle_errors
 def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_name, fmt, layers,
            skip_positions, max_contexts_per_token, batch_size, dtype, device, max_length, limit,
-           no_index, shard, resume_id, no_progress, as_json, database_url):
+           no_index, index_jobs, shard, resume_id, no_progress, as_json, database_url):
     """Run MODEL over CORPUS and store its contextual token embeddings.
 
     MODEL is a transformers id, a local model dir or a .gguf file; for a
@@ -75,6 +80,7 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
     Examples:
         llens ingest HuggingFaceTB/SmolLM2-135M corpus.txt
         llens ingest ./SmolLM2-135M-Instruct.Q4_1.gguf corpus.txt --layers 1,8,16
+        llens ingest ./SmolLM2-135M-Instruct.Q4_1.gguf corpus.txt --dtype float32
         llens ingest llava-hf/llava-1.5-7b-hf captions.csv --column caption --dtype bfloat16
         llens ingest my-model corpus.txt --shard 0/2 &  llens ingest my-model corpus.txt --shard 1/2
         llens ingest --resume 7
@@ -83,9 +89,12 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
 
     if batch_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    if resume_id is not None:
+    if index_jobs < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--index-jobs")
+    if resume_id is not None:  # the run's recorded dtype, whatever --dtype says
         result = ing.resume(resume_id, database_url=database_url, batch_size=batch_size, device=device,
-                            build_index=not no_index, progress=not no_progress, echo=_err)
+                            build_index=not no_index, progress=not no_progress, echo=_err,
+                            index_jobs=index_jobs)
     else:
         if not model or not corpus:
             raise click.UsageError("give MODEL and CORPUS, or --resume RUN_ID")
@@ -96,10 +105,13 @@ def ingest(model, corpus, gguf_file, revision, name, corpus_name, column, field_
         opts = ing.IngestOptions(
             layers=layers, skip_positions=skip_positions, max_contexts_per_token=max_contexts_per_token,
             batch_size=batch_size, max_length=max_length, limit=limit, shard=ing.parse_shard(shard),
-            build_index=not no_index, progress=not no_progress,
+            build_index=not no_index, progress=not no_progress, index_jobs=index_jobs,
         )
         if limit is not None and limit < 1:
             raise click.BadParameter("must be >= 1", param_hint="--limit")
+        from latentlens.models.loading import store_name
+
+        dtype = ing.dtype_for(database_url, store_name(model, gguf_file, name), dtype, device)
         lm = load_language_model(model, gguf_file=gguf_file, dtype=dtype, device=device,
                                  revision=revision, name=name, lens_heads=False)
         ing.resolve_layers(layers, lm.num_layers, lm.name)  # fail before touching the store

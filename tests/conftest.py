@@ -20,6 +20,9 @@ SESSION_ENV = {
     # skip the query engine's one-time matmul dtype calibration (~10 s on 2 cores);
     # on CPUs without AVX-512 it picks float32 without measuring anyway
     "LLENS_SCAN_DTYPE": "float32",
+    # `llens ingest --dtype auto` picks bfloat16 on CPUs with BF16 units: the suite's parity
+    # checks are float32 on every CPU (tests/test_ingest_dtype.py tests the choice itself)
+    "LLENS_INGEST_DTYPE": "float32",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",

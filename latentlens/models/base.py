@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentlens.errors import InputError
 from latentlens.store.types import check_layer_range
 
 
@@ -146,6 +147,15 @@ class LanguageModel:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.bos_token_id = self._detect_bos()
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+
+    def mix_bf16(self) -> None:
+        """Run the matmuls of every block but the first in bfloat16 (torch.autocast), keeping
+        the weights, the residual stream and the first block in float32 (loading.BF16_MIXED)."""
+        blocks = getattr(self.model, "layers", None)
+        if blocks is None:
+            raise InputError(f"{self.name}: no decoder blocks found for bf16-mixed")
+        for block in list(blocks)[1:]:
+            block.forward = torch.autocast(self.device.type, dtype=torch.bfloat16)(block.forward)
 
     def _detect_bos(self) -> int | None:
         return detect_bos(self.tokenizer)
