@@ -232,6 +232,20 @@ def test_auto_selection_takes_the_one_pass_on_dense_leaves(tmp_path):
     assert eng.widened == before
 
 
+def test_auto_selection_takes_the_one_pass_for_an_image(tmp_path):
+    """auto: a batch of an image's size (> DIRECT_SELECT_QUERIES) goes straight to the one
+    pass: no top-k scan and no rescan, even on a leaf it has not seen dense yet."""
+    from latentlens.scan import DIRECT_SELECT_QUERIES
+
+    nq = DIRECT_SELECT_QUERIES + 8
+    rows, q = _near_ties(nq=nq)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    eng = ScanEngine(None, dtype="bfloat16", block_rows=4096)
+    sims, got = eng.search_leaf(leaf, torch.from_numpy(q), 10)
+    _assert_float32_answer(sims, got, v16, q, 10)
+    assert eng.select == "auto" and eng.widened == 0 and leaf.path not in eng._dense
+
+
 def test_topk_selection_still_available_and_exact(tmp_path, monkeypatch):
     """LLENS_SCAN_SELECT=topk: the top-(k + margin) path (rescans on near-ties), same answer."""
     from latentlens.scan import scan_select
