@@ -730,7 +730,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
 
     try:
         for _ in range(jobs):
-            stores.append(Store.open(store.url, upgrade=False))
+            stores.append(store.sibling())
         threads = [threading.Thread(target=work, args=(st,), name=f"llens-index-{i}", daemon=True)
                    for i, st in enumerate(stores)]
         for t in threads:

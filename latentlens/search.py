@@ -399,15 +399,15 @@ def merge_layers(by_layer: dict[int, KnnResult], k: int, keep: int | None = None
     nq = sims.shape[1]
     flat = sims.transpose(1, 0, 2).reshape(nq, -1)  # [Q, L*k]
     order = np.argsort(-flat, axis=1, kind="stable")[:, : (k if keep is None else keep)]
-    picks = []
-    for qi in range(nq):
-        row = []
-        for j in order[qi]:
-            if np.isfinite(flat[qi, j]):
-                li, r = divmod(int(j), k)
-                row.append((layers[li], r))
-        picks.append(row)
-    return picks
+    finite = np.isfinite(np.take_along_axis(flat, order, axis=1))
+    li, rank = np.divmod(order, k)
+    # whole rows as Python lists at once: per-element numpy indexing cost more than the search
+    # itself for an image's 576 queries (profiled: 0.06 s a call)
+    lay, rank_l = np.asarray(layers)[li].tolist(), rank.tolist()
+    if finite.all():
+        return [list(zip(a, b, strict=True)) for a, b in zip(lay, rank_l, strict=True)]
+    return [[(a, b) for a, b, f in zip(la, ra, fa, strict=True) if f]
+            for la, ra, fa in zip(lay, rank_l, finite.tolist(), strict=True)]
 
 
 __all__ = [

@@ -69,7 +69,8 @@ def test_cache_filled_once_and_invalidated_on_write(store, tmp_path):
     leaf = cache.get(d["info"], 0)
     assert leaf.rows == d["info"].layer(0).row_count
     again = cache.get(d["info"], 0)
-    assert again.path == leaf.path
+    assert again is leaf  # the same Leaf, its keys and maps opened once per process
+    assert leaf.keys() is again.keys() and leaf._map() is again._map()
     # a second batch of rows changes (row_count, version): the cache is refilled
     from latentlens.store import EmbeddingBatch
 
@@ -84,6 +85,7 @@ def test_cache_filled_once_and_invalidated_on_write(store, tmp_path):
     fresh = cache.get(store.get_model("scan-versioned"), 0)
     assert fresh.path != leaf.path
     assert fresh.rows == leaf.rows + n
+    assert list(cache._leaves) == [fresh.path]  # the old version's maps are let go
     assert not leaf.path.exists()  # stale version pruned
     keys = fresh.keys()
     assert (keys["sentence_id"] == sid).sum() == n

@@ -129,14 +129,14 @@ def test_a_killed_fills_temp_folder_is_removed(store, data, tmp_path):
 def test_get_many_copies_in_parallel_and_equals_one_by_one(store, data, tmp_path, monkeypatch):
     info = data["info"]
     readers = []
-    real = Store.reader
+    real = Store.sibling
 
     def spy(self):
         r = real(self)
         readers.append(r)
         return r
 
-    monkeypatch.setattr(Store, "reader", spy)
+    monkeypatch.setattr(Store, "sibling", spy)
     leaves = LeafCache(store, tmp_path / "par").get_many(info, info.layer_numbers, bf16=True, workers=4)
     assert len(readers) == len(info.layer_numbers)  # a connection per missing leaf
     assert all(r.conn.closed for r in readers)
@@ -226,6 +226,6 @@ def test_get_many_without_a_second_connection_copies_one_by_one(store, data, tmp
     def refuse(self):
         raise DatabaseUnavailable("too many connections")
 
-    monkeypatch.setattr(Store, "reader", refuse)
+    monkeypatch.setattr(Store, "sibling", refuse)
     leaves = LeafCache(store, tmp_path / "c").get_many(data["info"], data["info"].layer_numbers, workers=4)
     assert [leaf.rows for leaf in leaves] == [data["info"].layer(x).row_count for x in data["info"].layer_numbers]

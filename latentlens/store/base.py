@@ -96,9 +96,10 @@ class StoreBase:
         self.__dict__.pop("_citus", None)
         return [r[0] for r in rows]
 
-    def reader(self: S) -> S:
+    def sibling(self: S) -> S:
         """A second store on a connection of its own to the same database (already checked by
-        ``open``): for reads in another thread, e.g. copying several leaves at once. Close it."""
+        ``open``), for work in another thread: copying several leaves at once, building two
+        indexes at once. Close it."""
         return type(self)(db.connect(self.url), self.url)
 
     def close(self) -> None:
