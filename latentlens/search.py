@@ -2,8 +2,9 @@
 
 Two ways answer "the k nearest stored rows of these queries in this layer":
 
-* the exact scan (latentlens.scan): a local fp16 copy of the leaf, scanned by
-  blocks with a float32 matmul. Exact for every query. Its cost is one read
+* the exact scan (latentlens.scan): a local copy of the leaf, scanned by
+  blocks with a bfloat16 (where the CPU has the units) or float32 matmul and
+  re-ranked in float32, certified equal to float32. Its cost is one read
   of the leaf (N x D) plus the matmul (N x D x Q): the read dominates small
   batches, so a few queries on a big leaf pay for the whole leaf; a leaf not
   yet cached is copied from the database first;
