@@ -938,13 +938,9 @@ def _timed(fn: Any) -> float:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"unknown x{os.cpu_count()}"
+    from latentlens import config
+
+    return f"{config.cpu_name()} x{os.cpu_count()}"
 
 
 STEPS = ("ingest", "vlm", "queries", "sql", "serve", "eval", "roles", "measure", "write", "faults", "rebalance")

@@ -307,14 +307,6 @@ def _pool(acc: dict | None, new: dict) -> dict:
     return acc
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def bench_one(args, name: str) -> None:
     from latentlens.store import Store
 
@@ -416,8 +408,9 @@ def main() -> None:
     os.environ.setdefault("LLENS_CACHE_DIR", str(Path(args.work) / "cache"))
     import torch
 
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    units = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    from latentlens.config import cpu_flags, cpu_name
+
+    units = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()]
     print(f"{cpu_name()}, {os.cpu_count()} CPUs ({', '.join(units) or 'no BF16 units'}); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")

@@ -68,8 +68,9 @@ def main() -> None:
     p.add_argument("--dtype", default=None, help="scan dtype (default: the scan's own choice)")
     p.add_argument("--work", default="/tmp/llens-bench/scan-select")
     args = p.parse_args()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    from latentlens.config import cpu_name
+
+    cpu = cpu_name()
     print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} (noisy when high)")
     print(f"{'rows':>8} {'queries':<8} {'threshold s':>11} {'topk s':>8} {'auto s':>8} {'topk/thr':>8} "

@@ -202,10 +202,10 @@ def main() -> None:
         print(json.dumps(import_worker(json.loads(args.import_worker))))
         return
     args.ef = args.ef or [100, 400, 1000]
+    from latentlens.config import cpu_name
     from latentlens.store import Store
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     results: dict = {"cpu": cpu, "cpus": os.cpu_count(), "runs": {}}
     for rows in args.rows or [50_000]:
         name = f"wide-{rows}x{args.dim}"

@@ -69,6 +69,28 @@ def max_image_pixels() -> int | None:
     return value if value > 0 else None
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field: value`` of /proc/cpuinfo (None off Linux or without it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_name() -> str:
+    """This CPU's model name, for every published number (see the benches)."""
+    return _cpuinfo("model name") or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (avx512_bf16, amx_bf16, ...); empty where unknown."""
+    return set((_cpuinfo("flags") or "").split())
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved connection settings. ``database_url`` None means embedded."""

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 
-from latentlens.config import ENV_DATABASE_URL, Settings
+from latentlens.config import ENV_DATABASE_URL, Settings, cpu_flags
 from latentlens.errors import ConfigError, DatabaseUnavailable, PermissionDenied
 
 log = logging.getLogger(__name__)
@@ -305,12 +305,7 @@ def probe_key(server_version: str) -> str:
     """
     import hashlib
 
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((ln.split(":", 1)[1] for ln in text.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    cpu = hashlib.blake2b(" ".join(sorted(flags.split())).encode(), digest_size=6).hexdigest()
+    cpu = hashlib.blake2b(" ".join(sorted(cpu_flags())).encode(), digest_size=6).hexdigest()
     return f"{server_version}/{cpu}"
 
 

@@ -72,17 +72,7 @@ def cpu_bf16_units(flags: set[str] | None = None) -> bool:
     Without them torch emulates bfloat16 matmuls, slower than float32.
     ``flags``: the CPU's feature flags (default: read from /proc/cpuinfo; none
     elsewhere, so False off Linux)."""
-    if flags is None:
-        flags = set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool((llens_config.cpu_flags() if flags is None else flags) & {"avx512_bf16", "amx_bf16"})
 
 
 def auto_dtype(device: str | None = None, *, bf16_units: bool | None = None) -> str:
