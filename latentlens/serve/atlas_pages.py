@@ -65,7 +65,7 @@ def atlas_page(request: Request, atlas: str | None = None, word: str | None = No
 
     atlases = [a.to_dict() for a in s.store.list_atlases()]
     found = None
-    lay = _layer(layer)
+    lay = work.optional_layer(layer)
     if atlas and ((word and word.strip()) or (text and text.strip())):
         # the text's token travels as query_token: ?token= is the server's access token
         found = _search(s, atlas, word=word, text=text, token=query_token, layer=lay, page=page, per_page=per_page)
@@ -139,15 +139,6 @@ def api_find(name: str, word: str | None = None, text: str | None = None,
     if not (word or text):
         raise work.InputError("give word or text")
     return _search(s, name, word=word, text=text, token=query_token, layer=layer, page=page, per_page=per_page)
-
-
-def _layer(value: str | None) -> int | None:
-    if value is None or not value.strip():
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise work.InputError(f"layer must be a number, got {value!r}") from None
 
 
 def _image(s: Session, name: str, image_id: int) -> Any:

@@ -204,23 +204,13 @@ def draft_compare(draft: str, a: str, b: str, s: Session = Depends(session)) -> 
     return compare_html(d.results, img, a, b, f"{d.model}: {d.image_name}, {a} vs {b}")
 
 
-def _layer(value: str, what: str) -> int | None:
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"{what}: expected a layer number, got {value!r}") from None
-
-
 def compare_models_html(s: Session, result: Any, img: Any, image_bytes: bytes, image_name: str | None,
                         params: dict, model_b: str, a: str, layer_b: str) -> HTMLResponse:
     from latentlens.compare import render_compare_html
 
     cmp = work.compare_models(s.state, s.store, user=s.user, result=result, image_bytes=image_bytes,
                               image_name=image_name, params=params or {}, model_b=model_b, view=_view(a, "a"),
-                              layer_b=_layer(layer_b, "B's layer"))
+                              layer_b=work.optional_layer(layer_b, "B's layer"))
     title = f"{image_name or 'image'}: {cmp.left.result.model} vs {cmp.right.result.model}"
     return HTMLResponse(render_compare_html(cmp, img, title=title))
 

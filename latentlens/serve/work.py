@@ -192,6 +192,17 @@ def image_query(
     return result, img, draft
 
 
+def optional_layer(value: str | None, what: str = "layer") -> int | None:
+    """A form's layer field: None when empty, else its number (a one-line 400 when it is not one)."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{what}: expected a layer number, got {value!r}") from None
+
+
 _VLM_MARKS = ("ForConditionalGeneration", "VL", "Vision", "Llava", "Molmo", "Idefics", "PaliGemma")
 
 
