@@ -1070,6 +1070,14 @@ class ScanEngine:
         out_v[done], out_i[done] = v[done], i[done]
         return torch.arange(nq)[~done]
 
+    def _rerank_buffers(self, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[>= n, dim] float16 and float32 buffers for candidate rows, kept between searches."""
+        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
+        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
+            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
+            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        return b16, b32
+
     def _rerank_pairs(
         self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, qidx: torch.Tensor, rows: torch.Tensor,
         width: int,
@@ -1099,10 +1107,7 @@ class ScanEngine:
         scale = torch.zeros((nq, w_all))
         scale[qidx, pos] = inv[rows]
         n = max(RERANK_BYTES // (dim * 4), w_all)
-        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
-        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
-            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
-            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        b16, b32 = self._rerank_buffers(n, dim)
         order = torch.argsort(counts, descending=True)
         cnt = counts[order].tolist()
         lo = 0
@@ -1176,10 +1181,7 @@ class ScanEngine:
         scale = inv[torch.from_numpy(uniq)][inverse_t]  # [Q, keep] 1/|row|
         step = max(1, RERANK_BYTES // max(keep * dim * 4, 1))
         n = min(step, nq) * keep
-        b16, b32 = self._buffers.get("rerank16"), self._buffers.get("rerank32")
-        if b16 is None or b32 is None or b16.shape[1] != dim or b16.shape[0] < n:
-            b16 = self._buffers["rerank16"] = torch.empty((n, dim), dtype=torch.float16)
-            b32 = self._buffers["rerank32"] = torch.empty((n, dim), dtype=torch.float32)
+        b16, b32 = self._rerank_buffers(n, dim)
         sims = torch.empty((nq, keep), dtype=torch.float32)
         for lo in range(0, nq, step):
             hi = min(lo + step, nq)
