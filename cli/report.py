@@ -45,7 +45,8 @@ from latentlens.cli._common import (
               type=click.Choice(["float32", "bfloat16", "float16"]), help="VLM weights dtype.")
 @click.option("--compare", "compare_model", metavar="MODEL_B",
               help="Also write compare.html: the same image through MODEL_B, side by side (per patch: both "
-                   "top-k lists and the words they share).")
+                   "top-k lists and the words they share). --patches/--sample choose MODEL's cells; MODEL_B reads "
+                   "its whole grid and each cell is shown beside B's patch under its centre.")
 @click.option("--compare-layers", metavar="A,B",
               help="compare.html: visual layer A against visual layer B (with --compare: A of MODEL, B of MODEL_B).")
 @click.option("--compare-methods", metavar="M1,M2", help="compare.html: method M1 against method M2, same layer.")
@@ -135,6 +136,9 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
     img = load_image(image)
     common: dict[str, Any] = dict(k=k, patches=patches, sample=sample, seed=seed, prompt=prompt, resolution=resolution,
                   device=device, dtype=dtype, methods=methods)
+    # --patches / --sample name MODEL's cells; on MODEL_B's grid the same (row, col) is another place,
+    # so B reads its whole grid and the comparison takes B's patch under each cell's centre
+    common_b = {**common, "patches": "all", "sample": None}
     if "latentlens" not in methods:
         from latentlens.query import baseline_vlm_source
 
@@ -146,7 +150,7 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
         result_b = None
         if compare_model:
             source_b, vls_b = baseline_vlm_source(compare_model, vls_b, database_url)
-            result_b = query_image(None, source_b, img, visual_layers=vls_b, **common)
+            result_b = query_image(None, source_b, img, visual_layers=vls_b, **common_b)
     else:
         from latentlens.query import Lens
 
@@ -155,7 +159,7 @@ def report(model: str | None, image: str | None, analysis_id: int | None, out_di
             result = query_image(lens, model, img, visual_layers=vls, layers=searched, exact=exact or None, **common)
             # MODEL_B has its own stored layers: --layers (of MODEL) does not apply to it
             result_b = query_image(lens, compare_model, img, visual_layers=vls_b, exact=exact or None,
-                                   **common) if compare_model else None
+                                   **common_b) if compare_model else None
     cmp = _comparison(result, result_b, cmp_layers, cmp_methods, png_layer, png_method) \
         if (compare_model or cmp_layers or cmp_methods) else None
     if save:

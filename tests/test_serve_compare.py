@@ -253,3 +253,19 @@ def test_compare_models_in_chromium(served, ingested, others, tmp_path):  # noqa
             page.screenshot(path=str(tmp_path / "compare-coarse.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_cli_report_compare_with_patches_reads_b_under_each_cell(others, ingested, tmp_path):  # noqa: F811
+    """`llens report --patches R,C;... --compare MODEL_B`: the cells are MODEL's; on B's coarser grid
+    the B patch shown beside a cell is the one under its centre (B reads its whole grid), not B's
+    patch at the same (row, col), which is elsewhere in the image or off B's grid."""
+    r = CliRunner().invoke(cli, ["report", MODEL, "--image", str(ingested["image"]), "--out", str(tmp_path / "r"),
+                                 "-k", "2", "--visual-layers", "0", "--patches", "1,1;2,2", "--compare",
+                                 others["coarse"], "--json"])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout)["compare"]
+    assert c["grids"] == [[4, 4], [2, 2]]
+    got = {(p["row"], p["col"]): p["right_patch"] for p in c["patches"]}
+    # 4x4 cells (1,1) and (2,2) lie in the 2x2 grid's (0,0) and (1,1): patch indexes 0 and 3
+    assert got == {(1, 1): 0, (2, 2): 3}
+    assert all(p["right"] for p in c["patches"])
