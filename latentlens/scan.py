@@ -76,6 +76,9 @@ RERANK_BYTES = 16 << 20
 COPY_CHUNK_BYTES = 2 << 20
 # leaves copied at once by LeafCache.get_many (a connection and a server backend each)
 COPY_WORKERS = 4
+# elements per piece of the copy's arithmetic (_fill_arithmetic): torch's grain size, below
+# which an op runs on the calling thread
+FILL_PIECE = 32768
 # rows per piece of a re-rank's read of candidate rows (Leaf.gather)
 GATHER_ROWS = 4096
 
@@ -215,13 +218,19 @@ def _fill_arithmetic(
         work.update(x=torch.empty(n, d), xb=torch.empty(n, d, dtype=torch.bfloat16),
                     norms=torch.empty(n), res=torch.empty(n))
     x, xb, norms, res = work["x"][:n], work["xb"][:n], work["norms"][:n], work["res"][:n]
-    x.copy_(torch.from_numpy(v))
-    torch.linalg.vector_norm(x, dim=1, out=norms)
-    if not bf16 or not n:
-        return norms.numpy(), xb.view(torch.int16).numpy(), 0.0
-    xb.copy_(x)  # round to nearest even, as bf16_bits
-    torch.linalg.vector_norm(x.sub_(xb), dim=1, out=res)
-    rho = float(res.div_(norms.clamp_min(1e-30)).max())
+    src = torch.from_numpy(v)
+    # pieces under torch's grain size run on this thread: four copying threads each
+    # starting an OpenMP team of their own cost more CPU and memory than they saved
+    step = max(1, FILL_PIECE // max(d, 1))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        xp = x[lo:hi]
+        xp.copy_(src[lo:hi])
+        torch.linalg.vector_norm(xp, dim=1, out=norms[lo:hi])
+        if bf16:
+            xb[lo:hi].copy_(xp)  # round to nearest even, as bf16_bits
+            torch.linalg.vector_norm(xp.sub_(xb[lo:hi]), dim=1, out=res[lo:hi])
+    rho = float(res.div_(norms.clamp_min(1e-30)).max()) if bf16 and n else 0.0
     return norms.numpy(), xb.view(torch.int16).numpy(), rho
 
 
