@@ -21,8 +21,10 @@ def data(db_url):
         }
 
 
-def _read(it) -> tuple[np.ndarray, np.ndarray, int]:
+def _read(it, most: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     chunks = list(it)
+    if most is not None:  # the scan's blocks have a fixed capacity (topk_blocks' block_rows)
+        assert all(0 < len(k) == len(v) <= most for k, v in chunks)
     if not chunks:
         return np.zeros(0), np.zeros((0, 0), np.float16), 0
     return np.concatenate([k for k, _ in chunks]), np.concatenate([v for _, v in chunks]), len(chunks)
@@ -37,7 +39,7 @@ def _by_key(keys: np.ndarray, vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def test_ranges_return_the_copys_rows_bit_for_bit(store, data, which, layer, chunk):
     info = data[which]["info"]
     k_copy, v_copy, _ = _read(store._iter_layer_copy(info, layer, chunk))
-    k_rng, v_rng, n_chunks = _read(store._iter_layer_ranges(info, layer, chunk))
+    k_rng, v_rng, n_chunks = _read(store._iter_layer_ranges(info, layer, chunk), chunk)
     assert len(k_rng) == info.layer(layer).row_count == len(k_copy)
     assert v_rng.dtype == np.float16 and v_rng.shape == v_copy.shape
     k_copy, v_copy = _by_key(k_copy, v_copy)
@@ -151,3 +153,22 @@ def test_an_abandoned_stream_leaves_the_connection_usable(store, data):
     next(it)
     it.close()
     assert store.leaf_version(info, 3)[0] > 0
+
+
+def test_a_range_denser_than_the_mean_is_split_to_the_chunk(store, data, monkeypatch):
+    """The blocks per range come from the leaf's mean density; a denser range (here: a
+    mean made 8x too low) must still come in chunks of at most chunk_rows (the streamed
+    scan's buffers hold that many)."""
+    info = store.get_model("ranges-model")
+    real = store.conn.execute
+
+    def sparse(query, params=None, **kw):
+        cur = real(query, params, **kw)
+        if isinstance(query, str) and "pg_relation_size" in query and "row_count" in query:
+            blocks, rows = cur.fetchone()
+            return real("SELECT %s::int8, %s::int8", (blocks * 8, rows))
+        return cur
+
+    monkeypatch.setattr(store.conn, "execute", sparse)
+    keys, _v, n_chunks = _read(store._iter_layer_ranges(info, 3, 30), 30)
+    assert len(keys) == info.layer(3).row_count and n_chunks >= len(keys) // 30

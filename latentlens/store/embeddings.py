@@ -207,7 +207,7 @@ class EmbeddingsMixin(StoreBase):
     def iter_layer(
         self, model: ModelInfo | str, layer: int, *, chunk_rows: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream a leaf as (keys, vectors) chunks of about ``chunk_rows`` rows, in one snapshot.
+        """Stream a leaf as (keys, vectors) chunks of at most ``chunk_rows`` rows, in one snapshot.
 
         ``keys`` is a structured array (sentence_id, position, token_id);
         ``vectors`` is float16 [n, D] (the stored unit vectors). Memory is
@@ -253,7 +253,9 @@ class EmbeddingsMixin(StoreBase):
                 {"m": info.id, "l": layer, "s": step},
             ):
                 if body:
-                    yield _split_packed(body, dim)
+                    keys, vectors = _split_packed(body, dim)
+                    for lo in range(0, len(keys), chunk_rows):  # a denser range than the mean: split
+                        yield keys[lo:lo + chunk_rows], vectors[lo:lo + chunk_rows]
 
     def _iter_layer_copy(
         self, info: ModelInfo, layer: int, chunk_rows: int
