@@ -210,8 +210,7 @@ def _fill_arithmetic(
 
     torch, not numpy: its float16 -> float32 -> bfloat16 conversions are vectorised (numpy's
     astype and bit arithmetic took 2x the CPU: 0.15 s a 35k x 576 leaf). Into buffers reused
-    chunk after chunk: fresh temporaries per chunk grew each copying thread's malloc arena
-    (+90 MiB of a cold query's peak RSS).
+    chunk after chunk: fresh temporaries per chunk grew each copying thread's malloc arena.
     """
     n, d = v.shape
     if "x" not in work or work["x"].shape[0] < n or work["x"].shape[1] != d:
@@ -232,20 +231,6 @@ def _fill_arithmetic(
             torch.linalg.vector_norm(xp.sub_(xb[lo:hi]), dim=1, out=res[lo:hi])
     rho = float(res.div_(norms.clamp_min(1e-30)).max()) if bf16 and n else 0.0
     return norms.numpy(), xb.view(torch.int16).numpy(), rho
-
-
-def _trim_heap() -> None:
-    """Give the memory the copying threads freed back to the OS (glibc's malloc_trim).
-
-    Each thread allocates from a malloc arena of its own, which keeps what it freed: after
-    get_many's parallel copies that was ~80 MiB resident for nothing, on top of the first
-    search's peak (measured: a cold query's peak RSS 470-490 MiB without, 407 with).
-    Elsewhere (macOS, musl) there is no such call and nothing is done.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _alive(pid: str) -> bool:
@@ -419,12 +404,9 @@ class LeafCache:
                 with reader:
                     self.get(info, layer, bf16=bf16, progress=progress, store=reader)
 
-            try:
-                with ThreadPoolExecutor(min(len(todo), workers or COPY_WORKERS)) as pool:
-                    for fut in [pool.submit(one, layer) for layer in todo]:
-                        fut.result()
-            finally:
-                _trim_heap()
+            with ThreadPoolExecutor(min(len(todo), workers or COPY_WORKERS)) as pool:
+                for fut in [pool.submit(one, layer) for layer in todo]:
+                    fut.result()
         return [self.get(info, layer, bf16=bf16, progress=progress) for layer in layers]
 
     @staticmethod

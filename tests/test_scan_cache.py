@@ -254,15 +254,6 @@ def test_fill_arithmetic_reuses_its_buffers_across_chunk_sizes():
         assert np.array_equal(plain, norms) and no_rho == 0.0
 
 
-def test_get_many_gives_the_copy_threads_memory_back(store, data, tmp_path, monkeypatch):
-    """Each copying thread's malloc arena kept what it freed (~80 MiB at 36.5k x 8 x 576)
-    on top of the first search's peak: get_many trims the heap once its copies end."""
-    trims = []
-    monkeypatch.setattr(scan, "_trim_heap", lambda: trims.append(1))
-    LeafCache(store, tmp_path / "c").get_many(data["info"], data["info"].layer_numbers, workers=4)
-    assert trims == [1]
-
-
 @pytest.mark.parametrize("capability,flags,want,measures", [
     ("AVX512", {"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16, False),  # AMX: known without measuring
     ("AVX512", {"avx512f", "avx512_bf16"}, torch.bfloat16, True),  # BF16 dot products: measured
