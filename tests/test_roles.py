@@ -511,6 +511,9 @@ def test_superuser_sets_up_the_team_of_a_database_another_role_owns(pg_base_url,
             q = "[" + ",".join(str(x) for x in data["vectors"][1][0]) + "]"
             assert conn.execute("SELECT count(*) FROM llens_neighbors('m', 1, %s::halfvec, 3)", (q,)
                                 ).fetchone()[0] == 3, "a reader scans a leaf created after the groups"
+        with Store.open(url_as(url, reader, "r-pw")) as rs:  # the cold query's copy, as a reader
+            rows = sum(len(k) for k, _ in rs._iter_layer_ranges(rs.get_model("m"), 1, 2))
+            assert rows == len(data["vectors"][1])
     finally:
         with psycopg.connect(pg_base_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))

@@ -229,3 +229,48 @@ def test_get_many_without_a_second_connection_copies_one_by_one(store, data, tmp
     monkeypatch.setattr(Store, "sibling", refuse)
     leaves = LeafCache(store, tmp_path / "c").get_many(data["info"], data["info"].layer_numbers, workers=4)
     assert [leaf.rows for leaf in leaves] == [data["info"].layer(x).row_count for x in data["info"].layer_numbers]
+
+
+def test_fill_arithmetic_reuses_its_buffers_across_chunk_sizes():
+    """The copy's chunks vary in size (block ranges): each chunk's norms, bf16 bits and rho
+    equal a fresh computation, whether the buffers grow, shrink or stay."""
+    rng = np.random.default_rng(3)
+    work: dict = {}
+    for n in (5, 300, 7, 300, 1000, 0, 2):
+        v = (rng.normal(size=(n, 24)) * 10.0 ** rng.integers(-3, 2, (n, 1))).astype(np.float16)
+        if n > 1:
+            v[1] = 0  # a zero row: norm 0, no rounding
+        norms, bits, rho = scan._fill_arithmetic(v, True, work)
+        x = v.astype(np.float32)
+        np.testing.assert_allclose(norms, np.linalg.norm(x, axis=1), rtol=1e-6)
+        assert np.array_equal(bits.view(np.uint16), bf16_bits(x))
+        if n:
+            res = np.linalg.norm(x - (bf16_bits(x).astype(np.uint32) << 16).view(np.float32), axis=1)
+            assert rho == pytest.approx(float((res / np.maximum(np.linalg.norm(x, axis=1), 1e-30)).max()), rel=1e-5)
+            assert 0 < rho <= 2.0 ** -8
+        else:
+            assert rho == 0.0 and norms.shape == (0,)
+        plain, _bits, no_rho = scan._fill_arithmetic(v, False, {})
+        assert np.array_equal(plain, norms) and no_rho == 0.0
+
+
+@pytest.mark.parametrize("capability,flags,want,measures", [
+    ("AVX512", {"avx512f", "amx_bf16", "amx_tile"}, torch.bfloat16, False),  # AMX: known without measuring
+    ("AVX512", {"avx512f", "avx512_bf16"}, torch.bfloat16, True),  # BF16 dot products: measured
+    ("AVX2", {"avx2"}, torch.float32, False),  # emulated bfloat16
+])
+def test_scan_dtype_auto_measures_only_where_the_answer_is_unknown(monkeypatch, capability, flags, want, measures):
+    from latentlens import config
+
+    monkeypatch.delenv(scan.ENV_SCAN_DTYPE, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(config, "cpu_flags", lambda: flags)
+    measured = []
+
+    def fake_measured_once(path, measure):
+        measured.append(path)
+        return {"choice": "bfloat16"}
+
+    monkeypatch.setattr(scan, "measured_once", fake_measured_once)
+    assert scan.scan_dtype() == want
+    assert bool(measured) == measures

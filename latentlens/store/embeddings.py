@@ -207,14 +207,60 @@ class EmbeddingsMixin(StoreBase):
     def iter_layer(
         self, model: ModelInfo | str, layer: int, *, chunk_rows: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream a leaf as (keys, vectors) chunks by binary COPY.
+        """Stream a leaf as (keys, vectors) chunks of at most ``chunk_rows`` rows, in one snapshot.
 
         ``keys`` is a structured array (sentence_id, position, token_id);
         ``vectors`` is float16 [n, D] (the stored unit vectors). Memory is
-        bounded by ``chunk_rows`` whatever the leaf's size.
+        bounded by about ``chunk_rows`` whatever the leaf's size.
         """
         info = self.get_model(model) if isinstance(model, str) else model
         info.layer(layer)
+        # TID range scans came with PostgreSQL 14; a distributed leaf (Citus) has no ctid to range over
+        if self.conn.info.server_version >= 140000 and not self.citus():
+            yield from self._iter_layer_ranges(info, layer, chunk_rows)
+        else:
+            yield from self._iter_layer_copy(info, layer, chunk_rows)
+
+    def _iter_layer_ranges(
+        self, info: ModelInfo, layer: int, chunk_rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The leaf as one bytea per range of heap blocks, each built by the server.
+
+        Binary COPY sends one message per row, and reading each costs the client ~3-7 us of
+        Python under the GIL: 35k rows x 8 leaves copied side by side were seconds of one
+        core. Here each message holds ~``chunk_rows`` rows packed back to back
+        (int8send || int4send || int4send || halfvec_send). One statement, so one snapshot;
+        each block range is read once by a TID range scan.
+        """
+        dim = info.hidden_size
+        with self.transaction() as conn:
+            blocks, rows = one_row(conn.execute(
+                "SELECT pg_relation_size(to_regclass(llens_leaf_name(%(m)s, %(l)s))) "
+                "/ current_setting('block_size')::int, row_count FROM model_layer "
+                "WHERE model_id = %(m)s AND layer = %(l)s", {"m": info.id, "l": layer}))
+            # blocks that hold ~chunk_rows rows at the leaf's mean density (a hint: never correctness)
+            step = max(1, min(1 << 30, int(chunk_rows * (blocks or 0) // max(int(rows), 1))))
+            # the last range is open above (block numbers are uint32): a block added
+            # after the size was read holds no row this statement's snapshot sees anyway
+            cur = conn.cursor(binary=True)
+            for (body,) in cur.stream(
+                "SELECT (SELECT string_agg(int8send(sentence_id) || int4send(position) || int4send(token_id) "
+                "|| halfvec_send(embedding), ''::bytea) FROM token_embedding "
+                "WHERE model_id = %(m)s AND layer = %(l)s AND ctid >= format('(%%s,0)', g)::tid "
+                "AND ctid < format('(%%s,0)', CASE WHEN g + %(s)s > n.blocks THEN 4294967295 ELSE g + %(s)s END)::tid) "
+                "FROM (SELECT coalesce(pg_relation_size(to_regclass(llens_leaf_name(%(m)s, %(l)s))), 0) "
+                "/ current_setting('block_size')::int8 AS blocks) n, generate_series(0, n.blocks, %(s)s) AS g",
+                {"m": info.id, "l": layer, "s": step},
+            ):
+                if body:
+                    keys, vectors = _split_packed(body, dim)
+                    for lo in range(0, len(keys), chunk_rows):  # a denser range than the mean: split
+                        yield keys[lo:lo + chunk_rows], vectors[lo:lo + chunk_rows]
+
+    def _iter_layer_copy(
+        self, info: ModelInfo, layer: int, chunk_rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The leaf by one binary COPY (a message per row: the path for Citus and PostgreSQL < 14)."""
         dim = info.hidden_size
         size = row_size(SCAN_COLUMNS, dim)
         buf = bytearray()
@@ -312,3 +358,17 @@ def _split_scan(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return keys, rows["embedding"].astype(np.float16)
 
 
+def _split_packed(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, float16 vectors) of rows packed as _iter_layer_ranges' query sends them."""
+    packed = np.dtype([("sentence_id", ">i8"), ("position", ">i4"), ("token_id", ">i4"),
+                       ("_dim", ">i2"), ("_unused", ">i2"), ("embedding", ">f2", (dim,))])
+    if len(body) % packed.itemsize:
+        raise ValueError(f"a leaf chunk of {len(body)} bytes is not whole rows of {packed.itemsize}")
+    rows = np.frombuffer(body, dtype=packed)
+    if len(rows) and (rows["_dim"] != dim).any():
+        raise DimensionMismatch(f"a stored vector does not have the model's {dim} dimensions")
+    keys = np.empty(len(rows), dtype=KEY_DTYPE)
+    keys["sentence_id"] = rows["sentence_id"]
+    keys["position"] = rows["position"]
+    keys["token_id"] = rows["token_id"]
+    return keys, rows["embedding"].astype(np.float16)
