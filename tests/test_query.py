@@ -62,6 +62,28 @@ def test_neighbour_context_and_layers_subset(lens, data):
     assert all(n.layer == 4 for n in r.neighbours)
 
 
+def test_provenance_in_one_round_trip(lens, data, monkeypatch):
+    """What every answer carries costs one query (it took three: a tenth of a warm 8-query search)."""
+    s = lens.store
+    s.register_model("qm-prov", hidden_size=32, num_layers=4)
+    s.ensure_layers("qm-prov", [0, 2])
+    info, corpus = s.get_model("qm-prov"), s.get_corpus("corpus-qm")
+    runs = [s.create_run(info, corpus, layers=[0, 2], params={}).id for _ in range(2)]
+    s.finish_run(runs[0], "done")
+    calls = []
+    fetch = type(s)._fetch
+    monkeypatch.setattr(type(s), "_fetch", lambda self, *a: calls.append(a[0]) or fetch(self, *a))
+    p = s.provenance(info, [0], {0: ["scan"]})
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert p["database"] == s.instance_id() and p["by"] == s.current_user() and p["at"]
+    assert p["corpora"] == [{"id": corpus.id, "name": "corpus-qm", "content_hash": corpus.content_hash,
+                             "sentences": 50, "ingest_runs": runs, "complete": False}]
+    assert set(p["layers"]) == {"0"} and p["search"] == {"0": ["scan"]}
+    empty = s.provenance(s.get_model("qm-empty"))
+    assert empty["corpora"] == [] and empty["database"] == p["database"] and set(empty["layers"]) == {"0", "2"}
+
+
 def test_per_layer_keeps_each_layers_topk(lens, data):
     q = np.random.default_rng(5).normal(size=(2, 32))
     rs = lens.neighbors(q, "qm", k=4, per_layer=True)
