@@ -878,6 +878,7 @@ def _error_terms(q: torch.Tensor, dtype: torch.dtype, rho: float) -> tuple[torch
 
 def _outside_bound(
     q: torch.Tensor, weakest: torch.Tensor, dtype: torch.dtype, rho: float, inv_range: tuple[float, float],
+    terms: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Per query: the highest float32 cosine a row outside the candidates can have.
 
@@ -890,9 +891,9 @@ def _outside_bound(
     path, where rho = 0 (the rows are float16 already). So its cosine d / |r| is at most
     g(weakest) / |r| + E with g(x) = x + u_out' |x| (increasing in x). A
     further 2 gamma_D covers the float32 re-rank's own rounding (ties within
-    it are ties).
+    it are ties). ``terms``: _error_terms(q, dtype, rho) when the caller has them.
     """
-    err, u_out = _error_terms(q, dtype, rho)
+    err, u_out = terms if terms is not None else _error_terms(q, dtype, rho)
     w = weakest.float()
     g = w + u_out * w.abs()
     lo, hi = inv_range
@@ -1132,7 +1133,7 @@ class ScanEngine:
         sims2, rows2 = self._rerank_pairs(leaf, inv, queries, q2, rowmat[q2, p2], 0)
         v, i = _by_cosine(torch.cat([sims1, sims2], dim=1), torch.cat([rows1, rows2], dim=1), kk)
         # every row not re-ranked scored below `need`; thr = -inf: no row was left out
-        bound = _outside_bound(queries, need, dtype, rho, inv_range)
+        bound = _outside_bound(queries, need, dtype, rho, inv_range, terms)
         done = ~got.over & (torch.isneginf(thr) | (v[:, kk - 1] >= bound))
         out_v[done], out_i[done] = v[done], i[done]
         return torch.arange(nq)[~done]
