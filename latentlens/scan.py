@@ -232,7 +232,7 @@ class Leaf:
         if f is None:
             f = self._opened["f16file"] = open(self.vectors_path, "rb", buffering=0)  # noqa: SIM115
         fd, n = f.fileno(), self.dim * 2
-        buf = memoryview(out).cast("B")
+        buf = out.data.cast("B")
         if int(rows.min()) < 0 or int(rows.max()) >= self.rows:
             raise IndexError(f"rows out of range for a leaf of {self.rows} rows")
         for j, r in enumerate(rows.tolist()):
