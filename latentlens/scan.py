@@ -223,7 +223,6 @@ class Leaf:
             _release(mm, int(r[0]) * self.dim * 2, (int(r[-1]) - int(r[0]) + 1) * self.dim * 2)
         return out
 
-
     def _pread(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """``gather`` for a few rows: one pread each, straight into ``out``. Through the map each
         row faulted in its neighbours' pages too and the range was dropped after (8 queries x

@@ -63,7 +63,7 @@ def test_neighbour_context_and_layers_subset(lens, data):
 
 
 def test_provenance_in_one_round_trip(lens, data, monkeypatch):
-    """What every answer carries costs one query (it took three: a tenth of a warm 8-query search)."""
+    """What every answer carries costs one query (it took three, each its own transaction)."""
     s = lens.store
     s.register_model("qm-prov", hidden_size=32, num_layers=4)
     s.ensure_layers("qm-prov", [0, 2])

@@ -59,8 +59,8 @@ class AnalysesMixin(StoreBase):
         from latentlens import __version__
 
         wanted = set(layers) if layers is not None else set(info.layer_numbers)
-        # one round trip (every search's answer carries this: three cost ~a tenth of a warm
-        # 8-query search); a row with a NULL corpus where the model has no ingest run
+        # one query (every search's answer carries this; it took three, each its own
+        # transaction); a row with a NULL corpus where the model has no ingest run
         rows = self._fetch(
             "SELECT current_user, now(), (SELECT value FROM llens_meta WHERE key = 'instance_id'), "
             "c.id, c.name, c.content_hash, c.sentence_count, c.runs, c.done "

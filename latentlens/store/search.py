@@ -38,16 +38,13 @@ CALIBRATION_COSINES = (0.5, 0.95)
 WIDE_BINARY_MAX_EF = 400
 
 
-# Store.contexts on a Citus coordinator: Citus cannot push down the single-node query's
-# LATERAL ... OFFSET 0 over unnest() ("Offset clause is currently unsupported when a lateral
-# subquery references a column from a table function"). A plain join with the keys is sent
-# to the shards that hold the sentence ids; each shard's leaves are pruned by layer.
-# LATERAL ... OFFSET 0 keeps each join a nested loop of primary-key probes, one per key: the
-# embedding row (with run-time partition pruning; a plain join hashes every leaf of the model,
-# a full read of the embeddings: 1.1 s for 8 x 100k rows, vs 0.1 s), its sentence and its
-# token. unnest() is estimated at thousands of rows whatever its length, so plain joins to
-# sentence and token hashed both tables whole (20 ms of a 590-key lookup at 97k sentences,
-# more than the scan of 8 queries; and growing with the corpus, not with the answer).
+# Store.contexts. LATERAL ... OFFSET 0 keeps each join a nested loop of primary-key probes,
+# one per key: the embedding row (with run-time partition pruning; a plain join hashes every
+# leaf of the model, a full read of the embeddings: 1.1 s for 8 x 100k rows, vs 0.1 s), its
+# sentence and its token. The planner expects a key's probe to find a row in every leaf of the
+# model (8x the real count at 8 layers), so plain joins to sentence and token hashed both
+# tables whole: 20 ms of an 8-query answer's lookup at 97k sentences, more than its scan, and
+# growing with the corpus, not with the answer.
 CONTEXTS = """
 WITH hit AS MATERIALIZED (
     SELECT k.layer, e.model_id, e.sentence_id, e.position, e.token_id, e.char_start, e.char_end
@@ -64,6 +61,10 @@ SELECT h.layer, h.sentence_id, h.position, h.token_id, t.token, s.text, h.char_s
                       WHERE t.model_id = h.model_id AND t.token_id = h.token_id OFFSET 0) t ON true
 """
 
+# Store.contexts on a Citus coordinator: Citus cannot push down the single-node query's
+# LATERAL ... OFFSET 0 over unnest() ("Offset clause is currently unsupported when a lateral
+# subquery references a column from a table function"). A plain join with the keys is sent
+# to the shards that hold the sentence ids; each shard's leaves are pruned by layer.
 CITUS_CONTEXTS = """
 SELECT k.layer, e.sentence_id, e.position, e.token_id, t.token, s.text, e.char_start, e.char_end
   FROM token_embedding e
