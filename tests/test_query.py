@@ -62,6 +62,54 @@ def test_neighbour_context_and_layers_subset(lens, data):
     assert all(n.layer == 4 for n in r.neighbours)
 
 
+def test_provenance_in_one_round_trip(lens, data, monkeypatch):
+    """What every answer carries costs one query (it took three, each its own transaction)."""
+    s = lens.store
+    s.register_model("qm-prov", hidden_size=32, num_layers=4)
+    s.ensure_layers("qm-prov", [0, 2])
+    info, corpus = s.get_model("qm-prov"), s.get_corpus("corpus-qm")
+    runs = [s.create_run(info, corpus, layers=[0, 2], params={}).id for _ in range(2)]
+    s.finish_run(runs[0], "done")
+    calls = []
+    fetch = type(s)._fetch
+    monkeypatch.setattr(type(s), "_fetch", lambda self, *a: calls.append(a[0]) or fetch(self, *a))
+    p = s.provenance(info, [0], {0: ["scan"]})
+    assert len(calls) == 1
+    monkeypatch.undo()
+    assert p["database"] == s.instance_id() and p["by"] == s.current_user() and p["at"]
+    assert p["corpora"] == [{"id": corpus.id, "name": "corpus-qm", "content_hash": corpus.content_hash,
+                             "sentences": 50, "ingest_runs": runs, "complete": False}]
+    assert set(p["layers"]) == {"0"} and p["search"] == {"0": ["scan"]}
+    empty = s.provenance(s.get_model("qm-empty"))
+    assert empty["corpora"] == [] and empty["database"] == p["database"] and set(empty["layers"]) == {"0", "2"}
+
+
+def test_contexts_probe_sentences_and_tokens_by_key(lens, data):
+    """A few keys read a few sentences: the lookup is primary-key probes whatever the corpus's
+    size (a plain join hashed the sentence table whole, its keys estimated once per leaf of
+    the model: 20 ms of a 590-key lookup at 97k sentences; the token table here is one page)."""
+    from latentlens.store.search import CONTEXTS
+
+    s = lens.store
+    c = s.register_corpus("corpus-big", content_hash="big" * 16)
+    s.add_sentences(c, [f"filler sentence number {i}" for i in range(5000)])
+    with s.transaction() as conn:
+        conn.execute("ANALYZE sentence")
+        conn.execute("ANALYZE token")
+    info = s.get_model("qm")
+    # every row of every layer: enough keys that a hash of the sentence table looks cheaper
+    keys = [(layer, int(sid), int(pos)) for layer in (0, 4, 8)
+            for sid, pos in zip(data["sentence_id"], data["position"], strict=True)]
+    params = {"m": info.id, "l": [k[0] for k in keys], "s": [k[1] for k in keys], "p": [k[2] for k in keys]}
+    plan = "\n".join(r[0] for r in s._fetch("EXPLAIN " + CONTEXTS, params))
+    assert "Seq Scan on sentence" not in plan and "Index Scan using sentence_pkey" in plan, plan
+    got = s.contexts(info, keys)
+    assert set(got) == set(keys)
+    for layer, sid, pos in keys[::50]:
+        ctx = got[(layer, sid, pos)]
+        assert ctx.sentence[ctx.char_start:ctx.char_end] == ctx.token
+
+
 def test_per_layer_keeps_each_layers_topk(lens, data):
     q = np.random.default_rng(5).normal(size=(2, 32))
     rs = lens.neighbors(q, "qm", k=4, per_layer=True)

@@ -413,3 +413,24 @@ def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path, monkeypa
     assert torch.equal(first[0], again[0])
     want_s, _ = _float32_top(v16, q, 10)
     np.testing.assert_allclose(again[0].numpy(), want_s, atol=1e-6)
+
+
+@pytest.mark.parametrize("select", ["threshold", "topk"])
+def test_dense_and_grouped_reranks_agree(tmp_path, monkeypatch, select):
+    """A few queries re-rank by one matmul of their distinct rows (_dense_cosines), an image's
+    patches by grouped bmm: on near-ties both give the float32 answer, row for row."""
+    from latentlens import scan as scan_mod
+
+    rows, q = _near_ties(n_far=6000, n_tied=1200)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    qt = torch.from_numpy(q)
+    got = {}
+    for dense in (True, False):
+        calls = []
+        monkeypatch.setattr(scan_mod, "_dense_rerank", lambda *a, dense=dense, calls=calls: calls.append(a) or dense)
+        eng = ScanEngine(None, dtype="bfloat16", block_rows=4096, select=select)
+        got[dense] = eng.search_leaf(leaf, qt, 10)
+        assert calls  # the re-rank asked which way to go
+        _assert_float32_answer(*got[dense], v16, q, 10)
+    assert torch.equal(got[True][1], got[False][1])
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=0)

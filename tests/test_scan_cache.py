@@ -202,15 +202,21 @@ def test_two_processes_filling_the_same_leaves_agree(store, data, db_url, tmp_pa
         assert [p.name for p in leaf.path.parent.iterdir()] == [leaf.path.name]  # no temp folder left
 
 
-def test_gather_in_pieces_equals_fancy_indexing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pread_rows", [0, 1024])
+def test_gather_in_pieces_equals_fancy_indexing(tmp_path, monkeypatch, pread_rows):
+    """Through the map in pieces (many rows) or a pread per row (a few): the same rows."""
     from test_scan import _write_leaf
 
     rows = np.random.default_rng(3).normal(size=(1000, 16)).astype(np.float32)
     leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
     monkeypatch.setattr(scan, "GATHER_ROWS", 7)
+    monkeypatch.setattr(scan, "PREAD_ROWS", pread_rows)
     want = np.random.default_rng(4).integers(0, 1000, 300)  # unsorted, with repeats
     assert np.array_equal(leaf.gather(want), v16[want])
     assert leaf.gather(np.zeros(0, np.int64)).shape == (0, 16)
+    assert np.array_equal(leaf.gather(np.array([999, 0])), v16[[999, 0]])  # first and last rows
+    with pytest.raises(IndexError):
+        leaf.gather(np.array([1000]))
 
 
 def test_scan_engine_warm_fills_every_layer(store, data, tmp_path):

@@ -59,14 +59,21 @@ class AnalysesMixin(StoreBase):
         from latentlens import __version__
 
         wanted = set(layers) if layers is not None else set(info.layer_numbers)
-        corpora = self._fetch(
-            "SELECT c.id, c.name, c.content_hash, c.sentence_count, array_agg(r.id ORDER BY r.id), "
-            "bool_and(r.status = 'done') FROM ingest_run r JOIN corpus c ON c.id = r.corpus_id "
-            "WHERE r.model_id = %s GROUP BY c.id ORDER BY c.id", (info.id,))
-        who, when = self._fetch("SELECT current_user, now()")[0]
+        # one query (every search's answer carries this; it took three, each its own
+        # transaction); a row with a NULL corpus where the model has no ingest run
+        rows = self._fetch(
+            "SELECT current_user, now(), (SELECT value FROM llens_meta WHERE key = 'instance_id'), "
+            "c.id, c.name, c.content_hash, c.sentence_count, c.runs, c.done "
+            "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
+            "  SELECT c.id, c.name, c.content_hash, c.sentence_count, array_agg(r.id ORDER BY r.id) AS runs, "
+            "         bool_and(r.status = 'done') AS done "
+            "    FROM ingest_run r JOIN corpus c ON c.id = r.corpus_id "
+            "   WHERE r.model_id = %s GROUP BY c.id) AS c ON true ORDER BY c.id", (info.id,))
+        who, when, instance = rows[0][:3]
+        corpora = [r[3:] for r in rows if r[3] is not None]
         return {
             "latentlens_version": __version__,
-            "database": self.instance_id(),
+            "database": instance,
             "by": who,
             "at": when.isoformat(),
             "model": {"name": info.name, "id": info.id, "revision": info.revision,

@@ -38,6 +38,29 @@ CALIBRATION_COSINES = (0.5, 0.95)
 WIDE_BINARY_MAX_EF = 400
 
 
+# Store.contexts. LATERAL ... OFFSET 0 keeps each join a nested loop of primary-key probes,
+# one per key: the embedding row (with run-time partition pruning; a plain join hashes every
+# leaf of the model, a full read of the embeddings: 1.1 s for 8 x 100k rows, vs 0.1 s), its
+# sentence and its token. The planner expects a key's probe to find a row in every leaf of the
+# model (8x the real count at 8 layers), so plain joins to sentence and token hashed both
+# tables whole: 20 ms of an 8-query answer's lookup at 97k sentences, more than its scan, and
+# growing with the corpus, not with the answer.
+CONTEXTS = """
+WITH hit AS MATERIALIZED (
+    SELECT k.layer, e.model_id, e.sentence_id, e.position, e.token_id, e.char_start, e.char_end
+      FROM unnest(%(l)s::int[], %(s)s::bigint[], %(p)s::int[]) AS k(layer, sentence_id, position)
+     CROSS JOIN LATERAL (
+           SELECT e.* FROM token_embedding e
+            WHERE e.model_id = %(m)s AND e.layer = k.layer
+              AND e.sentence_id = k.sentence_id AND e.position = k.position
+           OFFSET 0) e)
+SELECT h.layer, h.sentence_id, h.position, h.token_id, t.token, s.text, h.char_start, h.char_end
+  FROM hit h
+ CROSS JOIN LATERAL (SELECT s.text FROM sentence s WHERE s.id = h.sentence_id OFFSET 0) s
+  LEFT JOIN LATERAL (SELECT t.token FROM token t
+                      WHERE t.model_id = h.model_id AND t.token_id = h.token_id OFFSET 0) t ON true
+"""
+
 # Store.contexts on a Citus coordinator: Citus cannot push down the single-node query's
 # LATERAL ... OFFSET 0 over unnest() ("Offset clause is currently unsupported when a lateral
 # subquery references a column from a table function"). A plain join with the keys is sent
@@ -329,26 +352,7 @@ class SearchMixin(StoreBase):
         if self.citus():
             rows = self._fetch(CITUS_CONTEXTS, params)
             return {(r[0], r[1], r[2]): Context(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
-        rows = self._fetch(
-            """
-            -- LATERAL ... OFFSET 0 keeps this a nested loop of primary-key probes with
-            -- run-time partition pruning; a plain join hashes every leaf of the model
-            -- (a full read of the embeddings: 1.1 s for 8 x 100k rows, vs 0.1 s).
-            WITH hit AS MATERIALIZED (
-                SELECT k.layer, e.model_id, e.sentence_id, e.position, e.token_id, e.char_start, e.char_end
-                  FROM unnest(%(l)s::int[], %(s)s::bigint[], %(p)s::int[]) AS k(layer, sentence_id, position)
-                 CROSS JOIN LATERAL (
-                       SELECT e.* FROM token_embedding e
-                        WHERE e.model_id = %(m)s AND e.layer = k.layer
-                          AND e.sentence_id = k.sentence_id AND e.position = k.position
-                       OFFSET 0) e)
-            SELECT h.layer, h.sentence_id, h.position, h.token_id, t.token, s.text, h.char_start, h.char_end
-              FROM hit h
-              JOIN sentence s ON s.id = h.sentence_id
-              LEFT JOIN token t ON t.model_id = h.model_id AND t.token_id = h.token_id
-            """,
-            params,
-        )
+        rows = self._fetch(CONTEXTS, params)
         return {(r[0], r[1], r[2]): Context(r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows}
 
     def leaf_bytes(self, model: ModelInfo | str) -> dict[int, int]:
