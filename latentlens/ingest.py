@@ -164,6 +164,8 @@ class IngestOptions:
     index_jobs: int = 2
     window_batches: int = 8
     queue_chunks: int = 16
+    #: windows computed at once, one torch thread each (None: 2 on a CPU, 1 on a GPU; see forward_streams)
+    forward_streams: int | None = None
     progress: bool = True
 
     def run_params(self, layers: list[int], dtype: str) -> dict:
@@ -613,6 +615,21 @@ def _put(writer: _Writer, chunk: _Chunk, limit: int) -> None:
     writer.queue.put(chunk)
 
 
+def forward_streams(requested: int | None, device: Any, threads: int) -> tuple[int, int]:
+    """(windows computed at once, torch threads each) for the ingest forward.
+
+    Why: on a CPU, torch's intra-op threads wait for each other at every op (HF
+    decoders run hundreds of small ops a batch) and stall whenever another process
+    takes one of the cores; two windows at once on one thread each keep both cores
+    busy (256 SmolLM2 sentences, 2-core Xeon at load ~5: 6-13 s instead of 43-90 s;
+    docs/ingest.md). The rows are bitwise those of a one-thread run (tested). A GPU
+    runs one stream. ``requested``: None for that default, else that many streams."""
+    if requested is None:
+        requested = 1 if getattr(device, "type", "cpu") != "cpu" else min(2, threads)
+    n = max(1, int(requested))
+    return n, max(1, threads // n)
+
+
 def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, writer: _Writer) -> None:
     import torch
 
@@ -623,13 +640,18 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
     row_lo = np.searchsorted(plan.row_sent, np.arange(n_sent), side="left")
     row_hi = np.searchsorted(plan.row_sent, np.arange(n_sent), side="right")
     dim = lm.hidden_size
-    for w0 in range(0, n_sent, window):
+    stop = threading.Event()
+
+    def forward_window(w0: int) -> tuple[int, int, int, dict[int, np.ndarray]]:
+        """The kept rows of sentences [w0, w0 + window) at every layer, as float32."""
         w1 = min(n_sent, w0 + window)
         r0, r1 = int(row_lo[w0]) if w0 < n_sent else 0, int(row_hi[w1 - 1])
         out = {layer: np.empty((r1 - r0, dim), dtype=np.float32) for layer in layers}
         work = [s for s in range(w0, w1) if row_hi[s] > row_lo[s]]
         work.sort(key=lambda s: plan.lengths[s])
         for b0 in range(0, len(work), bs):
+            if stop.is_set():  # the main thread stopped (error, Ctrl-C): nobody reads this window
+                break
             sents = work[b0: b0 + bs]
             states, start = lm.forward([plan.seqs[s] for s in sents], layers)
             bi = np.concatenate([np.full(row_hi[s] - row_lo[s], j) for j, s in enumerate(sents)])
@@ -640,6 +662,9 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
             for layer in layers:  # gather only the kept rows, as float32, on the host
                 out[layer][dst] = states[layer][bi_t, col_t].float().cpu().numpy()
             del states
+        return w0, w1, r0, out
+
+    def emit(w0: int, w1: int, r0: int, out: dict[int, np.ndarray]) -> None:
         for c0 in range(w0, w1, bs):
             c1 = min(w1, c0 + bs)
             a, b = int(row_lo[c0]) - r0, int(row_hi[c1 - 1]) - r0
@@ -662,6 +687,34 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
             }
             _put(writer, _Chunk(batch, int(plan.sent_ord[c1 - 1]) + 1, c1 - c0,
                                 int(plan.lengths[c0:c1].sum()), counters), opts.queue_chunks)
+
+    starts = list(range(0, n_sent, window))
+    threads = torch.get_num_threads()
+    streams, per_stream = forward_streams(opts.forward_streams, getattr(lm, "device", None), threads)
+    if streams == 1 or len(starts) < 2:
+        for w0 in starts:
+            emit(*forward_window(w0))
+        return
+    # windows are computed `streams` at a time, each on one thread of its own, and
+    # handed to the writer in corpus order (what resume_ordinal needs)
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    torch.set_num_threads(per_stream)
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="llens-forward",
+                              initializer=torch.set_num_threads, initargs=(per_stream,))
+    try:
+        ahead = iter(starts)
+        running: list[Future] = [pool.submit(forward_window, w0) for _, w0 in zip(range(streams), ahead)]
+        while running:
+            done = running.pop(0).result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                running.append(pool.submit(forward_window, nxt))
+            emit(*done)
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> None:
