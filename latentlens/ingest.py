@@ -18,9 +18,10 @@ What is stored (the reference method, made exact and resumable):
 
 How it runs: sentences are tokenized and deduplicated up front (numpy, in
 corpus order), then processed in windows of ``window_batches`` batches,
-sorted by length within a window to cut padding. The main thread runs the
-model; a writer thread with its own connection writes chunks of rows in
-corpus order through a bounded queue. Each chunk commits together with the
+sorted by length within a window to cut padding. Forward threads run the
+model (two windows at once on a CPU, one torch thread each: forward_streams),
+the main thread hands their rows over in corpus order, and a writer thread
+with its own connection writes chunks of rows through a bounded queue. Each chunk commits together with the
 run's progress (``resume_ordinal``), so a killed run resumes exactly: every
 sentence below ``resume_ordinal`` is covered by committed rows, nothing
 above it is. Shards (``--shard i/n``) split sentences by a hash of their
