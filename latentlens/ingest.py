@@ -163,6 +163,9 @@ class IngestOptions:
     build_index: bool = True
     #: ANN index builds at once, one leaf each on its own connection (see build_leaves)
     index_jobs: int = 2
+    #: HNSW ef_construction of those builds (None: llens_build_index's 64). Lower builds faster
+    #: and needs a higher ef_search for the same recall (each index's is measured, recorded)
+    index_ef_construction: int | None = None
     window_batches: int = 8
     queue_chunks: int = 16
     #: windows computed at once, one torch thread each (None: 2 on a CPU, 1 on a GPU; see forward_streams)
@@ -267,6 +270,7 @@ def resume(
     echo: Echo = _stderr,
     lm: Any = None,
     index_jobs: int = 2,
+    index_ef_construction: int | None = None,
 ) -> IngestResult:
     """Continue run ``run_id`` from the store alone (model source and sentences come from there)."""
     from latentlens.models import load_from_store
@@ -288,6 +292,7 @@ def resume(
             max_contexts_per_token=p["max_contexts_per_token"], max_length=p["max_length"],
             limit=p["limit"], shard=(run.shard, run.num_shards), batch_size=batch_size,
             build_index=build_index, progress=progress, index_jobs=index_jobs,
+            index_ef_construction=index_ef_construction,
         )
         if lm is None:
             lm = load_from_store(info, dtype=p.get("dtype") or "float32", device=device, lens_heads=False)
@@ -577,7 +582,7 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     if ann and last_shard:
         # the build analyzes each leaf too (llens_build_index), before its swap
         result.notices.extend(_build_index(store, info, layers, result.run, opts.progress, echo,
-                                           jobs=opts.index_jobs))
+                                           jobs=opts.index_jobs, ef_construction=opts.index_ef_construction))
     else:
         # planner statistics: without them the planner never picks the HNSW index
         store.analyze(info, layers)
@@ -729,10 +734,10 @@ def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> Non
 
 
 def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo, progress: bool,
-                 echo: Echo, jobs: int = 2) -> list[str]:
+                 echo: Echo, jobs: int = 2, ef_construction: int | None = None) -> list[str]:
     bar = IndexBuildProgress(enabled=progress, layers=layers, parallel=min(jobs, len(layers)) > 1)
     try:
-        build_leaves(store, info, layers, bar, jobs)
+        build_leaves(store, info, layers, bar, jobs, ef_construction=ef_construction)
     except BaseException:
         bar.close()
         echo(f"The rows of run {run.id} are stored, but its ANN index build did not finish: "
@@ -747,7 +752,7 @@ def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
 
 
 def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress: Any = None,
-                 jobs: int = 2) -> list[int]:
+                 jobs: int = 2, *, ef_construction: int | None = None) -> list[int]:
     """Store.build_index for ``layers``, ``jobs`` leaves at a time, each on its own connection.
 
     Why: one HNSW build leaves cores idle in its serial phases (parts of the graph
@@ -758,7 +763,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
     todo = list(layers)
     jobs = max(1, min(jobs, len(todo)))
     if jobs == 1:
-        return store.build_index(info, todo, progress=progress)
+        return store.build_index(info, todo, progress=progress, ef_construction=ef_construction)
     pending: queue.Queue[int] = queue.Queue()
     for layer in todo:
         pending.put(layer)
@@ -778,7 +783,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                     layer = pending.get_nowait()
                 except queue.Empty:
                     return
-                st.build_index(info, [layer], progress=report)
+                st.build_index(info, [layer], progress=report, ef_construction=ef_construction)
         except BaseException as e:  # handed to the calling thread
             errors.append(e)
 

@@ -322,3 +322,21 @@ def test_a_failing_forward_stream_fails_the_run_and_a_rerun_completes_exactly(db
     res = ingest(lm, corpus, database_url=db_url, options=opts)
     assert res.resumed and res.run.status == "done" and res.run.sentences_done == len(corpus)
     compare(db_url, "stream_fail", expected_rows(lm, corpus.texts, [1, 2]), [1, 2])
+
+
+def test_cli_ingest_ef_construction_reaches_every_index_build(db_url, tiny, corpus_file):
+    """--ef-construction (default unchanged: 64) goes to each of the parallel builds; the
+    recall each index then reaches is measured and recorded as always."""
+    from latentlens.store import Store
+
+    runner = CliRunner()
+    for name, extra, want in (("efc_default", [], 64), ("efc_32", ["--ef-construction", "32"], 32)):
+        r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", name, "--layers",
+                                "0,1,2", "--limit", "30", "--index-jobs", "2", "--no-progress", *extra])
+        assert r.exit_code == 0, r.output
+        with Store.open(db_url) as store:
+            for li in store.get_model(name).layers:
+                assert li.index_params["ef_construction"] == want, (name, li.layer, li.index_params)
+                assert li.index_params.get("recall_at_10") is not None
+    r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--ef-construction", "2"])
+    assert r.exit_code == 2 and "ef-construction" in r.output
