@@ -18,9 +18,10 @@ What is stored (the reference method, made exact and resumable):
 
 How it runs: sentences are tokenized and deduplicated up front (numpy, in
 corpus order), then processed in windows of ``window_batches`` batches,
-sorted by length within a window to cut padding. The main thread runs the
-model; a writer thread with its own connection writes chunks of rows in
-corpus order through a bounded queue. Each chunk commits together with the
+sorted by length within a window to cut padding. Forward threads run the
+model (two windows at once on a CPU, one torch thread each: forward_streams),
+the main thread hands their rows over in corpus order, and a writer thread
+with its own connection writes chunks of rows through a bounded queue. Each chunk commits together with the
 run's progress (``resume_ordinal``), so a killed run resumes exactly: every
 sentence below ``resume_ordinal`` is covered by committed rows, nothing
 above it is. Shards (``--shard i/n``) split sentences by a hash of their
@@ -162,8 +163,13 @@ class IngestOptions:
     build_index: bool = True
     #: ANN index builds at once, one leaf each on its own connection (see build_leaves)
     index_jobs: int = 2
+    #: HNSW ef_construction of those builds (None: llens_build_index's 64). Lower builds faster
+    #: and needs a higher ef_search for the same recall (each index's is measured, recorded)
+    index_ef_construction: int | None = None
     window_batches: int = 8
     queue_chunks: int = 16
+    #: windows computed at once, one torch thread each (None: 2 on a CPU, 1 on a GPU; see forward_streams)
+    forward_streams: int | None = None
     progress: bool = True
 
     def run_params(self, layers: list[int], dtype: str) -> dict:
@@ -264,6 +270,7 @@ def resume(
     echo: Echo = _stderr,
     lm: Any = None,
     index_jobs: int = 2,
+    index_ef_construction: int | None = None,
 ) -> IngestResult:
     """Continue run ``run_id`` from the store alone (model source and sentences come from there)."""
     from latentlens.models import load_from_store
@@ -285,6 +292,7 @@ def resume(
             max_contexts_per_token=p["max_contexts_per_token"], max_length=p["max_length"],
             limit=p["limit"], shard=(run.shard, run.num_shards), batch_size=batch_size,
             build_index=build_index, progress=progress, index_jobs=index_jobs,
+            index_ef_construction=index_ef_construction,
         )
         if lm is None:
             lm = load_from_store(info, dtype=p.get("dtype") or "float32", device=device, lens_heads=False)
@@ -574,7 +582,7 @@ def _execute(store: Store, lm: Any, info: ModelInfo, cinfo: CorpusInfo, run: Run
     if ann and last_shard:
         # the build analyzes each leaf too (llens_build_index), before its swap
         result.notices.extend(_build_index(store, info, layers, result.run, opts.progress, echo,
-                                           jobs=opts.index_jobs))
+                                           jobs=opts.index_jobs, ef_construction=opts.index_ef_construction))
     else:
         # planner statistics: without them the planner never picks the HNSW index
         store.analyze(info, layers)
@@ -613,6 +621,21 @@ def _put(writer: _Writer, chunk: _Chunk, limit: int) -> None:
     writer.queue.put(chunk)
 
 
+def forward_streams(requested: int | None, device: Any, threads: int) -> tuple[int, int]:
+    """(windows computed at once, torch threads each) for the ingest forward.
+
+    Why: on a CPU, torch's intra-op threads wait for each other at every op (HF
+    decoders run hundreds of small ops a batch) and stall whenever another process
+    takes one of the cores; two windows at once on one thread each keep both cores
+    busy (256 SmolLM2 sentences, 2-core Xeon at load ~5: 6-13 s instead of 43-90 s;
+    docs/ingest.md). The rows are bitwise those of a one-thread run (tested). A GPU
+    runs one stream. ``requested``: None for that default, else that many streams."""
+    if requested is None:
+        requested = 1 if getattr(device, "type", "cpu") != "cpu" else min(2, threads)
+    n = max(1, int(requested))
+    return n, max(1, threads // n)
+
+
 def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, writer: _Writer) -> None:
     import torch
 
@@ -623,13 +646,18 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
     row_lo = np.searchsorted(plan.row_sent, np.arange(n_sent), side="left")
     row_hi = np.searchsorted(plan.row_sent, np.arange(n_sent), side="right")
     dim = lm.hidden_size
-    for w0 in range(0, n_sent, window):
+    stop = threading.Event()
+
+    def forward_window(w0: int) -> tuple[int, int, int, dict[int, np.ndarray]]:
+        """The kept rows of sentences [w0, w0 + window) at every layer, as float32."""
         w1 = min(n_sent, w0 + window)
         r0, r1 = int(row_lo[w0]) if w0 < n_sent else 0, int(row_hi[w1 - 1])
         out = {layer: np.empty((r1 - r0, dim), dtype=np.float32) for layer in layers}
         work = [s for s in range(w0, w1) if row_hi[s] > row_lo[s]]
         work.sort(key=lambda s: plan.lengths[s])
         for b0 in range(0, len(work), bs):
+            if stop.is_set():  # the main thread stopped (error, Ctrl-C): nobody reads this window
+                break
             sents = work[b0: b0 + bs]
             states, start = lm.forward([plan.seqs[s] for s in sents], layers)
             bi = np.concatenate([np.full(row_hi[s] - row_lo[s], j) for j, s in enumerate(sents)])
@@ -640,6 +668,9 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
             for layer in layers:  # gather only the kept rows, as float32, on the host
                 out[layer][dst] = states[layer][bi_t, col_t].float().cpu().numpy()
             del states
+        return w0, w1, r0, out
+
+    def emit(w0: int, w1: int, r0: int, out: dict[int, np.ndarray]) -> None:
         for c0 in range(w0, w1, bs):
             c1 = min(w1, c0 + bs)
             a, b = int(row_lo[c0]) - r0, int(row_hi[c1 - 1]) - r0
@@ -663,6 +694,34 @@ def _compute(lm: Any, plan: _Plan, layers: list[int], opts: IngestOptions, write
             _put(writer, _Chunk(batch, int(plan.sent_ord[c1 - 1]) + 1, c1 - c0,
                                 int(plan.lengths[c0:c1].sum()), counters), opts.queue_chunks)
 
+    starts = list(range(0, n_sent, window))
+    threads = torch.get_num_threads()
+    streams, per_stream = forward_streams(opts.forward_streams, getattr(lm, "device", None), threads)
+    if streams == 1 or len(starts) < 2:
+        for w0 in starts:
+            emit(*forward_window(w0))
+        return
+    # windows are computed `streams` at a time, each on one thread of its own, and
+    # handed to the writer in corpus order (what resume_ordinal needs)
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    torch.set_num_threads(per_stream)
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="llens-forward",
+                              initializer=torch.set_num_threads, initargs=(per_stream,))
+    try:
+        ahead = iter(starts)
+        running: list[Future] = [pool.submit(forward_window, w0) for _, w0 in zip(range(streams), ahead)]
+        while running:
+            done = running.pop(0).result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                running.append(pool.submit(forward_window, nxt))
+            emit(*done)
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
+
 
 def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> None:
     """Say what a stopped run leaves undone about indexes, and how to finish it."""
@@ -675,10 +734,10 @@ def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> Non
 
 
 def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo, progress: bool,
-                 echo: Echo, jobs: int = 2) -> list[str]:
+                 echo: Echo, jobs: int = 2, ef_construction: int | None = None) -> list[str]:
     bar = IndexBuildProgress(enabled=progress, layers=layers, parallel=min(jobs, len(layers)) > 1)
     try:
-        build_leaves(store, info, layers, bar, jobs)
+        build_leaves(store, info, layers, bar, jobs, ef_construction=ef_construction)
     except BaseException:
         bar.close()
         echo(f"The rows of run {run.id} are stored, but its ANN index build did not finish: "
@@ -693,7 +752,7 @@ def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
 
 
 def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress: Any = None,
-                 jobs: int = 2) -> list[int]:
+                 jobs: int = 2, *, ef_construction: int | None = None) -> list[int]:
     """Store.build_index for ``layers``, ``jobs`` leaves at a time, each on its own connection.
 
     Why: one HNSW build leaves cores idle in its serial phases (parts of the graph
@@ -704,7 +763,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
     todo = list(layers)
     jobs = max(1, min(jobs, len(todo)))
     if jobs == 1:
-        return store.build_index(info, todo, progress=progress)
+        return store.build_index(info, todo, progress=progress, ef_construction=ef_construction)
     pending: queue.Queue[int] = queue.Queue()
     for layer in todo:
         pending.put(layer)
@@ -724,7 +783,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                     layer = pending.get_nowait()
                 except queue.Empty:
                     return
-                st.build_index(info, [layer], progress=report)
+                st.build_index(info, [layer], progress=report, ef_construction=ef_construction)
         except BaseException as e:  # handed to the calling thread
             errors.append(e)
 

@@ -251,3 +251,92 @@ def test_rerun_does_not_pull_the_corpus_texts_back(db_url, tiny, corpus_file, mo
     monkeypatch.setattr(Store, "corpus_sentences", refuse)
     res = ingest(lm, corpus, database_url=db_url, options=_opts(layers=[1], limit=20))
     assert res.run.status == "done"
+
+
+def test_forward_streams_default_and_bounds():
+    from types import SimpleNamespace
+
+    from latentlens.ingest import forward_streams
+
+    cpu, cuda = SimpleNamespace(type="cpu"), SimpleNamespace(type="cuda")
+    assert forward_streams(None, cpu, 2) == (2, 1)  # two windows at once, one thread each
+    assert forward_streams(None, cpu, 16) == (2, 8)
+    assert forward_streams(None, cpu, 1) == (1, 1)
+    assert forward_streams(None, cuda, 8) == (1, 8)  # a GPU runs one stream
+    assert forward_streams(3, cpu, 2) == (3, 1) and forward_streams(0, cpu, 2) == (1, 2)
+
+
+def _forward_threads(lm, monkeypatch, fail_at=None):
+    """Record which thread ran each forward batch; raise at the fail_at-th batch."""
+    import threading
+
+    seen: list[str] = []
+    real = lm.forward
+
+    def forward(seqs, layers):
+        seen.append(threading.current_thread().name)
+        if fail_at is not None and len(seen) == fail_at:
+            raise RuntimeError("out of memory")
+        return real(seqs, layers)
+
+    monkeypatch.setattr(lm, "forward", forward)
+    return seen
+
+
+def test_two_forward_streams_store_exactly_the_rows_of_one(db_url, tiny, corpus_file, monkeypatch):
+    """Windows computed two at a time on their own threads are written in corpus order and
+    are bitwise the rows of one stream (the same one-thread kernels run)."""
+    corpus = read_corpus(str(corpus_file))
+    rows = {}
+    for streams in (1, 2):
+        lm = load_language_model(str(tiny["llama"]), name=f"streams{streams}")
+        seen = _forward_threads(lm, monkeypatch)
+        res = ingest(lm, corpus, database_url=db_url, options=_opts(
+            layers=[1, 3], batch_size=5, window_batches=2, forward_streams=streams))
+        assert res.run.status == "done" and res.run.sentences_done == len(corpus)
+        assert any(n.startswith("llens-forward") for n in seen) == (streams == 2)
+        rows[streams] = {layer: stored_rows(db_url, lm.name, layer) for layer in (1, 3)}
+    for layer in (1, 3):
+        one, two = rows[1][layer], rows[2][layer]
+        assert set(one) == set(two) and len(one) > 100
+        for key in one:
+            assert one[key][:3] == two[key][:3] and np.array_equal(one[key][3], two[key][3]), key
+    compare(db_url, "streams2", expected_rows(lm, corpus.texts, [1, 3]), [1, 3])
+
+
+def test_a_failing_forward_stream_fails_the_run_and_a_rerun_completes_exactly(db_url, tiny, corpus_file,
+                                                                              monkeypatch):
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny["gemma"]), name="stream_fail")
+    _forward_threads(lm, monkeypatch, fail_at=7)
+    opts = _opts(layers=[1, 2], batch_size=4, window_batches=2, forward_streams=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ingest(lm, corpus, database_url=db_url, options=opts)
+    with psycopg.connect(db_url) as conn:
+        status, error, done = conn.execute(
+            "SELECT status, error, sentences_done FROM ingest_run r JOIN model m ON m.id = r.model_id "
+            "WHERE m.name = 'stream_fail'").fetchone()
+    # batch 7 is in the 4th window: at most the first 3 windows (24 sentences) were written, in order
+    assert (status, error) == ("failed", "out of memory") and 0 <= done <= 24 and done % 4 == 0
+    monkeypatch.undo()
+    res = ingest(lm, corpus, database_url=db_url, options=opts)
+    assert res.resumed and res.run.status == "done" and res.run.sentences_done == len(corpus)
+    compare(db_url, "stream_fail", expected_rows(lm, corpus.texts, [1, 2]), [1, 2])
+
+
+def test_cli_ingest_ef_construction_reaches_every_index_build(db_url, tiny, corpus_file):
+    """--ef-construction (default unchanged: 64) goes to each of the parallel builds; the
+    recall each index then reaches is measured and recorded as always."""
+    from latentlens.store import Store
+
+    runner = CliRunner()
+    for name, extra, want in (("efc_default", [], 64), ("efc_32", ["--ef-construction", "32"], 32)):
+        r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", name, "--layers",
+                                "0,1,2", "--limit", "30", "--index-jobs", "2", "--no-progress", *extra])
+        assert r.exit_code == 0, r.output
+        with Store.open(db_url) as store:
+            for li in store.get_model(name).layers:
+                assert li.index_params["ef_construction"] == want, (name, li.layer, li.index_params)
+                assert li.index_params.get("recall_at_10") is not None
+    r = runner.invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--ef-construction", "2"])
+    assert r.exit_code == 2 and "ef-construction" in r.output

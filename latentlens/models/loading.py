@@ -26,8 +26,9 @@ from latentlens.errors import InputError, LatentLensError
 from latentlens.models.base import LanguageModel, TextSide
 
 DTYPES = ("float32", "bfloat16", "float16")
-#: float32 weights and residual stream, the first block in float32, the matmuls of every
-#: later block in bfloat16 (torch.autocast): what `auto` picks on a CPU with bfloat16 units
+#: the residual stream, the norms and the first block in float32, the matmuls of every later
+#: block in bfloat16 (torch.autocast, their Linear weights cast once at load): what `auto`
+#: picks on a CPU with bfloat16 units
 BF16_MIXED = "bf16-mixed"
 #: what ``dtype="auto"`` means: see auto_dtype
 AUTO = "auto"
