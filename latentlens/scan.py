@@ -619,6 +619,28 @@ def block_rows_for(num_queries: int) -> int:
     return int(rows // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)
 
 
+def _block_scores(q: torch.Tensor, block: np.ndarray, conv: torch.Tensor, scores: torch.Tensor,
+                  block_rows: int) -> torch.Tensor:
+    """q @ block.T into the reused ``scores`` buffer ([Q, n] view): the block is viewed as the
+    matmul's dtype when it already is (bfloat16 bit patterns included), else converted into ``conv``."""
+    n = len(block)
+    if n > block_rows:
+        raise ValueError(f"block of {n} rows exceeds block_rows={block_rows}")
+    with warnings.catch_warnings():  # a read-only map: torch only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.from_numpy(np.asarray(block))
+    if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
+        src = src.view(torch.bfloat16)
+    if src.dtype == q.dtype:
+        b = src  # already the matmul's dtype: no conversion, no copy
+    else:
+        b = conv[:n]
+        b.copy_(src)
+    s = scores[: q.shape[0] * n].view(q.shape[0], n)
+    torch.mm(q, b.T, out=s)
+    return s
+
+
 def topk_blocks(
     blocks: Iterator[tuple[int, np.ndarray]],
     queries: torch.Tensor,
@@ -644,20 +666,7 @@ def topk_blocks(
     conv, scores = _buffers(buffers, dtype, dim, nq, block_rows)
     for start, block in blocks:
         n = len(block)
-        if n > block_rows:
-            raise ValueError(f"block of {n} rows exceeds block_rows={block_rows}")
-        with warnings.catch_warnings():  # a read-only map: torch only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(np.asarray(block))
-        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
-            src = src.view(torch.bfloat16)
-        if src.dtype == dtype:
-            b = src  # already the matmul's dtype: no conversion, no copy
-        else:
-            b = conv[:n]
-            b.copy_(src)
-        s = scores[: nq * n].view(nq, n)
-        torch.mm(q, b.T, out=s)
+        s = _block_scores(q, block, conv, scores, block_rows)
         kk = min(keep, n)
         v, i = torch.topk(s, kk, dim=1)
         if v.dtype != torch.float32:
@@ -717,20 +726,7 @@ def threshold_blocks(
     c = SELECT_CHUNK
     for start, block in blocks:
         n = len(block)
-        if n > block_rows:
-            raise ValueError(f"block of {n} rows exceeds block_rows={block_rows}")
-        with warnings.catch_warnings():  # a read-only map: torch only reads it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(np.asarray(block))
-        if src.dtype == torch.int16:  # bfloat16 bit patterns (Leaf.blocks(bf16=True))
-            src = src.view(torch.bfloat16)
-        if src.dtype == dtype:
-            b = src
-        else:
-            b = conv[:n]
-            b.copy_(src)
-        s = scores[: nq * n].view(nq, n)
-        torch.mm(q, b.T, out=s)
+        s = _block_scores(q, block, conv, scores, block_rows)
         if nq <= DIRECT_SELECT_QUERIES:
             # a few queries: the block's own top k and one mask are cheaper than chunk maxima
             # (a max over the middle dimension of [Q, 32, n/32] is slow when Q is small)
