@@ -11,14 +11,13 @@ bidirectional attention, so they are part of the forward inputs.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import ClassVar
 
 import torch
 from PIL import Image
 
 from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
-from latentlens.vlm.geometry import clip_transform, grid_patches, stretch
+from latentlens.vlm.geometry import fixed_canvas_transform, grid_patches
 
 
 class Gemma3VLM(VisionLanguageModel):
@@ -51,13 +50,8 @@ class Gemma3VLM(VisionLanguageModel):
         pixel_values = self.image_processor(images=[image], do_pan_and_scan=False,
                                             return_tensors="pt")["pixel_values"]
         h, w = pixel_values.shape[-2:]
-        transform, canvas = clip_transform(image.size, self.image_processor)
-        if canvas != (w, h):
-            warnings.warn(f"expected a {canvas[0]}x{canvas[1]} canvas, got {w}x{h}: assuming a stretch",
-                          stacklevel=2)
-            transform = stretch(image.size, (w, h))
-        if resolution:
-            transform = stretch(original, image.size).then(transform)
+        transform = fixed_canvas_transform(original, image.size, self.image_processor, (int(w), int(h)),
+                                           bool(resolution))
         side = math.isqrt(int(self.config.mm_tokens_per_image))
         patches = grid_patches(side, side, (w / side, h / side), transform, original)
         return PreparedImage(

@@ -19,7 +19,6 @@ model causally, as PaliGemma reads the text it writes (its suffix).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from PIL import Image
 
 from latentlens.errors import InputError
 from latentlens.vlm.base import ModelClass, PreparedImage, VisionLanguageModel
-from latentlens.vlm.geometry import clip_transform, grid_patches, stretch
+from latentlens.vlm.geometry import fixed_canvas_transform, grid_patches
 
 
 class PaliGemmaVLM(VisionLanguageModel):
@@ -76,13 +75,8 @@ class PaliGemmaVLM(VisionLanguageModel):
             image = image.resize(resolution, Image.Resampling.BICUBIC)
         pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         h, w = (int(v) for v in pixel_values.shape[-2:])
-        transform, canvas = clip_transform(image.size, self.image_processor)
-        if canvas != (w, h):
-            warnings.warn(f"expected a {canvas[0]}x{canvas[1]} canvas, got {w}x{h}: assuming a stretch",
-                          stacklevel=2)
-            transform = stretch(image.size, (w, h))
-        if resolution:
-            transform = stretch(original, image.size).then(transform)
+        transform = fixed_canvas_transform(original, image.size, self.image_processor, (int(w), int(h)),
+                                           bool(resolution))
         ps = int(self.config.vision_config.patch_size)
         rows, cols = h // ps, w // ps
         expected = getattr(self.text_config, "num_image_tokens", None)

@@ -13,6 +13,7 @@ Pure python + numpy: no torch, no transformers, so it is easy to test.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,24 @@ def _get(obj: Any, key: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(key)
     return getattr(obj, key, None)
+
+
+def fixed_canvas_transform(
+    original: tuple[int, int], image_size: tuple[int, int], processor: Any, canvas: tuple[int, int],
+    resized: bool,
+) -> Affine:
+    """Original-image pixels -> the canvas (w, h) a fixed-canvas processor (SigLIP: Gemma 3,
+    PaliGemma) made of an image of ``image_size``: clip_transform's chain, a stretch (warned)
+    where the processor made another canvas than that chain predicts, and ``resized`` (the
+    image was squashed from ``original`` by --resolution first) prepended."""
+    transform, expected = clip_transform(image_size, processor)
+    if expected != canvas:
+        warnings.warn(f"expected a {expected[0]}x{expected[1]} canvas, got {canvas[0]}x{canvas[1]}: "
+                      "assuming a stretch", stacklevel=3)
+        transform = stretch(image_size, canvas)
+    if resized:
+        transform = stretch(original, image_size).then(transform)
+    return transform
 
 
 def clip_transform(
