@@ -160,6 +160,10 @@ class EmbeddedServer:
 
     data_dir: Path
 
+    def __post_init__(self) -> None:
+        # a str from a caller's config would fail later, at the first `/`
+        self.data_dir = Path(self.data_dir).expanduser()
+
     @property
     def pgdata(self) -> Path:
         return _pgdata(self.data_dir)

@@ -142,3 +142,10 @@ def test_failed_probe_is_recorded_with_the_server_and_seen_through_a_url(data_di
     assert calls, "a data dir moved to another CPU (or server build) is probed again"
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT llens_ann_enabled()").fetchone()[0] is True
+
+
+def test_a_str_data_dir_works_like_a_path(tmp_path):
+    # a str (from a config file, an env var) used to fail at the first `/`: stop() raised TypeError
+    server = EmbeddedServer(str(tmp_path / "nothing-here"))  # type: ignore[arg-type]
+    assert server.pgdata == tmp_path / "nothing-here" / "pgdata"
+    assert server.stop() is False  # no cluster there: nothing to stop, no error
