@@ -75,7 +75,8 @@ def _reference(by_layer, k, per_layer, nq, ctx):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_assemble_equals_the_per_neighbour_merge(seed, per_layer):
     """Ties across layers (cosines on a coarse grid), one context in several layers, layers with
-    fewer than k rows (-inf padding), keys the store no longer has, spans unknown."""
+    fewer than k rows (-inf padding), a query with no answer, keys the store no longer has,
+    spans unknown."""
     rng = np.random.default_rng(seed)
     layers, k, nq = [2, 5, 9, 11], 6, 37
     combos = [(s, p) for s in range(4) for p in range(5)]  # 20 contexts: many repeats across layers
@@ -95,6 +96,8 @@ def test_assemble_equals_the_per_neighbour_merge(seed, per_layer):
             if rng.random() < 0.9:  # the rest: not in the store any more
                 span = (None, None) if p == 0 else (2 * p, 2 * p + 1)
                 ctx[(layer, s + 100, p)] = Context(s + 100, p, 7 * p + 3, f"t{p}", f"sentence {s}", *span)
+    for res in by_layer.values():  # a query with no answer in any layer
+        res.similarity[0], res.sentence_id[0], res.position[0], res.token_id[0] = -np.inf, -1, -1, -1
     store = _Contexts(ctx)
     lens = Lens.__new__(Lens)
     lens.store = store
@@ -111,6 +114,7 @@ def test_assemble_equals_the_per_neighbour_merge(seed, per_layer):
         assert r.search == {layer: f"path{layer}-{r.index % 2}" for layer in layers}
         assert [type(n.similarity) for n in r.neighbours] == [float] * len(r.neighbours)
         assert all(type(n.sentence_id) is int and type(n.token_id) is int for n in r.neighbours)
+    assert got[0].neighbours == [] and got[0].contexts == []
     assert any(len(n.found_in) > 1 for r in got for n in r.contexts)
     assert any(n.token is None for r in got for n in r.neighbours)
 
