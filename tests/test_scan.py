@@ -434,3 +434,50 @@ def test_dense_and_grouped_reranks_agree(tmp_path, monkeypatch, select):
         _assert_float32_answer(*got[dense], v16, q, 10)
     assert torch.equal(got[True][1], got[False][1])
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_blocks_int16_chunk_maxima_change_nothing(seed, monkeypatch):
+    """bfloat16 chunk maxima read as int16 bit patterns (exact where positive) keep exactly the
+    rows, scores and thresholds of the exact maxima: queries near, across (cosines ~0: thresholds
+    <= 0) and opposite (every score negative) the rows, in one batch of an image's size."""
+    import latentlens.scan as scan
+    from latentlens.scan import threshold_blocks
+
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=32)
+    mean /= np.linalg.norm(mean)
+    rows = mean + 0.1 * rng.normal(size=(5000, 32))  # every row leans one way
+    v16 = rows.astype(np.float16)
+    q = np.concatenate([mean + 0.5 * rng.normal(size=(20, 32)), -mean + 0.1 * rng.normal(size=(20, 32)),
+                        rng.normal(size=(20, 32))])
+    ortho = q[40:] - (q[40:] @ mean)[:, None] * mean  # across: cosines around 0
+    q[40:] = ortho
+    qt = torch.nn.functional.normalize(torch.from_numpy(q.astype(np.float32)), dim=1)
+
+    def run():
+        blocks = ((s, v16[s: s + 1024]) for s in range(0, len(v16), 1024))
+        return threshold_blocks(blocks, qt, 10, lambda kth: kth - 0.01, torch.bfloat16, 1024)
+
+    got = run()
+    scores = (qt.bfloat16() @ torch.from_numpy(v16).bfloat16().T).float()
+    assert (scores[20:40] < 0).all() and (got.threshold <= 0).any() and (got.threshold > 0).any()
+    monkeypatch.setattr(scan, "_chunk_max", lambda chunks: chunks.amax(dim=0))
+    want = run()
+    for name in ("query", "row", "score", "threshold", "over"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for qi in range(len(q)):  # and nothing that can win is left out
+        kept = set(got.row[got.query == qi].tolist())
+        assert set(torch.nonzero(scores[qi] >= got.threshold[qi]).flatten().tolist()) <= kept
+
+
+def test_chunk_max_int16_is_exact_where_positive():
+    from latentlens.scan import _chunk_max
+
+    x = torch.randn(32, 50, 7).bfloat16()  # [rows of a chunk, chunks, queries]
+    x[:, :, 0] = -x[:, :, 0].abs()  # a query whose chunks are all negative
+    got, want = _chunk_max(x).float(), x.amax(dim=0).float()
+    pos = want > 0
+    assert torch.equal(got[pos], want[pos]) and pos.sum() > 100
+    assert (got[~pos] <= want[~pos]).all()  # elsewhere a row's score, never above the maximum
+    assert torch.equal(_chunk_max(x.float()), x.float().amax(dim=0))

@@ -32,7 +32,7 @@ from latentlens.store.embeddings import (
 from latentlens.store.evals import EvalItem, EvalRunInfo, EvalsMixin, EvalVerdict
 from latentlens.store.phrases import PhrasesMixin
 from latentlens.store.runs import RunsMixin
-from latentlens.store.search import SearchMixin
+from latentlens.store.search import ContextColumns, SearchMixin
 from latentlens.store.types import (
     Context,
     CorpusInfo,
@@ -52,7 +52,7 @@ class Store(CatalogMixin, EmbeddingsMixin, RunsMixin, SearchMixin, EvalsMixin, A
 
 __all__ = [
     "EMBEDDING_COLUMNS", "SCAN_COLUMNS",
-    "AnalysisInfo", "AtlasHit", "AtlasInfo", "AtlasRunInfo", "Context", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
+    "AnalysisInfo", "AtlasHit", "AtlasInfo", "AtlasRunInfo", "Context", "ContextColumns", "CorpusInfo", "EmbeddingBatch", "EvalItem", "EvalRunInfo", "EvalVerdict", "KnnResult",
     "LatentLensError",
     "LayerInfo", "ModelInfo", "RunInfo", "Store", "UnknownAtlas", "text_hash",
 ]

@@ -1,0 +1,153 @@
+"""Lens._assemble (merge, distinct contexts, per layer, sentences) over whole arrays, checked
+against the per-neighbour merge it replaced, and Store.context_columns against Store.contexts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from _query_data import fill
+
+from latentlens.query import Lens, Neighbour
+from latentlens.search import LayerSearch, merge_layers
+from latentlens.store import KnnResult
+from latentlens.store.search import ContextColumns
+from latentlens.store.types import Context
+
+
+class _Contexts:
+    """A store that answers context_columns from a dict of Contexts (keys left out: not stored)."""
+
+    def __init__(self, ctx: dict[tuple[int, int, int], Context]):
+        self.ctx = ctx
+        self.calls = 0
+
+    def context_columns(self, info, layer, sentence_id, position) -> ContextColumns:
+        self.calls += 1
+        keys = list(zip(layer.tolist(), sentence_id.tolist(), position.tolist(), strict=True))
+        assert len(set(keys)) == len(keys), "each key asked once"
+        got = [self.ctx.get(key) for key in keys]
+        return ContextColumns(
+            found=np.array([c is not None for c in got], dtype=bool),
+            token_id=np.array([c.token_id if c else -1 for c in got], dtype=np.int64),
+            char_start=[c.char_start if c else None for c in got],
+            char_end=[c.char_end if c else None for c in got],
+            token=[c.token if c else None for c in got],
+            sentence=[c.sentence if c else "" for c in got],
+        )
+
+
+def _reference(by_layer, k, per_layer, nq, ctx):
+    """The per-neighbour assembly _assemble had (merge_layers, a dict per query), as lists."""
+    picks = merge_layers(by_layer, k)
+    pool = merge_layers(by_layer, k, keep=k * len(by_layer))
+
+    def nb(layer, qi, r, found_in=None):
+        res = by_layer[layer]
+        sid, pos = int(res.sentence_id[qi, r]), int(res.position[qi, r])
+        c = ctx.get((layer, sid, pos))
+        return Neighbour(token=c.token if c else None, token_id=int(res.token_id[qi, r]),
+                         similarity=float(res.similarity[qi, r]), layer=layer, sentence_id=sid,
+                         sentence=c.sentence if c else "", position=pos,
+                         char_start=c.char_start if c else None, char_end=c.char_end if c else None,
+                         found_in=found_in)
+
+    out = []
+    for qi in range(nq):
+        first: dict = {}
+        for layer, r in pool[qi]:
+            key = (int(by_layer[layer].sentence_id[qi, r]), int(by_layer[layer].position[qi, r]))
+            if key in first:
+                first[key][2].append(layer)
+            else:
+                first[key] = (layer, r, [layer])
+        contexts = [nb(layer, qi, r, sorted(seen)) for layer, r, seen in list(first.values())[:k]]
+        pl = None
+        if per_layer:
+            pl = {layer: [nb(layer, qi, r) for r in range(k) if np.isfinite(res.similarity[qi, r])]
+                  for layer, res in sorted(by_layer.items())}
+        out.append(([nb(layer, qi, r) for layer, r in picks[qi]], contexts, pl))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_assemble_equals_the_per_neighbour_merge(seed, per_layer):
+    """Ties across layers (cosines on a coarse grid), one context in several layers, layers with
+    fewer than k rows (-inf padding), a query with no answer, keys the store no longer has,
+    spans unknown."""
+    rng = np.random.default_rng(seed)
+    layers, k, nq = [2, 5, 9, 11], 6, 37
+    combos = [(s, p) for s in range(4) for p in range(5)]  # 20 contexts: many repeats across layers
+    by_layer, ctx = {}, {}
+    for li, layer in enumerate(layers):
+        res = KnnResult.empty(layer, nq, k)
+        rows = k if li != 1 else 3  # layer 5 holds 3 rows
+        for qi in range(nq):
+            pick = rng.choice(len(combos), size=rows, replace=False)
+            sims = np.sort(np.round(rng.uniform(-0.2, 1.0, size=rows), 1))[::-1]
+            res.similarity[qi, :rows] = sims
+            res.sentence_id[qi, :rows] = [combos[c][0] + 100 for c in pick]
+            res.position[qi, :rows] = [combos[c][1] for c in pick]
+            res.token_id[qi, :rows] = [7 * combos[c][1] + 3 for c in pick]
+        by_layer[layer] = res
+        for s, p in combos:
+            if rng.random() < 0.9:  # the rest: not in the store any more
+                span = (None, None) if p == 0 else (2 * p, 2 * p + 1)
+                ctx[(layer, s + 100, p)] = Context(s + 100, p, 7 * p + 3, f"t{p}", f"sentence {s}", *span)
+    for res in by_layer.values():  # a query with no answer in any layer
+        res.similarity[0], res.sentence_id[0], res.position[0], res.token_id[0] = -np.inf, -1, -1, -1
+    store = _Contexts(ctx)
+    lens = Lens.__new__(Lens)
+    lens.store = store
+    found = {layer: LayerSearch(res, [f"path{layer}-{q % 2}" for q in range(nq)], "test")
+             for layer, res in by_layer.items()}
+    got = lens._assemble(SimpleNamespace(id=1), found, k, per_layer, nq)
+    want = _reference(by_layer, k, per_layer, nq, ctx)
+    assert store.calls == 1
+    assert [r.index for r in got] == list(range(nq))
+    for r, (ns, contexts, pl) in zip(got, want, strict=True):
+        assert r.neighbours == ns
+        assert r.contexts == contexts
+        assert r.per_layer == pl
+        assert r.search == {layer: f"path{layer}-{r.index % 2}" for layer in layers}
+        assert [type(n.similarity) for n in r.neighbours] == [float] * len(r.neighbours)
+        assert all(type(n.sentence_id) is int and type(n.token_id) is int for n in r.neighbours)
+    assert got[0].neighbours == [] and got[0].contexts == []
+    assert any(len(n.found_in) > 1 for r in got for n in r.contexts)
+    assert any(n.token is None for r in got for n in r.neighbours)
+
+
+@pytest.fixture(scope="module")
+def data(db_url):
+    from latentlens.store import Store
+
+    with Store.open(db_url) as s:
+        return fill(s, "qa", n_sentences=30)
+
+
+def test_context_columns_answer_as_contexts(db_url, data):
+    """Each key's stored token, sentence and span, as Store.contexts gives them, in the order
+    asked; a key not stored answers found=False (contexts leaves it out)."""
+    from latentlens.store import Store
+
+    with Store.open(db_url) as s:
+        info = s.get_model("qa")
+        keys = [(layer, int(sid), int(pos)) for layer in (0, 8)
+                for sid, pos in zip(data["sentence_id"][::3], data["position"][::3], strict=True)]
+        keys.insert(3, (4, int(data["sentence_id"][0]), 999))  # no such position
+        arr = np.array(keys, dtype=np.int64)
+        cc = s.context_columns(info, arr[:, 0], arr[:, 1], arr[:, 2])
+        want = s.contexts(info, keys)
+        assert len(want) == len(keys) - 1
+        for j, key in enumerate(keys):
+            c = want.get(key)
+            assert bool(cc.found[j]) == (c is not None)
+            if c is None:
+                assert (cc.token[j], cc.sentence[j], cc.char_start[j], cc.char_end[j]) == (None, "", None, None)
+                continue
+            assert (int(cc.token_id[j]), cc.token[j], cc.sentence[j], cc.char_start[j], cc.char_end[j]) == (
+                c.token_id, c.token, c.sentence, c.char_start, c.char_end)
+        empty = s.context_columns(info, arr[:0, 0], arr[:0, 1], arr[:0, 2])
+        assert len(empty.found) == 0 and empty.sentence == []
