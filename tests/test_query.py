@@ -274,3 +274,26 @@ def test_select_tokens_skips_special_tokens():
     assert select_tokens(tokens, sp, text, "dog") == [2]
     with pytest.raises(InputError, match="' dog'"):
         select_tokens(tokens, sp, text, "cat")
+
+
+def test_a_few_queries_scan_the_layers_side_by_side(lens, data, monkeypatch):
+    """8 queries over 3 layers: the layers the scan answers are scanned together
+    (ScanEngine.search_many, a leaf per worker thread), each equal to its own search."""
+    import threading
+
+    from latentlens import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "_cores", lambda: 2)  # side by side even on one core
+    q = np.random.default_rng(8).normal(size=(8, 32)).astype(np.float32)
+    names = []
+    search_leaf = lens.scan.search_leaf
+    monkeypatch.setattr(lens.scan, "search_leaf", lambda *a, **kw: names.append(threading.current_thread().name)
+                        or search_leaf(*a, **kw))
+    for mode in ("exact", "auto"):
+        names.clear()
+        results = lens.neighbors(q, "qm", k=5, per_layer=True, mode=mode)
+        assert len(names) == 3 and all(n.startswith("llens-leaf") for n in names)
+        for layer in (0, 4, 8):
+            one = lens.search_layer("qm", layer, q, k=5, mode="exact")
+            assert [[n.sentence_id for n in r.per_layer[layer]] for r in results] == one.result.sentence_id.tolist()
+            assert {r.search[layer] for r in results} == {"scan"}
