@@ -83,8 +83,9 @@ COPY_WORKERS = 4
 FILL_PIECE = 32768
 # batches up to this many queries scan several leaves at once, one per thread (ScanEngine.search_many)
 PARALLEL_LEAF_QUERIES = DIRECT_SELECT_QUERIES
-# bytes of a leaf's rows mapped at once by each of those threads
-PARALLEL_BLOCK_BYTES = 64 << 20
+# bytes of leaves' rows mapped at once by all those threads together: less than one block of
+# the leaf-by-leaf scan (a 35k x 576 leaf: 40 MB), so that side by side adds no peak memory
+PARALLEL_BLOCK_BYTES = 32 << 20
 # rows per piece of a re-rank's read of candidate rows (Leaf.gather)
 GATHER_ROWS = 4096
 # at most this many rows: a pread each instead of reading through the map (Leaf._pread)
@@ -1156,10 +1157,11 @@ class ScanEngine:
                     leaves[layer] = self.cache.get(info, layer, version=versions.get(layer), bf16=self.bf16_rows)
         out: dict[int, KnnResult] = {}
         if len(leaves) > 1:
-            # blocks of at most PARALLEL_BLOCK_BYTES: every worker has one block's pages mapped
-            rows_in_budget = PARALLEL_BLOCK_BYTES // (2 * max(info.hidden_size, 1)) // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS
-            block = min(self.block_rows or block_rows_for(nq), max(MIN_BLOCK_ROWS, rows_in_budget))
-            pool = _leaf_pool(min(workers, len(leaves)))
+            # every worker has one block's pages mapped: PARALLEL_BLOCK_BYTES between them
+            workers = min(workers, len(leaves))
+            budget = PARALLEL_BLOCK_BYTES // workers // (2 * max(info.hidden_size, 1))
+            block = min(self.block_rows or block_rows_for(nq), max(MIN_BLOCK_ROWS, budget // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS))
+            pool = _leaf_pool(workers)
 
             def one(layer: int, leaf: Leaf) -> KnnResult:
                 sims, rows = self.search_leaf(leaf, queries, k, block_rows=block)
