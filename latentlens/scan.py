@@ -1161,7 +1161,7 @@ class ScanEngine:
             workers = min(workers, len(leaves))
             budget = PARALLEL_BLOCK_BYTES // workers // (2 * max(info.hidden_size, 1))
             block = min(self.block_rows or block_rows_for(nq), max(MIN_BLOCK_ROWS, budget // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS))
-            pool = _leaf_pool(workers)
+            pool = _leaf_pool(_cores())  # one size whatever the layer count: made once
 
             def one(layer: int, leaf: Leaf) -> KnnResult:
                 sims, rows = self.search_leaf(leaf, queries, k, block_rows=block)
