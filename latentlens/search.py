@@ -120,8 +120,9 @@ class _Exact:
 
 
 def _cost_path() -> Path:
-    # v2: measured at Q = 1 and 512; v3: with the one-pass threshold selection
-    return config.cache_dir() / "scan" / "costs-v3.json"
+    # v2: measured at Q = 1 and 512; v3: with the one-pass threshold selection; v4: a few
+    # queries multiply block @ q.T (scan._block_scores: Q = 1 measures faster than in v3)
+    return config.cache_dir() / "scan" / "costs-v4.json"
 
 
 class CostModel:

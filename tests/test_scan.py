@@ -33,6 +33,26 @@ def test_topk_blocks_matches_full_topk():
     assert torch.allclose(v, fv)
 
 
+@pytest.mark.parametrize("nq", [1, 8, 32, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_scores_either_orientation(nq, dtype):
+    """A few queries multiply block @ q.T (the block streamed as it lies), more q @ block.T:
+    both give the [Q, n] scores of q . row, within the matmul dtype's rounding."""
+    from latentlens.scan import _block_scores
+
+    rng = np.random.default_rng(nq)
+    rows = rng.normal(size=(300, 64)).astype(np.float16)
+    block = torch.from_numpy(rows).to(torch.bfloat16).view(torch.int16).numpy() if dtype == torch.bfloat16 else rows
+    q = torch.nn.functional.normalize(torch.randn(nq, 64), dim=1).to(dtype)
+    conv, scores = torch.empty((512, 64), dtype=dtype), torch.empty(nq * 512, dtype=dtype)
+    s = _block_scores(q, block, conv, scores, 512)
+    assert s.shape == (nq, 300) and s.dtype == dtype
+    assert s.stride(1) == (nq if nq <= 32 else 1)  # few queries: the transposed view of [n, Q]
+    want = q.float() @ torch.from_numpy(rows).float().T
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(s.float(), want, atol=tol, rtol=tol)
+
+
 def test_block_rows_bounded():
     assert block_rows_for(1) == 65536
     assert block_rows_for(576) <= 65536
