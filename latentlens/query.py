@@ -243,8 +243,9 @@ class Lens:
         k = check_k(k)
         found = self.searcher.search(info, chosen, q, k, mode=_mode(mode, exact), query_kind=query_kind,
                                      ef_search=ef_search)
-        results = self._assemble(info, found, k, per_layer, q.shape[0])
-        prov = self.store.provenance(info, chosen, {layer: ls.paths for layer, ls in found.items()})
+        with self.store.reading():  # the sentences and the provenance: one transaction
+            results = self._assemble(info, found, k, per_layer, q.shape[0])
+            prov = self.store.provenance(info, chosen, {layer: ls.paths for layer, ls in found.items()})
         for r in results:
             r.provenance = prov
         return results

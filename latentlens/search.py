@@ -107,13 +107,22 @@ class LayerSearch:
     estimates: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class _Exact:
+    """A layer whose whole batch the exact scan answers, and why (Searcher._search_layer)."""
+
+    reason: str
+    estimates: dict[str, float] = field(default_factory=dict)
+
+
 # --------------------------------------------------------------------------
 # costs
 
 
 def _cost_path() -> Path:
-    # v2: measured at Q = 1 and 512; v3: with the one-pass threshold selection
-    return config.cache_dir() / "scan" / "costs-v3.json"
+    # v2: measured at Q = 1 and 512; v3: with the one-pass threshold selection; v4: a few
+    # queries multiply block @ q.T (scan._block_scores: Q = 1 measures faster than in v3)
+    return config.cache_dir() / "scan" / "costs-v4.json"
 
 
 class CostModel:
@@ -253,11 +262,49 @@ class Searcher:
         server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and self.store.ann_supported()
         self._prefetch(info, [x for x in layers if mode == "exact" or query_kind == "visual"
                               or not (server_ann and info.layer(x).index_kind)])
+        exact: dict[int, _Exact] = {}
         for layer in layers:
             t = time.perf_counter()
             ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann)
+            if isinstance(ls, _Exact):
+                exact[layer] = ls  # scanned together below
+                continue
             ls.seconds = time.perf_counter() - t
             out[layer] = ls
+        nq = len(q)
+        for layer, (res, path, seconds) in self._exact_many(info, list(exact), q, k).items():
+            out[layer] = LayerSearch(res, [path] * nq, exact[layer].reason, seconds=seconds,
+                                     estimates=exact[layer].estimates)
+        return {layer: out[layer] for layer in layers}
+
+    def _exact_many(self, info: ModelInfo, layers: list[int], q: np.ndarray, k: int
+                    ) -> dict[int, tuple[KnnResult, str, float]]:
+        """The exact answer of each layer, (result, path, seconds): leaf by leaf, or for a few
+        queries over several cached leaves side by side (ScanEngine.search_many), their time
+        shared by rows (what a scan of each costs the batch)."""
+        if not layers:
+            return {}
+        if not self.has_torch or self.scan.leaf_workers(len(q), len(layers)) < 2:
+            out = {}
+            for layer in layers:
+                t = time.perf_counter()
+                res, path = self._exact(info, layer, q, k)
+                out[layer] = (res, path, time.perf_counter() - t)
+            return out
+        versions = {x: (info.layer(x).row_count, info.layer(x).version) for x in layers}
+        cached = all(self.scan.cache.cached(info, x, versions[x]) is not None for x in layers)
+        t = time.perf_counter()
+        found = self.scan.search_many(info, layers, q, k, versions=versions)
+        took = time.perf_counter() - t
+        rows = sum(info.layer(x).row_count for x in layers)
+        out = {}
+        for layer in layers:
+            share = took * info.layer(layer).row_count / max(rows, 1)
+            if cached:
+                self.costs.observe_scan(info.layer(layer).row_count, info.hidden_size, len(q), share)
+            out[layer] = (found[layer], "scan", share)
+        if not cached:
+            self.costs.observe_copy(rows * info.hidden_size, took)
         return out
 
     def _prefetch(self, info: ModelInfo, layers: list[int]) -> None:
@@ -277,7 +324,9 @@ class Searcher:
     def _search_layer(
         self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,
         ef_search: int | None, server_ann: bool,
-    ) -> LayerSearch:
+    ) -> LayerSearch | _Exact:
+        """The layer's answer, or _Exact when the whole batch goes to the exact scan (run by
+        search() with the other such layers); a mixed batch's scan of its far queries runs here."""
         li = info.layer(layer)
         nq = len(q)
         # wide layers' indexes (binary HNSW, DiskANN) re-rank 10k candidates, at most 1000
@@ -285,9 +334,8 @@ class Searcher:
         ann_ok = li.index_kind is not None and k <= max_k and server_ann
         ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 
-        def exact(reason: str) -> LayerSearch:
-            res, path = self._exact(info, layer, q, k)
-            return LayerSearch(res, [path] * nq, reason)
+        def exact(reason: str) -> _Exact:
+            return _Exact(reason)
 
         if mode == "exact":
             return exact("exact search requested")

@@ -274,3 +274,56 @@ def test_select_tokens_skips_special_tokens():
     assert select_tokens(tokens, sp, text, "dog") == [2]
     with pytest.raises(InputError, match="' dog'"):
         select_tokens(tokens, sp, text, "cat")
+
+
+def test_a_few_queries_scan_the_layers_side_by_side(lens, data, monkeypatch):
+    """8 queries over 3 layers: the layers the scan answers are scanned together
+    (ScanEngine.search_many, a leaf per worker thread), each equal to its own search."""
+    import threading
+
+    from latentlens import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "_cores", lambda: 2)  # side by side even on one core
+    q = np.random.default_rng(8).normal(size=(8, 32)).astype(np.float32)
+    names = []
+    search_leaf = lens.scan.search_leaf
+    monkeypatch.setattr(lens.scan, "search_leaf", lambda *a, **kw: names.append(threading.current_thread().name)
+                        or search_leaf(*a, **kw))
+    for mode in ("exact", "auto"):
+        names.clear()
+        results = lens.neighbors(q, "qm", k=5, per_layer=True, mode=mode)
+        assert len(names) == 3 and all(n.startswith("llens-leaf") for n in names)
+        for layer in (0, 4, 8):
+            one = lens.search_layer("qm", layer, q, k=5, mode="exact")
+            assert [[n.sentence_id for n in r.per_layer[layer]] for r in results] == one.result.sentence_id.tolist()
+            assert {r.search[layer] for r in results} == {"scan"}
+
+
+def test_an_answer_reads_its_sentences_and_provenance_in_one_transaction(lens, data, monkeypatch):
+    """contexts and provenance share one transaction (Store.reading): a BEGIN / COMMIT pair
+    each was two more round trips per answer."""
+    q = np.random.default_rng(9).normal(size=(3, 32)).astype(np.float32)
+    lens.neighbors(q, "qm", k=3, mode="exact")  # the leaves cached, the model read once
+    opened = []
+    transaction = type(lens.store).transaction
+
+    def counted(self):
+        opened.append(1)
+        return transaction(self)
+
+    monkeypatch.setattr(type(lens.store), "transaction", counted)
+    [r, *_] = lens.neighbors(q, "qm", k=3, mode="exact")
+    assert r.provenance["model"]["name"] == "qm" and r.neighbours[0].sentence
+    assert len(opened) == 2  # get_model, then contexts + provenance together
+
+
+def test_reading_rolls_back_on_error_and_nests(lens, data):
+    import psycopg
+
+    store = lens.store
+    with pytest.raises(psycopg.errors.UndefinedTable), store.reading():
+        with store.reading():  # nested: the same transaction
+            assert store._fetch("SELECT 1") == [(1,)]
+        store._fetch("SELECT * FROM no_such_table")
+    assert not store._reading
+    assert store._fetch("SELECT 2") == [(2,)]  # the connection is usable again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,26 @@ def test_topk_blocks_matches_full_topk():
     fv, fi = torch.topk(full, 10, dim=1)
     assert torch.equal(i, fi)
     assert torch.allclose(v, fv)
+
+
+@pytest.mark.parametrize("nq", [1, 8, 32, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_scores_either_orientation(nq, dtype):
+    """A few queries multiply block @ q.T (the block streamed as it lies), more q @ block.T:
+    both give the [Q, n] scores of q . row, within the matmul dtype's rounding."""
+    from latentlens.scan import _block_scores
+
+    rng = np.random.default_rng(nq)
+    rows = rng.normal(size=(300, 64)).astype(np.float16)
+    block = torch.from_numpy(rows).to(torch.bfloat16).view(torch.int16).numpy() if dtype == torch.bfloat16 else rows
+    q = torch.nn.functional.normalize(torch.randn(nq, 64), dim=1).to(dtype)
+    conv, scores = torch.empty((512, 64), dtype=dtype), torch.empty(nq * 512, dtype=dtype)
+    s = _block_scores(q, block, conv, scores, 512)
+    assert s.shape == (nq, 300) and s.dtype == dtype
+    assert s.stride(1) == (nq if nq <= 32 else 1)  # few queries: the transposed view of [n, Q]
+    want = q.float() @ torch.from_numpy(rows).float().T
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(s.float(), want, atol=tol, rtol=tol)
 
 
 def test_block_rows_bounded():
@@ -481,3 +503,106 @@ def test_chunk_max_int16_is_exact_where_positive():
     assert torch.equal(got[pos], want[pos]) and pos.sum() > 100
     assert (got[~pos] <= want[~pos]).all()  # elsewhere a row's score, never above the maximum
     assert torch.equal(_chunk_max(x.float()), x.float().amax(dim=0))
+
+
+# --------------------------------------------------------------------------
+# a few queries: leaves scanned side by side (ScanEngine.search_many)
+
+
+def _leaves_for_many(tmp_path, n_leaves: int, nq: int, level: float, seed: int):
+    """``n_leaves`` near-tie leaves laid out as LeafCache finds them, and a stand-in ModelInfo."""
+    root = tmp_path / "cache"
+    layers, v16s, q = [], {}, None
+    for layer in range(n_leaves):
+        rows, qq = _near_ties(n_far=6000, n_tied=1600, dim=64, nq=nq, seed=seed, level=level)
+        if q is None:
+            q = qq
+        else:  # the same queries, the ties around them rotated away per leaf
+            rows = rows[np.random.default_rng(layer).permutation(len(rows))]
+        _, v16s[layer] = _write_leaf(root / "inst" / "7" / str(layer) / f"v{len(rows)}-1", rows)
+        layers.append(SimpleNamespace(layer=layer, row_count=len(rows), version=1))
+    by = {li.layer: li for li in layers}
+    info = SimpleNamespace(id=7, name="m", hidden_size=64, layer=by.__getitem__)
+    return root, info, v16s, q
+
+
+@pytest.mark.parametrize("level", [0.9, 0.25])
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_search_many_equals_float32_on_near_ties(tmp_path, monkeypatch, level, k):
+    """8 queries over 3 leaves, each leaf on a worker thread with one torch thread: every
+    leaf's answer is float32's (near-ties in and out of distribution), the leaf by leaf scan's."""
+    import threading
+
+    from latentlens import scan as scan_mod
+
+    root, info, v16s, q = _leaves_for_many(tmp_path, 3, 8, level, seed=k)
+    monkeypatch.setattr(scan_mod, "_cores", lambda: 2)  # side by side even on one core
+    eng = ScanEngine(None, dtype="bfloat16", cache_root=root)
+    eng.cache._instance = "inst"
+    seen = []
+    search_leaf = eng.search_leaf
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return search_leaf(*a, **kw)
+
+    monkeypatch.setattr(eng, "search_leaf", spy)
+    versions = {x: (len(v16s[x]), 1) for x in v16s}
+    got = eng.search_many(info, [0, 1, 2], q, k, versions=versions)
+    assert list(got) == [0, 1, 2] and len(seen) == 3 and all(n.startswith("llens-leaf") for n in seen)
+    one = ScanEngine(None, dtype="bfloat16", cache_root=root)
+    one.cache._instance = "inst"
+    for layer, res in got.items():
+        sims, rows = one.search_leaf(one.cache.get(info, layer, version=versions[layer]), torch.from_numpy(q), k)
+        _assert_float32_answer(torch.from_numpy(res.similarity), rows.numpy(), v16s[layer], q, k)
+        np.testing.assert_array_equal(res.sentence_id, rows.numpy())  # _write_leaf: sentence id = row
+        np.testing.assert_array_equal(res.similarity, sims.numpy())
+
+
+def test_search_many_big_batches_and_one_leaf_stay_on_the_calling_thread(tmp_path, monkeypatch):
+    """An image's patches (their matmuls split well over torch's threads) and a single leaf
+    are scanned as before; the answer is the same either way."""
+    import threading
+
+    from latentlens import scan as scan_mod
+
+    root, info, v16s, q8 = _leaves_for_many(tmp_path, 2, 8, 0.25, seed=3)
+    monkeypatch.setattr(scan_mod, "_cores", lambda: 2)
+    eng = ScanEngine(None, dtype="bfloat16", cache_root=root)
+    eng.cache._instance = "inst"
+    assert eng.leaf_workers(8, 2) == 2 and eng.leaf_workers(8, 1) == 1
+    assert eng.leaf_workers(64, 2) == 1  # more than PARALLEL_LEAF_QUERIES
+    names = []
+    search_leaf = eng.search_leaf
+    monkeypatch.setattr(eng, "search_leaf", lambda *a, **kw: names.append(threading.current_thread().name)
+                        or search_leaf(*a, **kw))
+    versions = {x: (len(v16s[x]), 1) for x in v16s}
+    q64 = np.concatenate([q8] * 8)
+    got = eng.search_many(info, [0, 1], q64, 10, versions=versions)
+    single = eng.search_many(info, [1], q8, 10, versions=versions)
+    assert names == [threading.current_thread().name] * 3
+    np.testing.assert_array_equal(got[1].sentence_id[:8], single[1].sentence_id)
+
+
+def test_leaf_pool_keeps_torch_threads_for_everyone_else():
+    """The pool's workers run torch on one thread each; the caller and threads started later
+    keep torch's count (torch.set_num_threads(1) in a worker alone set it for every new thread)."""
+    import threading
+
+    from latentlens.scan import _leaf_pool
+
+    before = torch.get_num_threads()
+    pool = _leaf_pool(2)
+
+    def threads() -> int:
+        torch.ones(4).sum()  # torch sets a thread's count up on its first op
+        return torch.get_num_threads()
+
+    assert [f.result() for f in [pool.submit(threads) for _ in range(4)]] == [1] * 4
+    assert torch.get_num_threads() == before
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(threads()))
+    t.start()
+    t.join()
+    assert seen == [before]
+    assert _leaf_pool(2) is pool  # made once

@@ -21,6 +21,7 @@ class StoreBase:
     def __init__(self, conn: psycopg.Connection, url: str):
         self.conn = conn
         self.url = url
+        self._reading = False  # inside reading(): _fetch runs in its transaction
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -128,7 +129,25 @@ class StoreBase:
                     psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
                 self.conn.rollback()
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Run the plain reads inside (``_fetch``: contexts, provenance, get_model ...) in one
+        transaction: one BEGIN and one COMMIT for all of them, not a pair each (every
+        answer reads its sentences and its provenance: 6 round trips, now 4). Reads only:
+        a nested ``transaction()`` would be a savepoint of this one."""
+        if self._reading:
+            yield
+            return
+        with self.transaction():
+            self._reading = True
+            try:
+                yield
+            finally:
+                self._reading = False
+
     def _fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
+        if self._reading:
+            return self.conn.execute(sql, params).fetchall()
         with self.transaction() as conn:
             return conn.execute(sql, params).fetchall()
 
