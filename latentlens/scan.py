@@ -596,6 +596,8 @@ def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
     if key not in cached:
         cached[key] = measure()
         try:
@@ -606,6 +608,16 @@ def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
         except OSError:
             pass
     return cached[key]
+
+
+def measured_before(path: Path) -> dict | None:
+    """measured_once's answer if this machine has it already, else None (never measures)."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    got = cached.get(calibration_key()) if isinstance(cached, dict) else None
+    return got if isinstance(got, dict) else None
 
 
 # --------------------------------------------------------------------------
@@ -1338,6 +1350,6 @@ class ScanEngine:
 
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
-    "measured_once",
+    "measured_before", "measured_once",
     "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]
