@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ from latentlens.store import KnnResult, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
 CACHE_FORMAT = 1
+_T = TypeVar("_T")
 ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
 # candidates beyond k on the first try: enough that ~all queries' top-k are certified at once
 # (36.5k clustered rows, 576 random unit queries: 81% at k + 16, 100% at k + 32)
@@ -848,6 +850,31 @@ def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: in
     return conv, scores
 
 
+# scratch buffers (block conversion, scores, re-rank) shared by a process's engines, one scan
+# at a time: per engine, a bench or a server holding two Lenses kept two sets (~66 MiB each
+# at 576 queries x 36k rows) though only one scan runs at a time
+_SCRATCH: dict = {}
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _shared_scratch(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run an engine's scan on the process' shared scratch buffers, or, while another scan
+    (another thread) holds them, on the engine's own."""
+
+    @functools.wraps(method)
+    def run(self: ScanEngine, *args: object, **kwargs: object) -> _T:
+        if not _SCRATCH_LOCK.acquire(blocking=False):
+            return method(self, *args, **kwargs)
+        own, self._buffers = self._buffers, _SCRATCH
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._buffers = own
+            _SCRATCH_LOCK.release()
+
+    return run
+
+
 def normalize_queries(queries: np.ndarray | torch.Tensor, dim: int, model: str = "") -> torch.Tensor:
     """float32 [Q, D] unit rows as a tensor (checks: see store.types.unit_queries)."""
     return torch.from_numpy(unit_queries(queries, dim, model))
@@ -1078,6 +1105,7 @@ class ScanEngine:
         sims, rows = self.search_leaf(leaf, queries, k, block_rows=block)
         return self._result(layer, leaf.keys(), sims, rows, k)
 
+    @_shared_scratch
     def search_leaf(
         self, leaf: Leaf, queries: torch.Tensor, k: int, *, block_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
