@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from latentlens.store import KnnResult, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
 CACHE_FORMAT = 1
+_T = TypeVar("_T")
 ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
 # candidates beyond k on the first try: enough that ~all queries' top-k are certified at once
 # (36.5k clustered rows, 576 random unit queries: 81% at k + 16, 100% at k + 32)
@@ -291,6 +293,28 @@ def _fill_arithmetic(
     return norms.numpy(), xb.view(torch.int16).numpy(), rho
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+def release_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    A copy's threads leave tens of MiB of freed chunks in their malloc arenas (chunk
+    buffers, decoded ranges); kept, they sat under the first search's own memory and
+    made the very first query's peak resident set ~30-50 MiB higher.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _alive(pid: str) -> bool:
     """Whether a process of this id runs (on this host: the cache dir is local); unsure -> yes."""
     try:
@@ -480,7 +504,10 @@ class LeafCache:
             with ThreadPoolExecutor(min(len(todo), workers or COPY_WORKERS)) as pool:
                 for fut in [pool.submit(one, layer) for layer in todo]:
                     fut.result()
-        return [self.get(info, layer, bf16=bf16, progress=progress) for layer in layers]
+        leaves = [self.get(info, layer, bf16=bf16, progress=progress) for layer in layers]
+        if todo:
+            release_heap()
+        return leaves
 
     @staticmethod
     def _prune(base: Path, keep: str) -> None:
@@ -618,6 +645,8 @@ def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
     if key not in cached:
         cached[key] = measure()
         try:
@@ -628,6 +657,16 @@ def measured_once(path: Path, measure: Callable[[], dict]) -> dict:
         except OSError:
             pass
     return cached[key]
+
+
+def measured_before(path: Path) -> dict | None:
+    """measured_once's answer if this machine has it already, else None (never measures)."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    got = cached.get(calibration_key()) if isinstance(cached, dict) else None
+    return got if isinstance(got, dict) else None
 
 
 # --------------------------------------------------------------------------
@@ -881,6 +920,32 @@ def _buffers(cache: dict | None, dtype: torch.dtype, dim: int, nq: int, rows: in
     return conv, scores
 
 
+# scratch buffers (block conversion, scores, re-rank) shared by a process's engines, one scan
+# at a time: per engine, a bench or a server holding two Lenses kept two sets (~66 MiB each
+# at 576 queries x 36k rows) though only one scan runs at a time
+_SCRATCH: dict = {}
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _shared_scratch(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run an engine's scan on the process' shared scratch buffers, or, while another scan
+    (another thread) holds them, on the engine's own."""
+
+    @functools.wraps(method)
+    def run(self: ScanEngine, *args: object, **kwargs: object) -> _T:
+        if not _SCRATCH_LOCK.acquire(blocking=False):
+            return method(self, *args, **kwargs)
+        # this thread's buffers only (search_many scans leaves side by side on threads)
+        own, self._local.buffers = getattr(self._local, "buffers", None), _SCRATCH
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._local.buffers = own
+            _SCRATCH_LOCK.release()
+
+    return run
+
+
 def normalize_queries(queries: np.ndarray | torch.Tensor, dim: int, model: str = "") -> torch.Tensor:
     """float32 [Q, D] unit rows as a tensor (checks: see store.types.unit_queries)."""
     return torch.from_numpy(unit_queries(queries, dim, model))
@@ -897,8 +962,10 @@ def measure_scan(dim: int = 576, rows: int = 65536, repeats: int = 3) -> dict[st
     """
     gen = torch.Generator().manual_seed(0)
     dtype = scan_dtype()
-    half = torch.randn(rows, dim, generator=gen).half()
-    block = (half.to(torch.bfloat16).view(torch.int16) if dtype == torch.bfloat16 else half).numpy()
+    # drawn in the rows' own dtype: float32 draws and their conversions were ~300 MiB at
+    # once, the peak of a fresh machine's first default query
+    drawn = torch.randn(rows, dim, generator=gen, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    block = (drawn.view(torch.int16) if dtype == torch.bfloat16 else drawn).numpy()
     times = {}
     for nq in (1, 512):
         q = torch.nn.functional.normalize(torch.randn(nq, dim, generator=gen), dim=1)
@@ -1223,6 +1290,7 @@ class ScanEngine:
                 out[layer] = self.search(info, layer, queries, k, version=versions.get(layer))
         return {layer: out[layer] for layer in layers}
 
+    @_shared_scratch
     def search_leaf(
         self, leaf: Leaf, queries: torch.Tensor, k: int, *, block_rows: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1522,6 +1590,6 @@ class ScanEngine:
 
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
-    "measured_once",
+    "measured_before", "measured_once",
     "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]

@@ -70,6 +70,8 @@ ANN_PROBE = 16
 # into the scan cache. Measured on a 2-core AVX2 machine.
 ANN_PRIOR = (3e-4, 6e-7)
 COPY_PRIOR = 3.5e-8
+# warm scans a CostModel keeps while its constants are not yet known
+PENDING_SCANS = 16
 SQL_EXACT_PRIOR = 2e-9  # per element and query: llens_knn's exact scan, where torch is missing
 
 
@@ -134,15 +136,21 @@ class CostModel:
     and follow what this process observes.
     """
 
-    def __init__(self) -> None:
-        self._scan: tuple[float, float] | None = None
+    def __init__(self, scan: tuple[float, float] | None = None) -> None:
+        """``scan``: the (read, mul) constants when known (else measured_once's, when first needed)."""
+        self._scan: tuple[float, float] | None = scan
         self.copy = COPY_PRIOR
         self.scan_factor = 1.0
         self._ann: dict[tuple[int, int], float] = {}  # (model id, layer) -> s per query at AUTO_EF_SEARCH
+        # warm scans seen before the constants were known (observed, not measured: see observe_scan)
+        self._pending: list[tuple[int, int, int, float]] = []
 
     def scan_constants(self) -> tuple[float, float]:
         if self._scan is None:
             self._scan = _load_or_measure_scan()
+            pending, self._pending = self._pending, []
+            for obs in pending:
+                self.observe_scan(*obs)
         return self._scan
 
     def scan(self, rows: int, dim: int, nq: int, cached: bool) -> float:
@@ -172,7 +180,16 @@ class CostModel:
 
         Only scans long enough for the model's terms to dominate count: a
         tiny leaf's scan is Python overhead and would skew big leaves' estimates.
+        Observing never measures: an exact search (which needs no cost model) on a
+        machine not yet calibrated paid the ~1.5 s measurement and its ~300 MiB
+        inside its first query; its scans are kept until the constants are known.
         """
+        if self._scan is None:
+            known = _load_scan()
+            if known is None:
+                self._pending = [*self._pending[-(PENDING_SCANS - 1):], (rows, dim, nq, seconds)]
+                return
+            self._scan = known
         model = self.scan(rows, dim, nq, cached=True) / self.scan_factor
         if model < 0.05:
             return
@@ -189,6 +206,14 @@ def _load_or_measure_scan() -> tuple[float, float]:
 
     c = measured_once(_cost_path(), measure_scan)
     return float(c["read"]), float(c["mul"])
+
+
+def _load_scan() -> tuple[float, float] | None:
+    """The scan constants if this machine has measured them already (never measures)."""
+    from latentlens.scan import measured_before
+
+    c = measured_before(_cost_path())
+    return None if c is None else (float(c["read"]), float(c["mul"]))
 
 
 # --------------------------------------------------------------------------

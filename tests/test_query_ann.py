@@ -141,9 +141,8 @@ def test_zero_query_vector_is_an_error(lens, indexed):
         lens.neighbors(q, "ann-model", k=5)
 
 
-def test_cost_model_prefers_hnsw_for_few_queries_on_big_leaves(monkeypatch):
-    costs = CostModel()
-    monkeypatch.setattr(costs, "scan_constants", lambda: (1.5e-10, 2e-11))  # a typical measurement
+def test_cost_model_prefers_hnsw_for_few_queries_on_big_leaves():
+    costs = CostModel(scan=(1.5e-10, 2e-11))  # a typical measurement
     # one text token against 1M rows: HNSW; an image's 576 patches against 36k rows: the scan
     assert costs.ann((1, 1), 1_000_000, 1, 100) < costs.scan(1_000_000, 576, 1, cached=True)
     assert costs.scan(36_000, 576, 576, cached=True) < costs.ann((1, 1), 36_000, 576, 100)
@@ -156,6 +155,29 @@ def test_cost_model_prefers_hnsw_for_few_queries_on_big_leaves(monkeypatch):
     assert costs.scan_factor == 1.0
     costs.observe_scan(1_000_000, 576, 576, 2 * costs.scan(1_000_000, 576, 576, cached=True))
     assert costs.scan_factor == pytest.approx(1.75)  # moves most of the way to the measured 2x
+
+
+def test_observing_a_scan_never_measures(monkeypatch, tmp_path):
+    """An exact search observes its scans' times, but the one-time measurement of the scan
+    constants (~1.5 s, ~300 MiB) is only for the policy: the very first exact query paid it."""
+    import latentlens.scan as scan_mod
+    import latentlens.search as search_mod
+
+    costs_file = tmp_path / "costs.json"
+    monkeypatch.setattr(search_mod, "_cost_path", lambda: costs_file)
+    measured = []
+    monkeypatch.setattr(scan_mod, "measure_scan", lambda: measured.append(1) or {"read": 1.5e-10, "mul": 2e-11})
+    costs = CostModel()
+    model = 1_000_000 * 576 * (1.5e-10 + 576 * 2e-11)
+    costs.observe_scan(1_000_000, 576, 576, 2 * model)
+    assert measured == [] and not costs_file.exists() and costs.scan_factor == 1.0
+    # the policy's first estimate measures, then counts the scan seen before
+    assert costs.scan(1_000_000, 576, 576, cached=True) == pytest.approx(1.75 * model)
+    assert measured == [1] and costs_file.exists()
+    # a later process reads the constants kept on disk: observing them needs no measurement
+    again = CostModel()
+    again.observe_scan(1_000_000, 576, 576, 2 * model)
+    assert measured == [1] and again.scan_factor == pytest.approx(1.75)
 
 
 def test_queries_without_torch_use_the_server(db_url, indexed, tmp_path):

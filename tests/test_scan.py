@@ -74,6 +74,28 @@ def test_scan_is_exact(store, data, tmp_path, dtype):
         np.testing.assert_allclose(res.similarity[qi], [s for s, _, _ in want[qi]], atol=2e-3)
 
 
+def test_engines_share_one_set_of_scratch_buffers(store, data, tmp_path, monkeypatch):
+    """Two engines of one process (two Lenses: a bench, a server's requests) scan on the same
+    scratch buffers, one scan at a time; a scan that finds them taken uses its engine's own,
+    and every answer is the same."""
+    from latentlens import scan
+
+    monkeypatch.setattr(scan, "_SCRATCH", {})
+    q = normalize_queries(np.random.default_rng(4).normal(size=(40, 32)), 32)
+    a = ScanEngine(store, cache_root=tmp_path / "c", dtype="bfloat16")
+    b = ScanEngine(store, cache_root=tmp_path / "c", dtype="bfloat16")
+    ra = a.search(data["info"], 4, q, 5)
+    held = dict(scan._SCRATCH)
+    assert held and a._buffers == {}  # on the shared set, not its own
+    rb = b.search(data["info"], 4, q, 5)
+    assert b._buffers == {} and all(scan._SCRATCH[name] is t for name, t in held.items())
+    with scan._SCRATCH_LOCK:  # another thread's scan holds them
+        rc = b.search(data["info"], 4, q, 5)
+    assert "scores" in b._buffers and all(scan._SCRATCH[name] is t for name, t in held.items())
+    for r in (rb, rc):
+        assert np.array_equal(r.sentence_id, ra.sentence_id) and np.array_equal(r.similarity, ra.similarity)
+
+
 def test_scan_agrees_with_sql_exact(store, data, tmp_path):
     eng = ScanEngine(store, cache_root=tmp_path / "c")
     q = normalize_queries(np.random.default_rng(3).normal(size=(8, 32)), 32)

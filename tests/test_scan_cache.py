@@ -237,6 +237,40 @@ def test_get_many_without_a_second_connection_copies_one_by_one(store, data, tmp
     assert [leaf.rows for leaf in leaves] == [data["info"].layer(x).row_count for x in data["info"].layer_numbers]
 
 
+def test_get_many_hands_the_copys_freed_heap_back(store, data, tmp_path, monkeypatch):
+    """After copying, the threads' freed chunk buffers go back to the OS before the search
+    allocates its own (the very first query's peak); a cache hit copies and trims nothing."""
+    trims = []
+    monkeypatch.setattr(scan, "release_heap", lambda: trims.append(1))
+    info = data["info"]
+    LeafCache(store, tmp_path / "c").get_many(info, info.layer_numbers, bf16=True, workers=2)
+    assert trims == [1]
+    LeafCache(store, tmp_path / "c").get_many(info, info.layer_numbers, bf16=True, workers=2)
+    assert trims == [1]
+
+
+def test_release_heap_runs_where_there_is_no_malloc_trim(monkeypatch):
+    scan.release_heap()  # glibc here: malloc_trim(0)
+    monkeypatch.setattr(scan, "_malloc_trim", lambda: None)
+    scan.release_heap()  # musl, macOS: nothing to do, no error
+
+
+def test_measure_scan_draws_its_rows_in_their_own_dtype(monkeypatch):
+    """The one-time scan measurement drew float32 rows and converted them (~300 MiB at once at
+    65536 x 576): the peak of a fresh machine's first default query."""
+    monkeypatch.setattr(scan, "scan_dtype", lambda: torch.bfloat16)
+    drawn = []
+    real = torch.randn
+
+    def spy(*a, **kw):
+        drawn.append(kw.get("dtype"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    got = scan.measure_scan(dim=16, rows=8192, repeats=1)
+    assert drawn[0] == torch.bfloat16 and got["read"] > 0 and got["mul"] > 0
+
+
 def test_fill_arithmetic_reuses_its_buffers_across_chunk_sizes():
     """The copy's chunks vary in size (block ranges): each chunk's norms, bf16 bits and rho
     equal a fresh computation, whether the buffers grow, shrink or stay."""
