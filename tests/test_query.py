@@ -327,3 +327,15 @@ def test_reading_rolls_back_on_error_and_nests(lens, data):
         store._fetch("SELECT * FROM no_such_table")
     assert not store._reading
     assert store._fetch("SELECT 2") == [(2,)]  # the connection is usable again
+
+
+def test_a_transaction_inside_reading_leaves_the_outer_one_open(lens, data):
+    """context_columns opens a transaction() (a savepoint inside reading()): closing it must not
+    roll back the outer transaction by hand (psycopg forbids it inside a Transaction context)."""
+    store = lens.store
+    with store.reading():
+        with store.transaction() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert store._fetch("SELECT 2") == [(2,)]  # still inside, still usable
+    assert store._depth == 0
+    assert store._fetch("SELECT 3") == [(3,)]

@@ -22,6 +22,7 @@ class StoreBase:
         self.conn = conn
         self.url = url
         self._reading = False  # inside reading(): _fetch runs in its transaction
+        self._depth = 0  # transaction() contexts open: only the outermost may roll back what is left
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -115,6 +116,7 @@ class StoreBase:
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
         """Commit on success, roll back on error; a refused privilege becomes PermissionDenied."""
+        self._depth += 1
         try:
             with self.conn.transaction():
                 yield self.conn
@@ -124,8 +126,10 @@ class StoreBase:
                 f"permission denied for database user {self.conn.info.user}: {msg} "
                 "(what each role may do: docs/team.md)") from None
         finally:
-            # a dead connection cannot roll back: leave its own error (the real cause) to surface
-            if not self.conn.broken and self.conn.info.transaction_status in (
+            self._depth -= 1
+            # a dead connection cannot roll back: leave its own error (the real cause) to surface;
+            # a nested one (a savepoint: reading() around context_columns) leaves it to the outermost
+            if self._depth == 0 and not self.conn.broken and self.conn.info.transaction_status in (
                     psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
                 self.conn.rollback()
 
@@ -145,10 +149,18 @@ class StoreBase:
             finally:
                 self._reading = False
 
-    def _fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
+    @contextmanager
+    def _reads(self) -> Iterator[psycopg.Connection]:
+        """The connection for reads: reading()'s transaction when inside one (no savepoint
+        round trips), else a transaction of their own."""
         if self._reading:
-            return self.conn.execute(sql, params).fetchall()
+            yield self.conn
+            return
         with self.transaction() as conn:
+            yield conn
+
+    def _fetch(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[tuple]:
+        with self._reads() as conn:
             return conn.execute(sql, params).fetchall()
 
     def current_user(self) -> str:

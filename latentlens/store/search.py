@@ -422,7 +422,7 @@ class SearchMixin(StoreBase):
                     found[j], tok[j], tokens[j], sentences[j] = True, c.token_id, c.token, c.sentence
                     cs[j], ce[j] = c.char_start, c.char_end
             return ContextColumns(found, tok, cs, ce, tokens, sentences)
-        with self.transaction() as conn, conn.pipeline():
+        with self._reads() as conn, conn.pipeline():
             spans = conn.cursor(binary=True)
             spans.execute(CONTEXT_SPANS, {"m": info.id, "l": _int_array(layer), "s": _int_array(sid),
                                           "p": _int_array(pos)}, prepare=False)
