@@ -78,6 +78,46 @@ def test_rows_match_independent_computation(db_url, tiny, corpus_file, which):
         assert lm.bos_token_id is None and lm.padding_side == "right"
 
 
+def _fed_tokens(lm, monkeypatch) -> list[int]:
+    """Record the length of every sequence the forward is given."""
+    fed: list[int] = []
+    real = lm.forward
+
+    def forward(seqs, layers):
+        fed.extend(len(s) for s in seqs)
+        return real(seqs, layers)
+
+    monkeypatch.setattr(lm, "forward", forward)
+    return fed
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_rows_over_the_cap_are_never_computed(db_url, tiny, corpus_file, monkeypatch, which):
+    """A row the cap refuses for sure (its token full in token_quota, counting the rows planned
+    before it) is not computed: each sentence runs up to its last kept row, one with none not
+    at all; a second run plans with the quota the first one left. The stored rows and the
+    counters are what the store's own refusal gave."""
+    corpus = read_corpus(str(corpus_file))
+    lm = load_language_model(str(tiny[which]), name=f"capplan_{which}")
+    fed = _fed_tokens(lm, monkeypatch)
+    opts = {"layers": [1, 2], "max_contexts_per_token": 3, "batch_size": 8}
+    first = ingest(lm, corpus, database_url=db_url, options=_opts(limit=60, **opts))
+    res = ingest(lm, corpus, database_url=db_url, options=_opts(**opts))
+    assert res.run.id != first.run.id and res.run.status == "done"
+    exp = expected_rows(lm, corpus.texts, [1, 2], cap=3)
+    compare(db_url, lm.name, exp, [1, 2])
+    # each run feeds every sentence up to its last stored position, nothing more
+    last: dict[int, int] = {}
+    for o, p in exp:
+        last[o] = max(last.get(o, -1), p)
+    assert sum(fed) == sum(p + 1 for p in last.values())
+    assert sum(fed) < sum(len(e.token_ids) for e in lm.encode(corpus.texts))
+    for run in (first.run, res.run):
+        c = run.counters
+        assert c["over_cap"] > 0 and run.rows_written + c["over_cap"] + c["prefix_duplicates"] == c["candidates"]
+    assert first.run.rows_written + res.run.rows_written == len(exp)
+
+
 def test_padding_side_does_not_change_rows(db_url, tiny, corpus_file):
     corpus = read_corpus(str(corpus_file))
     names = {}

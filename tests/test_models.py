@@ -50,6 +50,28 @@ def test_adapter_finds_the_language_model(tiny_dirs, arch):
         assert st.vectors[2].dtype == np.float32 and st.vectors[2].shape == (len(st.token_ids), 64)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
+def test_forward_stops_after_the_deepest_layer_asked(tiny_dirs, arch, dtype):
+    """Below the last layer, forward runs the blocks up to the deepest layer asked and no
+    further: the states are bitwise those of the full forward's output_hidden_states."""
+    lm = load_language_model(str(tiny_dirs[arch]), dtype=dtype)
+    ran: list[int] = []
+    for i, block in enumerate(lm.model.layers):
+        block.register_forward_hook(lambda mod, args, out, i=i: ran.append(i))
+    seqs = [e.token_ids for e in lm.encode(TEXTS)]
+    for layers in ([0], [0, 1, 3], [2], [1, 2, 4]):
+        ran.clear()
+        got, start = lm.forward(seqs, layers)
+        assert ran == list(range(max(layers) if max(layers) < lm.num_layers else lm.num_layers)), layers
+        lm.early_stop = False
+        ref, start_ref = lm.forward(seqs, layers)
+        lm.early_stop = True
+        assert np.array_equal(start, start_ref)
+        for layer in layers:
+            assert torch.equal(got[layer], ref[layer]), (arch, layers, layer)
+
+
 def test_bos_and_padding_conventions(tiny_dirs):
     llama = load_language_model(str(tiny_dirs["llama"]))
     gemma = load_language_model(str(tiny_dirs["gemma3_text"]))

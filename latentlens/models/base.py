@@ -18,6 +18,7 @@ which for a 262k vocabulary costs more than the blocks).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,10 @@ class Encoding:
     token_ids: np.ndarray  # int64 [T]
     spans: np.ndarray  # int32 [T, 2]
     truncated: bool = False
+
+
+class _StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a block hook once the deepest requested hidden state is captured."""
 
 
 @dataclass
@@ -147,6 +152,10 @@ class LanguageModel:
         self.pad_token_id = int(pad) if pad is not None else 0
         self.bos_token_id = self._detect_bos()
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        #: stop the forward after the deepest requested layer (see _forward_to); False: run every block
+        self.early_stop = True
+        self._capture = threading.local()
+        self._hooked = False
 
     def mix_bf16(self) -> None:
         """Run the matmuls of every block but the first in bfloat16 (torch.autocast), keeping
@@ -208,15 +217,64 @@ class LanguageModel:
             ids[i, start[i]: start[i] + len(s)] = s
             mask[i, start[i]: start[i] + len(s)] = 1
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        out = self.model(
-            input_ids=torch.from_numpy(ids).to(self.device),
-            attention_mask=torch.from_numpy(mask).to(self.device),
-            position_ids=torch.from_numpy(pos).to(self.device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        hs = out.hidden_states
+        inputs = {
+            "input_ids": torch.from_numpy(ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+            "position_ids": torch.from_numpy(pos).to(self.device),
+            "use_cache": False,
+        }
+        blocks = getattr(self.model, "layers", None)
+        if self.early_stop and blocks is not None and len(blocks) == self.num_layers and max(layers) < self.num_layers:
+            return self._forward_to(blocks, inputs, layers), start
+        hs = self.model(**inputs, output_hidden_states=True).hidden_states
         return {layer: hs[layer] for layer in layers}, start
+
+    def _forward_to(self, blocks: Any, inputs: dict, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Hidden states ``layers`` (all below num_layers), running blocks 1..max(layers) only.
+
+        Why: the blocks after the deepest requested layer change nothing stored (ingest's
+        default grid ends at n-1, so the last block of every model was run for nothing:
+        1/30 of SmolLM2's forward). Hidden state ``l`` is what transformers records for
+        it: the input of block 0 for ``l = 0``, else the output of block ``l - 1``; hooks on
+        the blocks take them, per thread (two forward streams share the modules), and
+        stop the forward at the deepest one. Bitwise the states of a full forward (tested)."""
+        if not self._hooked:
+            def pre(i: int) -> Any:
+                def hook(mod: Any, args: tuple, kwargs: dict) -> None:
+                    want = getattr(self._capture, "want", None)
+                    if want is not None and 0 in want[0]:
+                        want[1][0] = args[0] if args else kwargs["hidden_states"]
+                        if want[2] == 0:
+                            raise _StopForward
+                return hook
+
+            def post(i: int) -> Any:
+                def hook(mod: Any, args: tuple, out: Any) -> None:
+                    want = getattr(self._capture, "want", None)
+                    if want is None:
+                        return
+                    if i + 1 in want[0]:
+                        want[1][i + 1] = out[0] if isinstance(out, tuple) else out
+                    if i + 1 == want[2]:
+                        raise _StopForward
+                return hook
+
+            for i, block in enumerate(blocks):
+                if i == 0:
+                    block.register_forward_pre_hook(pre(i), with_kwargs=True)
+                block.register_forward_hook(post(i))
+            self._hooked = True
+        got: dict[int, torch.Tensor] = {}
+        self._capture.want = (set(layers), got, max(layers))
+        try:
+            self.model(**inputs, output_hidden_states=False)
+            # a hook stops it: reaching here means the blocks were not run as hooked
+            raise InputError(f"{self.name}: the forward ended before hidden state {max(layers)}")
+        except _StopForward:
+            pass
+        finally:
+            self._capture.want = None
+        return {layer: got[layer] for layer in layers}
 
     def hidden_states(
         self, texts: list[str], layers: Sequence[int], max_length: int | None = None,

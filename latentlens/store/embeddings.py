@@ -178,6 +178,19 @@ class EmbeddingsMixin(StoreBase):
         with conn.cursor().copy(f"COPY token_embedding ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.write(b"".join(parts))
 
+    def token_quota(self, model: ModelInfo | str) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, contexts stored) of a model's tokens that have any, from ``token_quota``.
+
+        What an ingest plans with: a row whose token already has its cap here (counting
+        the rows planned before it) is refused at write time whatever else runs, since
+        the quota only grows while rows are written (see ingest._plan)."""
+        info = self.get_model(model) if isinstance(model, str) else model
+        rows = self._fetch("SELECT token_id, used FROM token_quota WHERE model_id = %s AND used > 0", (info.id,))
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        arr = np.array(rows, dtype=np.int64)
+        return arr[:, 0], arr[:, 1]
+
     def prefix_hashes(self, model: ModelInfo | str) -> np.ndarray:
         """Every stored prefix hash of a model (rebuilds prefix dedup state on resume)."""
         info = self.get_model(model) if isinstance(model, str) else model
