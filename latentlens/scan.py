@@ -158,6 +158,20 @@ class Leaf:
             self._opened.setdefault("_mmaps", {})[name] = mm
         return self._opened[name]
 
+    def pin(self) -> Leaf:
+        """Open every file of this version now: keys and maps stay readable after another
+        process, caching a newer version, prunes this one's folder (an unlinked file lives
+        on while mapped), where a file first opened later would be gone mid-search."""
+        self.keys()
+        self.inv_range()
+        if self.rows:
+            self._map()
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                rho = float(json.loads((self.path / "bf16.json").read_text())["rho"])
+                self._map(bf16=True)  # raises unless the whole copy is there
+                self._opened["rho"] = rho
+        return self
+
     def _mmap_of(self, bf16: bool = False) -> mmap.mmap:
         self._map(bf16)
         return self._opened["_mmaps"]["bf16" if bf16 else "f16"]
@@ -411,7 +425,10 @@ class LeafCache:
             return None
         if meta.get("format") != CACHE_FORMAT or meta.get("dim") != dim:
             return None
-        return Leaf(path, meta["rows"], dim, meta["row_count"], meta["version"])
+        try:
+            return Leaf(path, meta["rows"], dim, meta["row_count"], meta["version"]).pin()
+        except OSError:  # pruned (or damaged) while being opened: not cached
+            return None
 
     def _fill(
         self, info: ModelInfo, layer: int, base: Path, row_count: int, ver: int,
@@ -1107,7 +1124,7 @@ def _cores() -> int:
     return torch.get_num_threads()
 
 
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, threads, pool)
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, threads) -> pool
 _POOL_LOCK = threading.Lock()
 
 
@@ -1117,13 +1134,16 @@ def _leaf_pool(n: int) -> ThreadPoolExecutor:
     torch.set_num_threads sets the calling thread's OpenMP team size, and also the
     size every thread started later begins with: so the n workers set 1 together
     (held at a barrier, so that n distinct threads do), then the caller's count is
-    set back for threads started after (a server's request threads). One pool per
-    process (a forked child makes its own: the parent's threads are not in it).
+    set back for threads started after (a server's request threads; one starting in
+    that short window, once per pool size and process, would begin at 1). One pool
+    per size and process, never shut down while the process lives (another thread may
+    be about to submit to it; callers whose torch thread counts differ get pools of
+    their own); a forked child makes its own: the parent's threads are not in it.
     """
-    global _POOL
+    key = (os.getpid(), n)
     with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != n:
-            old = _POOL
+        pool = _POOLS.get(key)
+        if pool is None:
             threads = torch.get_num_threads()
             pool = ThreadPoolExecutor(n, thread_name_prefix="llens-leaf")
             barrier = threading.Barrier(n, timeout=60)
@@ -1138,12 +1158,15 @@ def _leaf_pool(n: int) -> ThreadPoolExecutor:
             try:
                 for fut in [pool.submit(pin) for _ in range(n)]:
                     fut.result()
+            except BaseException:
+                pool.shutdown(wait=False)
+                raise
             finally:
                 torch.set_num_threads(threads)
-            _POOL = (os.getpid(), n, pool)
-            if old is not None and old[0] == os.getpid():
-                old[2].shutdown(wait=False)
-        return _POOL[2]
+            for stale in [k for k in _POOLS if k[0] != key[0]]:  # a parent's, seen after a fork
+                del _POOLS[stale]
+            _POOLS[key] = pool
+        return pool
 
 
 class ScanEngine:

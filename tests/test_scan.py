@@ -628,3 +628,14 @@ def test_leaf_pool_keeps_torch_threads_for_everyone_else():
     t.join()
     assert seen == [before]
     assert _leaf_pool(2) is pool  # made once
+
+
+def test_leaf_pools_of_other_sizes_leave_a_pool_in_use_alone():
+    """A thread whose torch count differs gets a pool of its own: the pool another thread
+    was handed stays open (a new size used to shut it down: its submit raised RuntimeError)."""
+    from latentlens.scan import _leaf_pool
+
+    two = _leaf_pool(2)
+    one = _leaf_pool(1)
+    assert one is not two and _leaf_pool(2) is two
+    assert two.submit(lambda: 7).result() == 7
