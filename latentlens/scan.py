@@ -83,8 +83,13 @@ COPY_WORKERS = 4
 # elements per piece of the copy's arithmetic (_fill_arithmetic): torch's grain size, below
 # which an op runs on the calling thread
 FILL_PIECE = 32768
-# batches up to this many queries scan several leaves at once, one per thread (ScanEngine.search_many)
+# with LLENS_SCAN_SIDE_BY_SIDE=1, batches up to this many queries scan several leaves at once,
+# one per thread (ScanEngine.search_many). Off by default: on a quiet 2-core Xeon (AVX-512-BF16,
+# AMX) leaf by leaf on torch's 2 threads was faster (8 queries, warm: 35k x 8 rows 44 vs 46-50 ms,
+# 300k x 8 0.23 vs 0.28 s, 200k x 2 x 4096 0.18 vs 0.35 s); side by side won only under heavy load
+# from other processes (4x at a load average of 7-10), where each op's thread barrier waits
 PARALLEL_LEAF_QUERIES = DIRECT_SELECT_QUERIES
+SIDE_BY_SIDE_ENV = "LLENS_SCAN_SIDE_BY_SIDE"
 # bytes of leaves' rows mapped at once by all those threads together: less than one block of
 # the leaf-by-leaf scan (a 35k x 576 leaf: 40 MB), so that side by side adds no peak memory
 PARALLEL_BLOCK_BYTES = 32 << 20
@@ -1259,7 +1264,8 @@ class ScanEngine:
 
     def leaf_workers(self, nq: int, leaves: int) -> int:
         """How many leaves search_many scans at once for a batch of ``nq`` queries (1: one by one)."""
-        if self._resident_scan or nq > PARALLEL_LEAF_QUERIES or leaves < 2 or not self.use_cache:
+        if (os.environ.get(SIDE_BY_SIDE_ENV) != "1" or self._resident_scan or nq > PARALLEL_LEAF_QUERIES
+                or leaves < 2 or not self.use_cache):
             return 1
         return max(1, min(leaves, _cores()))
 

@@ -284,6 +284,7 @@ def test_a_few_queries_scan_the_layers_side_by_side(lens, data, monkeypatch):
     from latentlens import scan as scan_mod
 
     monkeypatch.setattr(scan_mod, "_cores", lambda: 2)  # side by side even on one core
+    monkeypatch.setenv("LLENS_SCAN_SIDE_BY_SIDE", "1")
     q = np.random.default_rng(8).normal(size=(8, 32)).astype(np.float32)
     names = []
     search_leaf = lens.scan.search_leaf

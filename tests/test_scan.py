@@ -559,6 +559,7 @@ def test_search_many_equals_float32_on_near_ties(tmp_path, monkeypatch, level, k
 
     root, info, v16s, q = _leaves_for_many(tmp_path, 3, 8, level, seed=k)
     monkeypatch.setattr(scan_mod, "_cores", lambda: 2)  # side by side even on one core
+    monkeypatch.setenv("LLENS_SCAN_SIDE_BY_SIDE", "1")
     eng = ScanEngine(None, dtype="bfloat16", cache_root=root)
     eng.cache._instance = "inst"
     seen = []
@@ -590,10 +591,14 @@ def test_search_many_big_batches_and_one_leaf_stay_on_the_calling_thread(tmp_pat
 
     root, info, v16s, q8 = _leaves_for_many(tmp_path, 2, 8, 0.25, seed=3)
     monkeypatch.setattr(scan_mod, "_cores", lambda: 2)
+    monkeypatch.setenv("LLENS_SCAN_SIDE_BY_SIDE", "1")
     eng = ScanEngine(None, dtype="bfloat16", cache_root=root)
     eng.cache._instance = "inst"
     assert eng.leaf_workers(8, 2) == 2 and eng.leaf_workers(8, 1) == 1
     assert eng.leaf_workers(64, 2) == 1  # more than PARALLEL_LEAF_QUERIES
+    monkeypatch.delenv("LLENS_SCAN_SIDE_BY_SIDE")
+    assert eng.leaf_workers(8, 2) == 1  # the default: leaf by leaf on torch's threads
+    monkeypatch.setenv("LLENS_SCAN_SIDE_BY_SIDE", "1")
     names = []
     search_leaf = eng.search_leaf
     monkeypatch.setattr(eng, "search_leaf", lambda *a, **kw: names.append(threading.current_thread().name)
