@@ -644,3 +644,32 @@ def test_leaf_pools_of_other_sizes_leave_a_pool_in_use_alone():
     one = _leaf_pool(1)
     assert one is not two and _leaf_pool(2) is two
     assert two.submit(lambda: 7).result() == 7
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_threshold_blocks_wide_rows_orientation_changes_nothing(seed, monkeypatch):
+    """Past ROWS_FIRST_MAX_DIM an image's batch multiplies q @ block.T and reads its [Q, n]
+    scores as [n, Q]: the same rows, scores, thresholds and order as block @ q.T (queries near,
+    across and opposite the rows, a last block with rows past whole chunks)."""
+    import latentlens.scan as scan
+    from latentlens.scan import threshold_blocks
+
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=48)
+    mean /= np.linalg.norm(mean)
+    v16 = (mean + 0.1 * rng.normal(size=(5000, 48))).astype(np.float16)
+    q = np.concatenate([mean + 0.5 * rng.normal(size=(20, 48)), -mean + 0.1 * rng.normal(size=(20, 48)),
+                        rng.normal(size=(20, 48))])
+    qt = torch.nn.functional.normalize(torch.from_numpy(q.astype(np.float32)), dim=1)
+
+    def run(dtype):
+        blocks = ((s, v16[s: s + 1024]) for s in range(0, len(v16), 1024))  # 5000: a ragged last block
+        return threshold_blocks(blocks, qt, 10, lambda kth: kth - 0.01, dtype, 1024)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        want = run(dtype)
+        monkeypatch.setattr(scan, "ROWS_FIRST_MAX_DIM", 16)
+        got = run(dtype)
+        monkeypatch.undo()
+        for name in ("query", "row", "score", "threshold", "over"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (dtype, name)
