@@ -175,11 +175,22 @@ class Leaf:
         self.inv_range()
         if self.rows:
             self._map()
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                rho = float(json.loads((self.path / "bf16.json").read_text())["rho"])
-                self._map(bf16=True)  # raises unless the whole copy is there
-                self._opened["rho"] = rho
+            self._stored_rho()
         return self
+
+    def _stored_rho(self) -> float | None:
+        """rho of a whole bfloat16 copy already written (bf16.json comes after it), the copy
+        mapped now; None where there is none yet (or it is damaged)."""
+        if "rho" in self._opened:
+            return float(self._opened["rho"])
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rho = float(json.loads((self.path / "bf16.json").read_text())["rho"])
+            if self.bf16_path.stat().st_size == self.rows * self.dim * 2:
+                if self.rows:
+                    self._map(bf16=True)
+                self._opened["rho"] = rho
+                return rho
+        return None
 
     def _mmap_of(self, bf16: bool = False) -> mmap.mmap:
         self._map(bf16)
@@ -215,14 +226,10 @@ class Leaf:
 
         Raises OSError where the cache folder is read-only.
         """
-        if "rho" in self._opened:  # checked once per process: a json read and a stat per search
-            return float(self._opened["rho"])
+        known = self._stored_rho()  # once per process: a json read and a stat per search cost
+        if known is not None:
+            return known
         info = self.path / "bf16.json"
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            rho = float(json.loads(info.read_text())["rho"])
-            if self.bf16_path.stat().st_size == self.rows * self.dim * 2:
-                self._opened["rho"] = rho
-                return rho
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = self.path / f".bf16-{tag}"
         rho = 0.0
@@ -732,18 +739,17 @@ def _block_scores(q: torch.Tensor, block: np.ndarray, conv: torch.Tensor, scores
     else:
         b = conv[:n]
         b.copy_(src)
-    if rows_first and q.shape[1] > ROWS_FIRST_MAX_DIM:
-        # wide rows: q @ block.T is the faster kernel there; its [Q, n] result read as [n, Q]
-        s = scores[: q.shape[0] * n].view(q.shape[0], n)
-        torch.mm(q, b.T, out=s)
-        return s.T
-    if rows_first or q.shape[0] <= DIRECT_SELECT_QUERIES:  # [n, Q]: block @ q.T
-        st = scores[: q.shape[0] * n].view(n, q.shape[0])
+    nq = q.shape[0]
+    # which kernel: block @ q.T for an image's batch up to ROWS_FIRST_MAX_DIM and for a few
+    # queries; q @ block.T otherwise (its [Q, n] result read as [n, Q] where asked)
+    if (q.shape[1] <= ROWS_FIRST_MAX_DIM) if rows_first else (nq <= DIRECT_SELECT_QUERIES):
+        st = scores[: nq * n].view(n, nq)
         torch.mm(b, q.T, out=st)
-        return st if rows_first else st.T
-    s = scores[: q.shape[0] * n].view(q.shape[0], n)
-    torch.mm(q, b.T, out=s)
-    return s
+    else:
+        st = scores[: nq * n].view(nq, n)
+        torch.mm(q, b.T, out=st)
+        st = st.T
+    return st if rows_first else st.T
 
 
 def topk_blocks(
