@@ -359,21 +359,18 @@ class Searcher:
         ann_ok = li.index_kind is not None and k <= max_k and server_ann
         ef = min(HNSW_MAX_K, max(ef_search or li.index_ef_search or AUTO_EF_SEARCH, k))
 
-        def exact(reason: str) -> _Exact:
-            return _Exact(reason)
-
         if mode == "exact":
-            return exact("exact search requested")
+            return _Exact("exact search requested")
         if not ann_ok:
             why = ("no ANN index on this layer" if li.index_kind is None
                    else f"k > {max_k}" if k > max_k else "ANN disabled on this server")
-            return exact(why)
+            return _Exact(why)
         if mode == "ann":
             return LayerSearch(self._ann(info, layer, q, k, ef), ["ann"] * nq, "ANN search requested")
         if query_kind == "visual":
-            return exact("visual queries are out of distribution: exact scan")
+            return _Exact("visual queries are out of distribution: exact scan")
         if not li.index_recall_ok:
-            return exact({
+            return _Exact({
                 "below": "the index missed its recall target when it was measured: exact scan",
                 "stale": "the leaf grew since the index's recall was measured (llens index calibrate): exact scan",
             }.get(li.index_recall, "the index's recall is unmeasured (llens index calibrate): exact scan"))
@@ -392,9 +389,7 @@ class Searcher:
         est_ann = self.costs.ann(key, li.row_count, nq, ef)
         estimates = {"scan_s": est_scan, "ann_s": est_ann}
         if est_ann >= est_scan:
-            ls = exact("exact scan estimated cheaper than HNSW for this batch")
-            ls.estimates = estimates
-            return ls
+            return _Exact("exact scan estimated cheaper than HNSW for this batch", estimates)
 
         # distribution test: queries far from a sample of the leaf go to the scan
         if query_kind == "text":
@@ -405,9 +400,7 @@ class Searcher:
         est_split = scan_cost(n_far) + self.costs.ann(key, li.row_count, nq - n_far, ef)
         estimates["split_s"] = est_split
         if n_far == nq or est_split >= est_scan:
-            ls = exact(f"{n_far} of {nq} queries out of distribution: exact scan")
-            ls.estimates = estimates
-            return ls
+            return _Exact(f"{n_far} of {nq} queries out of distribution: exact scan", estimates)
 
         res = KnnResult.empty(layer, nq, k)
         paths = ["ann"] * nq
