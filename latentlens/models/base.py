@@ -156,6 +156,7 @@ class LanguageModel:
         self.early_stop = True
         self._capture = threading.local()
         self._hooked = False
+        self._hook_lock = threading.Lock()
 
     def mix_bf16(self) -> None:
         """Run the matmuls of every block but the first in bfloat16 (torch.autocast), keeping
@@ -238,32 +239,9 @@ class LanguageModel:
         it: the input of block 0 for ``l = 0``, else the output of block ``l - 1``; hooks on
         the blocks take them, per thread (two forward streams share the modules), and
         stop the forward at the deepest one. Bitwise the states of a full forward (tested)."""
-        if not self._hooked:
-            def pre(i: int) -> Any:
-                def hook(mod: Any, args: tuple, kwargs: dict) -> None:
-                    want = getattr(self._capture, "want", None)
-                    if want is not None and 0 in want[0]:
-                        want[1][0] = args[0] if args else kwargs["hidden_states"]
-                        if want[2] == 0:
-                            raise _StopForward
-                return hook
-
-            def post(i: int) -> Any:
-                def hook(mod: Any, args: tuple, out: Any) -> None:
-                    want = getattr(self._capture, "want", None)
-                    if want is None:
-                        return
-                    if i + 1 in want[0]:
-                        want[1][i + 1] = out[0] if isinstance(out, tuple) else out
-                    if i + 1 == want[2]:
-                        raise _StopForward
-                return hook
-
-            for i, block in enumerate(blocks):
-                if i == 0:
-                    block.register_forward_pre_hook(pre(i), with_kwargs=True)
-                block.register_forward_hook(post(i))
-            self._hooked = True
+        with self._hook_lock:  # two forward streams may start at once: hook the blocks once
+            if not self._hooked:
+                self._hook(blocks)
         got: dict[int, torch.Tensor] = {}
         self._capture.want = (set(layers), got, max(layers))
         try:
@@ -275,6 +253,32 @@ class LanguageModel:
         finally:
             self._capture.want = None
         return {layer: got[layer] for layer in layers}
+
+    def _hook(self, blocks: Any) -> None:
+        """The hooks _forward_to reads through (inactive while this thread wants nothing)."""
+
+        def pre(mod: Any, args: tuple, kwargs: dict) -> None:
+            want = getattr(self._capture, "want", None)
+            if want is not None and 0 in want[0]:
+                want[1][0] = args[0] if args else kwargs["hidden_states"]
+                if want[2] == 0:
+                    raise _StopForward
+
+        def post(i: int) -> Any:
+            def hook(mod: Any, args: tuple, out: Any) -> None:
+                want = getattr(self._capture, "want", None)
+                if want is None:
+                    return
+                if i + 1 in want[0]:
+                    want[1][i + 1] = out[0] if isinstance(out, tuple) else out
+                if i + 1 == want[2]:
+                    raise _StopForward
+            return hook
+
+        blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        for i, block in enumerate(blocks):
+            block.register_forward_hook(post(i))
+        self._hooked = True
 
     def hidden_states(
         self, texts: list[str], layers: Sequence[int], max_length: int | None = None,
