@@ -276,7 +276,7 @@ class Lens:
         by_layer: dict[int, KnnResult] = {layer: ls.result for layer, ls in found.items()}
         m = _Merged(by_layer, k)
         pq, pj = np.nonzero(m.picked)  # merged top-k, by query then rank
-        cq, cj, seg_lo, seg_hi = m.distinct()
+        cq, cj, found_in = m.distinct()
         parts = [(pq, pj), (cq, cj)]
         if per_layer:
             for layer, res in sorted(by_layer.items()):
@@ -297,7 +297,6 @@ class Lens:
             built.append(m.neighbours(q, j, inverse[lo:hi], cc))
             lo = hi
         ns_all, ctx_all = built[0], built[1]
-        found_in = m.found_in_lists(seg_lo, seg_hi)
         for n, layers in zip(ctx_all, found_in, strict=True):
             n.found_in = layers
         p_off = _offsets(pq, nq)
@@ -570,7 +569,6 @@ class _Merged:
         self.picked = self.finite.copy()
         self.picked[:, k:] = False
         self._where: np.ndarray | None = None
-        self._found = np.zeros(0, dtype=np.int64)
 
     def index_of(self, layer: int, q: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Merged columns of layer ``layer``'s rank ``r`` answers of queries ``q``."""
@@ -578,10 +576,10 @@ class _Merged:
             self._where = np.argsort(self.order, axis=1)
         return self._where[q, self.layers.index(layer) * self.k + r]
 
-    def distinct(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def distinct(self) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         """Per query its first k distinct (sentence, position) in the merged order: (query,
-        column of the first occurrence) by query then column, and for each the range of
-        ``self._found`` holding the layers it was found in (sorted, each once)."""
+        column of the first occurrence) by query then column, and for each the layers it was
+        found in (sorted, each once)."""
         q, j = np.nonzero(self.finite)
         sid, pos, lay = self.sentence_id[q, j], self.position[q, j], self.layer[q, j]
         o = np.lexsort((lay, pos, sid, q))  # by query, context, then layer
@@ -592,13 +590,13 @@ class _Merged:
         starts = np.flatnonzero(new)
         if n == 0:
             empty = np.zeros(0, dtype=np.int64)
-            return empty, empty, empty, empty
+            return empty, empty, []
         first = np.minimum.reduceat(j, starts)
         run_q = q[starts]
         # layers of each run, each once (a layer's top-k holds a context at most once; anyway)
         once = new.copy()
         once[1:] |= lay[1:] != lay[:-1]
-        self._found = lay[once]
+        found = lay[once].tolist()
         run_of = np.cumsum(new)[once] - 1
         seg = np.searchsorted(run_of, np.arange(len(starts) + 1))
         # runs in merged order per query; the first k of each query
@@ -606,11 +604,8 @@ class _Merged:
         rq = run_q[ro]
         rank = np.arange(len(ro)) - np.searchsorted(rq, rq)
         keep = ro[rank < self.k]
-        return run_q[keep], first[keep], seg[keep], seg[keep + 1]
-
-    def found_in_lists(self, lo: np.ndarray, hi: np.ndarray) -> list[list[int]]:
-        found = self._found.tolist()
-        return [found[a:b] for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
+        found_in = [found[a:b] for a, b in zip(seg[keep].tolist(), seg[keep + 1].tolist(), strict=True)]
+        return run_q[keep], first[keep], found_in
 
     def neighbours(self, q: np.ndarray, j: np.ndarray, ctx: np.ndarray, cc: ContextColumns) -> list[Neighbour]:
         """Neighbour objects of merged entries (q, j), whose context is ``cc``'s row ``ctx``."""
