@@ -32,11 +32,15 @@ def index():
               help="Index kind  [default: hnsw_halfvec up to 4000 dimensions; above, hnsw_binary, "
                    "or diskann (pgvectorscale) where hnsw_binary falls short of its recall target]")
 @click.option("--maintenance-work-mem", default="1GB", show_default=True, metavar="SIZE",
-              help="PostgreSQL memory for the build (set for the building transaction only).")
+              help="PostgreSQL memory for the build (set for the building transaction only; "
+                   "each of --jobs builds gets this much).")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Layers built at once, each on its own connection (a single build leaves cores idle "
+                   "in its serial phases).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @database_option
 @handle_errors
-def build(model, layers, m, ef_construction, kind, maintenance_work_mem, no_progress, database_url):
+def build(model, layers, m, ef_construction, kind, maintenance_work_mem, jobs, no_progress, database_url):
     """Build (or rebuild) the ANN index of each layer of MODEL.
 
     Queries keep answering during a rebuild: the new index is built beside
@@ -52,16 +56,19 @@ def build(model, layers, m, ef_construction, kind, maintenance_work_mem, no_prog
     \b
     Examples:
         llens index build HuggingFaceTB/SmolLM2-135M --layers 8,16
+        llens index build HuggingFaceTB/SmolLM2-135M --jobs 4
         llens index build meta-llama/Llama-3.1-8B --kind diskann
     """
-    from latentlens.ingest import IndexBuildProgress
+    from latentlens.ingest import IndexBuildProgress, build_leaves
 
     wanted = parse_int_list(layers, "--layers")
     with open_store(database_url) as store:
-        bar = IndexBuildProgress(enabled=not no_progress, layers=wanted or store.get_model(model).layer_numbers)
+        info = store.get_model(model)
+        todo = wanted or info.layer_numbers
+        bar = IndexBuildProgress(enabled=not no_progress, layers=todo, parallel=min(jobs, len(todo)) > 1)
         try:
-            done = store.build_index(model, wanted, m=m, ef_construction=ef_construction, kind=kind,
-                                     maintenance_work_mem=maintenance_work_mem, progress=bar)
+            done = build_leaves(store, info, todo, bar, jobs, m=m, ef_construction=ef_construction, kind=kind,
+                                maintenance_work_mem=maintenance_work_mem)
         finally:
             bar.close()
         calibrated = store.may_calibrate()

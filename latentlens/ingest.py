@@ -799,8 +799,9 @@ def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo,
 
 
 def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress: Any = None,
-                 jobs: int = 2, *, ef_construction: int | None = None) -> list[int]:
-    """Store.build_index for ``layers``, ``jobs`` leaves at a time, each on its own connection.
+                 jobs: int = 2, **build: Any) -> list[int]:
+    """Store.build_index for ``layers``, ``jobs`` leaves at a time, each on its own connection;
+    ``build``: build_index's keywords (m, ef_construction, kind, maintenance_work_mem).
 
     Why: one HNSW build leaves cores idle in its serial phases (parts of the graph
     build, ANALYZE, the swap, the recall calibration); two leaves at once took 7.6 s a
@@ -810,7 +811,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
     todo = list(layers)
     jobs = max(1, min(jobs, len(todo)))
     if jobs == 1:
-        return store.build_index(info, todo, progress=progress, ef_construction=ef_construction)
+        return store.build_index(info, todo, progress=progress, **build)
     pending: queue.Queue[int] = queue.Queue()
     for layer in todo:
         pending.put(layer)
@@ -830,7 +831,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                     layer = pending.get_nowait()
                 except queue.Empty:
                     return
-                st.build_index(info, [layer], progress=report, ef_construction=ef_construction)
+                st.build_index(info, [layer], progress=report, **build)
         except BaseException as e:  # handed to the calling thread
             errors.append(e)
 

@@ -17,6 +17,7 @@ from latentlens.errors import ModelMismatch
 from latentlens.ingest import IngestOptions, ingest
 from latentlens.models import load_language_model
 from latentlens.models.tiny import make_tiny_model, sample_corpus_path
+from latentlens.store import Store
 
 N = 120  # sentences of the demo corpus used here
 
@@ -199,6 +200,16 @@ def test_cli_ingest_runs_and_index(db_url, tiny, corpus_file):
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli, ["index", "build", "cli_model", "--layers", "2", "--no-progress"])
     assert r.exit_code == 0 and "Built ANN indexes of 'cli_model' layers 2" in r.output, r.output
+    r = runner.invoke(cli, ["index", "drop", "cli_model"])
+    assert r.exit_code == 0, r.output
+    # two leaves at once, each on its own connection: both indexed, with their recall measured
+    r = runner.invoke(cli, ["index", "build", "cli_model", "--jobs", "2", "--no-progress"])
+    assert r.exit_code == 0 and "Built ANN indexes of 'cli_model' layers 0,2" in r.output, r.output
+    with Store.open(db_url) as store:
+        layers = store.get_model("cli_model").layers
+    assert all(li.index_kind == "hnsw_halfvec" for li in layers), layers
+    r = runner.invoke(cli, ["index", "build", "cli_model", "--jobs", "0"])
+    assert r.exit_code == 2 and "--jobs" in r.output
 
 
 def test_cli_stdin_corpus(db_url, tiny):
@@ -251,8 +262,6 @@ def test_cli_model_mismatch_leaves_no_done_run(db_url, tiny, corpus_file):
 
 
 def test_failure_marks_run_failed_then_rerun_completes_exactly(db_url, tiny, corpus_file, monkeypatch):
-    from latentlens.store import Store
-
     corpus = read_corpus(str(corpus_file))
     lm = load_language_model(str(tiny["gemma"]), name="flaky")
     real = Store.write_embeddings
