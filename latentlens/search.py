@@ -443,11 +443,14 @@ class Searcher:
         if len(sample) == 0:
             return np.full(len(q), -1.0, dtype=np.float32)
         if self.has_torch:
-            # torch's thread pool, as the scan that may follow: a numpy (OpenBLAS) matmul
-            # here leaves its threads spinning and slowed the next scan's matmul 1.4x
+            # torch, as the scan that may follow (a numpy (OpenBLAS) matmul here leaves its
+            # threads spinning and slowed the next scan's matmul 1.4x), on one thread
             import torch
 
-            return torch.from_numpy(q).matmul(torch.from_numpy(sample).T).amax(dim=1).numpy()
+            from latentlens.scan import on_one_thread
+
+            qt, st = torch.from_numpy(q), torch.from_numpy(sample)
+            return on_one_thread(lambda: qt.matmul(st.T).amax(dim=1).numpy())
         return (q @ sample.T).max(axis=1)
 
 
