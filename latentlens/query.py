@@ -237,12 +237,13 @@ class Lens:
         ``mode`` is auto / exact / ann (``exact=True`` / ``False`` are the same as
         the last two); ``query_kind="visual"`` sends every query to the exact scan.
         """
-        info = self._model(model)
+        # fresh (row counts and versions decide cache validity), with the server's ANN support
+        info, ann = self.store.search_model(model)
         chosen = validate_layers(info, layers)
         q = unit_queries(vectors, info.hidden_size, info.name)
         k = check_k(k)
         found = self.searcher.search(info, chosen, q, k, mode=_mode(mode, exact), query_kind=query_kind,
-                                     ef_search=ef_search)
+                                     ef_search=ef_search, ann_supported=ann)
         return self._assemble(info, found, k, per_layer, q.shape[0])
 
     neighbours = neighbors

@@ -279,12 +279,15 @@ class Searcher:
     def search(
         self, info: ModelInfo, layers: Sequence[int], q: np.ndarray, k: int, *,
         mode: Mode = "auto", query_kind: QueryKind = "auto", ef_search: int | None = None,
+        ann_supported: bool | None = None,
     ) -> dict[int, LayerSearch]:
-        """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan."""
+        """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan
+        (``ann_supported``: Store.ann_supported() where the caller read it with ``info``)."""
         check_mode(mode, query_kind)
         out = {}
         # one round trip for the batch, not one per layer
-        server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and self.store.ann_supported()
+        server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and (
+            self.store.ann_supported() if ann_supported is None else ann_supported)
         self._prefetch(info, [x for x in layers if mode == "exact" or query_kind == "visual"
                               or not (server_ann and info.layer(x).index_kind)])
         exact: dict[int, _Exact] = {}
