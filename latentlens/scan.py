@@ -1220,8 +1220,11 @@ def on_one_thread(fn: Callable[[], _T]) -> _T:
     For ops of well under a millisecond (a few queries against a 2048-row sample): on
     torch's whole thread pool such an op waits at the pool's barrier for every thread,
     and under load for a descheduled one (measured 10-15 ms a call at load average 5 on
-    2 cores, against ~2 ms here); numpy's BLAS was worse (its spinning threads).
+    2 cores, against ~2 ms here); numpy's BLAS was worse (its spinning threads). A caller
+    already on one thread runs it itself (a hand-off to the worker is then only a wait).
     """
+    if _cores() == 1:
+        return fn()
     return _leaf_pool(_cores()).submit(fn).result()
 
 
