@@ -237,18 +237,14 @@ class Lens:
         ``mode`` is auto / exact / ann (``exact=True`` / ``False`` are the same as
         the last two); ``query_kind="visual"`` sends every query to the exact scan.
         """
-        info = self._model(model)
+        # fresh (row counts and versions decide cache validity), with the server's ANN support
+        info, ann = self.store.search_model(model)
         chosen = validate_layers(info, layers)
         q = unit_queries(vectors, info.hidden_size, info.name)
         k = check_k(k)
         found = self.searcher.search(info, chosen, q, k, mode=_mode(mode, exact), query_kind=query_kind,
-                                     ef_search=ef_search)
-        with self.store.reading():  # the sentences and the provenance: one transaction
-            results = self._assemble(info, found, k, per_layer, q.shape[0])
-            prov = self.store.provenance(info, chosen, {layer: ls.paths for layer, ls in found.items()})
-        for r in results:
-            r.provenance = prov
-        return results
+                                     ef_search=ef_search, ann_supported=ann)
+        return self._assemble(info, found, k, per_layer, q.shape[0])
 
     neighbours = neighbors
 
@@ -266,12 +262,14 @@ class Lens:
     def _assemble(
         self, info: ModelInfo, found: dict[int, LayerSearch], k: int, per_layer: bool, nq: int
     ) -> list[QueryResult]:
-        """QueryResults of the layers' answers: merged top-k, distinct contexts (and per layer).
+        """QueryResults of the layers' answers: merged top-k, distinct contexts (and per layer),
+        each with the provenance of the answer.
 
         Merge and distinct picks run over whole arrays (_Merged), and every neighbour's
-        sentence, token and span come from one Store.context_columns call (each sentence's
-        text once): per-neighbour Python in the merge, per-key rows and dict lookups cost a
-        third of a warm image's (576 queries x 8 layers) search (profiled).
+        sentence, token and span come from one Store.answer_columns call (each sentence's
+        text once, with the provenance in the same round trip): per-neighbour Python in the
+        merge, per-key rows and dict lookups cost a third of a warm image's (576 queries x 8
+        layers) search (profiled).
         """
         by_layer: dict[int, KnnResult] = {layer: ls.result for layer, ls in found.items()}
         m = _Merged(by_layer, k)
@@ -288,8 +286,11 @@ class Lens:
         keys = np.stack([m.layer[allq, allj], m.sentence_id[allq, allj], m.position[allq, allj]], axis=1)
         uniq, inverse = (np.unique(keys, axis=0, return_inverse=True) if len(keys)
                          else (keys, np.zeros(0, dtype=np.int64)))
-        cc = self.store.context_columns(info, uniq[:, 0], uniq[:, 1], uniq[:, 2])
         inverse = inverse.reshape(-1)
+        token_id = np.zeros(len(uniq), dtype=np.int64)
+        token_id[inverse] = m.token_id[allq, allj]  # the leaves' ids: their texts asked with the rest
+        cc, prov = self.store.answer_columns(info, uniq[:, 0], uniq[:, 1], uniq[:, 2], token_id, sorted(found),
+                                             {layer: ls.paths for layer, ls in found.items()})
         built: list[list[Neighbour]] = []
         lo = 0
         for q, j in parts:
@@ -312,7 +313,7 @@ class Lens:
                 pl = {layer: ns[off[qi]:off[qi + 1]] for layer, off, ns in l_offs}
             paths = dict(zip(layers_sorted, path_rows[qi], strict=True)) if found else {}
             out.append(QueryResult(index=qi, neighbours=ns_all[p_off[qi]:p_off[qi + 1]], per_layer=pl,
-                                   search=paths, contexts=ctx_all[c_off[qi]:c_off[qi + 1]]))
+                                   search=paths, contexts=ctx_all[c_off[qi]:c_off[qi + 1]], provenance=prov))
         return out
 
     # ---- text -------------------------------------------------------------

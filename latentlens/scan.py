@@ -396,6 +396,7 @@ class LeafCache:
         self.root = Path(root) if root is not None else config.cache_dir() / "scan"
         self._instance: str | None = None
         self._leaves: dict[Path, Leaf] = {}
+        self._by_version: dict[tuple[int, int, int, int], Leaf] = {}  # see _known
         self._leaves_lock = threading.Lock()  # get_many fills leaves from several threads
 
     def leaf_dir(self, info: ModelInfo, layer: int) -> Path:
@@ -407,10 +408,22 @@ class LeafCache:
         """The cached copy of this leaf version if there is one (never copies).
 
         One this process already opened is answered from memory (reading meta.json twice a
-        layer per search was ~5% of a warm 8-query search at 36.5k rows x 8 layers).
+        layer per search was ~5% of a warm 8-query search at 36.5k rows x 8 layers), and
+        one found on disk is kept (a layer HNSW answers was reopened, ~0.6 ms, every search).
         """
-        path = self.leaf_dir(info, layer) / f"v{version[0]}-{version[1]}"
-        return self._leaves.get(path) or self._open(path, info.hidden_size)
+        leaf = self._known(info, layer, *version)
+        if leaf is None:
+            path = self.leaf_dir(info, layer) / f"v{version[0]}-{version[1]}"
+            leaf = self._leaves.get(path) or self._open(path, info.hidden_size)
+            if leaf is not None:
+                self._remember(leaf, (info.id, layer, *version))
+        return leaf
+
+    def _known(self, info: ModelInfo, layer: int, row_count: int, ver: int) -> Leaf | None:
+        """The leaf this process holds for this version, by a dict lookup: its path took four
+        Path joins (12-40 us, up to three times a layer per search)."""
+        leaf = self._by_version.get((info.id, layer, row_count, ver))
+        return leaf if leaf is not None and self._leaves.get(leaf.path) is leaf else None
 
     def get(
         self, info: ModelInfo, layer: int, *, version: tuple[int, int] | None = None,
@@ -419,18 +432,22 @@ class LeafCache:
         """The current cached leaf, copying it from the database if needed (through ``store``,
         default this cache's; with ``bf16`` the bfloat16 copy is written in the same pass)."""
         store = store or self.store
-        base = self.leaf_dir(info, layer)
         for _attempt in range(3):
             row_count, ver = version if version is not None else store.leaf_version(info, layer)
             version = None
+            key = (info.id, layer, row_count, ver)
+            leaf = self._known(info, layer, row_count, ver)
+            if leaf is not None:
+                return leaf
+            base = self.leaf_dir(info, layer)
             path = base / f"v{row_count}-{ver}"
             leaf = self._leaves.get(path) or self._open(path, info.hidden_size)
             if leaf is not None:
-                return self._remember(leaf)
+                return self._remember(leaf, key)
             leaf = self._fill(info, layer, base, row_count, ver, progress, bf16, store)
             if leaf is not None:
                 self._prune(base, keep=leaf.path.name)
-                return self._remember(leaf)
+                return self._remember(leaf, key)
         raise InputError(f"layer {layer} of '{info.name}' kept changing while it was being cached; retry")
 
     @staticmethod
@@ -552,16 +569,21 @@ class LeafCache:
             if stale or dead:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _remember(self, leaf: Leaf) -> Leaf:
-        """Keep ``leaf`` (its maps) for the next search; older versions of it are let go."""
+    def _remember(self, leaf: Leaf, key: tuple[int, int, int, int]) -> Leaf:
+        """Keep ``leaf`` (its maps) for the next search, found by ``key`` (model id, layer,
+        row count, version); older versions of it are let go."""
         with self._leaves_lock:
             for old in [p for p in self._leaves if p.parent == leaf.path.parent and p != leaf.path]:
                 del self._leaves[old]
             self._leaves[leaf.path] = leaf
+            self._by_version = {k: v for k, v in self._by_version.items()
+                                if k[:2] != key[:2] and self._leaves.get(v.path) is v}
+            self._by_version[key] = leaf
         return leaf
 
     def clear(self) -> None:
         self._leaves.clear()
+        self._by_version.clear()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -1192,6 +1214,20 @@ def _leaf_pool(n: int) -> ThreadPoolExecutor:
         return pool
 
 
+def on_one_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` on a worker thread that runs torch on one thread (_leaf_pool's).
+
+    For ops of well under a millisecond (a few queries against a 2048-row sample): on
+    torch's whole thread pool such an op waits at the pool's barrier for every thread,
+    and under load for a descheduled one (measured 10-15 ms a call at load average 5 on
+    2 cores, against ~2 ms here); numpy's BLAS was worse (its spinning threads). A caller
+    already on one thread runs it itself (a hand-off to the worker is then only a wait).
+    """
+    if _cores() == 1:
+        return fn()
+    return _leaf_pool(_cores()).submit(fn).result()
+
+
 class ScanEngine:
     """Exact k-NN over cached leaves (see module docstring)."""
 
@@ -1638,5 +1674,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_before", "measured_once",
-    "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
+    "normalize_queries", "on_one_thread", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]

@@ -279,12 +279,15 @@ class Searcher:
     def search(
         self, info: ModelInfo, layers: Sequence[int], q: np.ndarray, k: int, *,
         mode: Mode = "auto", query_kind: QueryKind = "auto", ef_search: int | None = None,
+        ann_supported: bool | None = None,
     ) -> dict[int, LayerSearch]:
-        """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan."""
+        """Top-k of unit queries ``q`` [Q, D] in each layer, each layer by its own plan
+        (``ann_supported``: Store.ann_supported() where the caller read it with ``info``)."""
         check_mode(mode, query_kind)
         out = {}
         # one round trip for the batch, not one per layer
-        server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and self.store.ann_supported()
+        server_ann = mode != "exact" and any(info.layer(x).index_kind for x in layers) and (
+            self.store.ann_supported() if ann_supported is None else ann_supported)
         self._prefetch(info, [x for x in layers if mode == "exact" or query_kind == "visual"
                               or not (server_ann and info.layer(x).index_kind)])
         exact: dict[int, _Exact] = {}
@@ -443,11 +446,14 @@ class Searcher:
         if len(sample) == 0:
             return np.full(len(q), -1.0, dtype=np.float32)
         if self.has_torch:
-            # torch's thread pool, as the scan that may follow: a numpy (OpenBLAS) matmul
-            # here leaves its threads spinning and slowed the next scan's matmul 1.4x
+            # torch, as the scan that may follow (a numpy (OpenBLAS) matmul here leaves its
+            # threads spinning and slowed the next scan's matmul 1.4x), on one thread
             import torch
 
-            return torch.from_numpy(q).matmul(torch.from_numpy(sample).T).amax(dim=1).numpy()
+            from latentlens.scan import on_one_thread
+
+            qt, st = torch.from_numpy(q), torch.from_numpy(sample)
+            return on_one_thread(lambda: qt.matmul(st.T).amax(dim=1).numpy())
         return (q @ sample.T).max(axis=1)
 
 

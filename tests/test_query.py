@@ -340,3 +340,13 @@ def test_a_transaction_inside_reading_leaves_the_outer_one_open(lens, data):
         assert store._fetch("SELECT 2") == [(2,)]  # still inside, still usable
     assert store._depth == 0
     assert store._fetch("SELECT 3") == [(3,)]
+
+
+def test_search_model_is_get_model_and_ann_supported(lens, data):
+    """What a search reads first, in one query: the model (fresh) and the server's ANN support."""
+    s = lens.store
+    info, ann = s.search_model("qm")
+    assert info == s.get_model("qm") and ann is s.ann_supported()
+    assert s.search_model(info)[0] == info
+    with pytest.raises(UnknownModel, match="unknown model 'no-such-model' .*'qm'"):
+        s.search_model("no-such-model")

@@ -23,6 +23,11 @@ class _Contexts:
         self.ctx = ctx
         self.calls = 0
 
+    def answer_columns(self, info, layer, sentence_id, position, token_id, layers, search):
+        """context_columns, and a stand-in provenance that shows what it was asked for."""
+        assert len(token_id) == len(layer)
+        return self.context_columns(info, layer, sentence_id, position), {"layers": layers, "search": search}
+
     def context_columns(self, info, layer, sentence_id, position) -> ContextColumns:
         self.calls += 1
         keys = list(zip(layer.tolist(), sentence_id.tolist(), position.tolist(), strict=True))
@@ -112,6 +117,7 @@ def test_assemble_equals_the_per_neighbour_merge(seed, per_layer):
         assert r.contexts == contexts
         assert r.per_layer == pl
         assert r.search == {layer: f"path{layer}-{r.index % 2}" for layer in layers}
+        assert r.provenance == {"layers": layers, "search": {x: ls.paths for x, ls in found.items()}}
         assert [type(n.similarity) for n in r.neighbours] == [float] * len(r.neighbours)
         assert all(type(n.sentence_id) is int and type(n.token_id) is int for n in r.neighbours)
     assert got[0].neighbours == [] and got[0].contexts == []
@@ -151,3 +157,48 @@ def test_context_columns_answer_as_contexts(db_url, data):
                 c.token_id, c.token, c.sentence, c.char_start, c.char_end)
         empty = s.context_columns(info, arr[:0, 0], arr[:0, 1], arr[:0, 2])
         assert len(empty.found) == 0 and empty.sentence == []
+
+
+def test_context_columns_with_expected_token_ids(db_url, data):
+    """The token ids a caller expects (a scan's leaf keys) only let the token texts' query go
+    with the others: ids that are wrong (a leaf older than the rows) or missing still get the
+    stored rows' tokens, as without them."""
+    from latentlens.store import Store
+
+    with Store.open(db_url) as s:
+        info = s.get_model("qa")
+        keys = [(layer, int(sid), int(pos)) for layer in (0, 8)
+                for sid, pos in zip(data["sentence_id"][::4], data["position"][::4], strict=True)]
+        arr = np.array(keys, dtype=np.int64)
+        plain = s.context_columns(info, arr[:, 0], arr[:, 1], arr[:, 2])
+        assert plain.found.all() and all(t is not None for t in plain.token)
+        wrong = plain.token_id.copy()
+        wrong[::2] = 10**6 + np.arange(len(wrong[::2]))  # no such tokens
+        for hint in (plain.token_id, wrong, plain.token_id[:1], np.zeros(0, dtype=np.int64)):
+            cc = s.context_columns(info, arr[:, 0], arr[:, 1], arr[:, 2], hint)
+            assert cc.found.tolist() == plain.found.tolist()
+            assert cc.token_id.tolist() == plain.token_id.tolist() and cc.token == plain.token
+            assert cc.sentence == plain.sentence and cc.char_start == plain.char_start
+
+
+def test_answer_columns_are_context_columns_and_provenance(db_url, data):
+    """One transaction and one pipeline for an answer's contexts and provenance: the same
+    values as the two calls, and the connection usable after (also after an error)."""
+    import psycopg
+
+    from latentlens.store import Store
+
+    with Store.open(db_url) as s:
+        info = s.get_model("qa")
+        keys = np.array([(0, int(sid), int(pos)) for sid, pos in
+                         zip(data["sentence_id"][::5], data["position"][::5], strict=True)], dtype=np.int64)
+        cc, prov = s.answer_columns(info, keys[:, 0], keys[:, 1], keys[:, 2], None, [0], {0: ["scan", "ann"]})
+        want = s.context_columns(info, keys[:, 0], keys[:, 1], keys[:, 2])
+        assert cc.token == want.token and cc.sentence == want.sentence and cc.found.all()
+        p = s.provenance(info, [0], {0: ["ann", "scan"]})
+        assert {**prov, "at": None} == {**p, "at": None} and prov["search"] == {"0": ["ann", "scan"]}
+        assert s.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with pytest.raises(psycopg.errors.NumericValueOutOfRange):  # layer numbers beyond int: refused
+            s.answer_columns(info, keys[:, 0] + 2**40, keys[:, 1], keys[:, 2], None, [0], {})
+        assert s.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert s._fetch("SELECT 1") == [(1,)]

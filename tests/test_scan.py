@@ -673,3 +673,45 @@ def test_threshold_blocks_wide_rows_orientation_changes_nothing(seed, monkeypatc
         monkeypatch.undo()
         for name in ("query", "row", "score", "threshold", "over"):
             assert torch.equal(getattr(got, name), getattr(want, name)), (dtype, name)
+
+
+def test_on_one_thread_runs_small_ops_on_a_one_thread_worker():
+    """A caller on several torch threads hands the op to a worker on one (its count is left
+    as it was); a caller already on one runs it itself."""
+    import threading
+
+    from latentlens.scan import on_one_thread
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        name, n = on_one_thread(lambda: (threading.current_thread().name, torch.get_num_threads()))
+        assert name.startswith("llens-leaf") and n == 1
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert on_one_thread(lambda: threading.current_thread().name) == threading.current_thread().name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_sample_test_is_each_querys_best_cosine_against_the_sample():
+    """Searcher._sample_max (the policy's distribution test) on the one-thread worker: the
+    float32 best cosine of each query with the leaf's unit-normed sample."""
+    from latentlens.search import Searcher
+
+    rng = np.random.default_rng(3)
+    sample = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 50, size=(300, 1))).astype(np.float32)
+    store = SimpleNamespace(sample_layer=lambda info, layer, rows: sample)
+    info = SimpleNamespace(id=1, layer=lambda x: SimpleNamespace(row_count=300, version=1))
+    q = rng.normal(size=(9, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    want = (q.astype(np.float64) @ (sample / np.linalg.norm(sample, axis=1, keepdims=True)).T).max(axis=1)
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            got = Searcher(store)._sample_max(info, 0, q)
+            assert got.shape == (9,) and got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(before)

@@ -48,6 +48,43 @@ class AnalysisInfo:
         return d
 
 
+# Store.provenance's one query (also sent with an answer's contexts: SearchMixin.answer_columns);
+# a row with a NULL corpus where the model has no ingest run
+PROVENANCE = (
+    "SELECT current_user, now(), (SELECT value FROM llens_meta WHERE key = 'instance_id'), "
+    "c.id, c.name, c.content_hash, c.sentence_count, c.runs, c.done "
+    "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
+    "  SELECT c.id, c.name, c.content_hash, c.sentence_count, array_agg(r.id ORDER BY r.id) AS runs, "
+    "         bool_and(r.status = 'done') AS done "
+    "    FROM ingest_run r JOIN corpus c ON c.id = r.corpus_id "
+    "   WHERE r.model_id = %s GROUP BY c.id) AS c ON true ORDER BY c.id")
+
+
+def provenance_of(rows: list[tuple], info: ModelInfo, layers: Sequence[int] | None = None,
+                  search: Mapping[int, Sequence[str]] | None = None) -> dict:
+    """The provenance dict of PROVENANCE's rows (see Store.provenance)."""
+    from latentlens import __version__
+
+    wanted = set(layers) if layers is not None else set(info.layer_numbers)
+    who, when, instance = rows[0][:3]
+    corpora = [r[3:] for r in rows if r[3] is not None]
+    return {
+        "latentlens_version": __version__,
+        "database": instance,
+        "by": who,
+        "at": when.isoformat(),
+        "model": {"name": info.name, "id": info.id, "revision": info.revision,
+                  "architecture": info.architecture, "dtype": info.dtype,
+                  "source": (info.params or {}).get("source")},
+        "corpora": [{"id": c[0], "name": c[1], "content_hash": c[2], "sentences": c[3],
+                     "ingest_runs": list(c[4]), "complete": bool(c[5])} for c in corpora],
+        "layers": {str(li.layer): {"rows": li.row_count, "version": li.version, "index": li.index_kind,
+                                   "index_ef_search": li.index_ef_search}
+                   for li in info.layers if li.layer in wanted},
+        "search": None if search is None else {str(k): sorted(set(v)) for k, v in search.items()},
+    }
+
+
 class AnalysesMixin(StoreBase):
     """Rows of ``analysis``, and provenance."""
 
@@ -56,36 +93,8 @@ class AnalysesMixin(StoreBase):
     def provenance(self, info: ModelInfo, layers: Sequence[int] | None = None,
                    search: Mapping[int, Sequence[str]] | None = None) -> dict:
         """Where an answer comes from: model, corpora, ingest runs, indexes, search paths, who, when."""
-        from latentlens import __version__
-
-        wanted = set(layers) if layers is not None else set(info.layer_numbers)
-        # one query (every search's answer carries this; it took three, each its own
-        # transaction); a row with a NULL corpus where the model has no ingest run
-        rows = self._fetch(
-            "SELECT current_user, now(), (SELECT value FROM llens_meta WHERE key = 'instance_id'), "
-            "c.id, c.name, c.content_hash, c.sentence_count, c.runs, c.done "
-            "FROM (SELECT 1) AS one LEFT JOIN LATERAL ("
-            "  SELECT c.id, c.name, c.content_hash, c.sentence_count, array_agg(r.id ORDER BY r.id) AS runs, "
-            "         bool_and(r.status = 'done') AS done "
-            "    FROM ingest_run r JOIN corpus c ON c.id = r.corpus_id "
-            "   WHERE r.model_id = %s GROUP BY c.id) AS c ON true ORDER BY c.id", (info.id,))
-        who, when, instance = rows[0][:3]
-        corpora = [r[3:] for r in rows if r[3] is not None]
-        return {
-            "latentlens_version": __version__,
-            "database": instance,
-            "by": who,
-            "at": when.isoformat(),
-            "model": {"name": info.name, "id": info.id, "revision": info.revision,
-                      "architecture": info.architecture, "dtype": info.dtype,
-                      "source": (info.params or {}).get("source")},
-            "corpora": [{"id": c[0], "name": c[1], "content_hash": c[2], "sentences": c[3],
-                         "ingest_runs": list(c[4]), "complete": bool(c[5])} for c in corpora],
-            "layers": {str(li.layer): {"rows": li.row_count, "version": li.version, "index": li.index_kind,
-                                       "index_ef_search": li.index_ef_search}
-                       for li in info.layers if li.layer in wanted},
-            "search": None if search is None else {str(k): sorted(set(v)) for k, v in search.items()},
-        }
+        # one query (every search's answer carries this; it took three, each its own transaction)
+        return provenance_of(self._fetch(PROVENANCE, (info.id,)), info, layers, search)
 
     def save_analysis(
         self, kind: str, model: str, *, result: Any, params: Mapping[str, Any] | None = None,

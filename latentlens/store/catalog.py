@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import psycopg
@@ -106,10 +106,24 @@ class CatalogMixin(StoreBase):
             name = name.name
         rows = self._fetch(_MODEL_SELECT + " WHERE m.name = %s GROUP BY m.id", (name,))
         if not rows:
-            names = [m.name for m in self.list_models()]
-            hint = ", ".join(f"'{n}'" for n in names[:10]) if names else "none yet; run `llens ingest`"
-            raise UnknownModel(f"unknown model '{name}' (models in the store: {hint})")
+            self._unknown_model(name)
         return self._model_from_row(rows[0])
+
+    def search_model(self, name: str | ModelInfo) -> tuple[ModelInfo, bool]:
+        """get_model and ann_supported in one query: what every search reads first (its
+        layers' row counts and versions decide the scan cache's validity; read fresh)."""
+        if isinstance(name, ModelInfo):
+            name = name.name
+        rows = self._fetch("SELECT llens_ann_enabled(), m.* FROM ("
+                           + _MODEL_SELECT + " WHERE m.name = %s GROUP BY m.id) AS m", (name,))
+        if not rows:
+            self._unknown_model(name)
+        return self._model_from_row(rows[0][1:]), bool(rows[0][0])
+
+    def _unknown_model(self, name: str) -> NoReturn:
+        names = [m.name for m in self.list_models()]
+        hint = ", ".join(f"'{n}'" for n in names[:10]) if names else "none yet; run `llens ingest`"
+        raise UnknownModel(f"unknown model '{name}' (models in the store: {hint})")
 
     @staticmethod
     def _model_from_row(r: tuple) -> ModelInfo:

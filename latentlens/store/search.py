@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ from psycopg.types.json import Jsonb
 from latentlens.db import first_line
 from latentlens.errors import EmptyResult, IndexUnsupported, InputError, PermissionDenied
 from latentlens.pgcopy import HEADER, TRAILER, encode_rows
+from latentlens.store.analyses import PROVENANCE, provenance_of
 from latentlens.store.base import StoreBase
 from latentlens.store.types import Context, KnnResult, ModelInfo, check_k, unit_queries
 
@@ -137,6 +138,9 @@ class SearchMixin(StoreBase):
         ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
         def sample_layer(self, model: ModelInfo | str, layer: int, rows: int = 2048) -> np.ndarray: ...
+
+        def provenance(self, info: ModelInfo, layers: Sequence[int] | None = None,
+                       search: Mapping[int, Sequence[str]] | None = None) -> dict: ...
 
     # ---- indexes --------------------------------------------------------
 
@@ -395,15 +399,59 @@ class SearchMixin(StoreBase):
 
     def context_columns(
         self, model: ModelInfo | str, layer: np.ndarray, sentence_id: np.ndarray, position: np.ndarray,
+        token_id: np.ndarray | None = None,
     ) -> ContextColumns:
         """Store.contexts for keys given as arrays (distinct keys), answered as arrays in their order.
 
-        One transaction, two round trips (a pipeline, binary): the embedding rows' spans and
-        token ids per key with each distinct sentence's text once, then each distinct token's
-        text once (named by the stored rows' token ids, as Store.contexts does). Built for an image's answer (576 queries x 8 layers), where the
-        per-key rows of Store.contexts and their Python tuples cost as much as the search.
+        One transaction, one pipeline (binary): the embedding rows' spans and token ids per
+        key, each distinct sentence's text once and each distinct token's text once (named
+        by the stored rows' token ids, as Store.contexts does). ``token_id``, the token ids
+        the caller expects (a scan's leaf keys), sends the token texts' query with the
+        others: one round trip, a second only for a stored id not among them. Built for
+        an image's answer (576 queries x 8 layers), where the per-key rows of Store.contexts
+        and their Python tuples cost as much as the search.
         """
         info = self.get_model(model) if isinstance(model, str) else model
+        if self.citus():
+            return self._citus_columns(info, layer, sentence_id, position)
+        with self._reads() as conn, conn.pipeline():
+            return self._columns(conn, info, layer, sentence_id, position, token_id)
+
+    def answer_columns(
+        self, info: ModelInfo, layer: np.ndarray, sentence_id: np.ndarray, position: np.ndarray,
+        token_id: np.ndarray | None, layers: Sequence[int], search: Mapping[int, Sequence[str]],
+    ) -> tuple[ContextColumns, dict]:
+        """context_columns and provenance(info, layers, search) of one answer, in one transaction
+        and one pipeline: 4 round trips (BEGIN, the queries, the pipeline's sync, COMMIT), where
+        the two calls inside reading() took 6 (BEGIN, spans + sentences, tokens, sync,
+        provenance, COMMIT): ~2 ms of a warm 8-query search under load."""
+        if self.citus():
+            with self.reading():
+                return (self._citus_columns(info, layer, sentence_id, position),
+                        self.provenance(info, layers, search))
+        with self.reading(), self._reads() as conn, conn.pipeline():
+            prov = conn.execute(PROVENANCE, (info.id,))  # sent with the contexts' queries
+            cc = self._columns(conn, info, layer, sentence_id, position, token_id)
+            return cc, provenance_of(prov.fetchall(), info, layers, search)
+
+    def _citus_columns(self, info: ModelInfo, layer: np.ndarray, sentence_id: np.ndarray, position: np.ndarray,
+                       ) -> ContextColumns:
+        """context_columns on a Citus coordinator: Store.contexts (see CITUS_CONTEXTS)."""
+        keys = list(zip(np.asarray(layer).tolist(), np.asarray(sentence_id).tolist(),
+                        np.asarray(position).tolist(), strict=True))
+        got = self.contexts(info, keys) if keys else {}
+        cols = [got.get(key) for key in keys]
+        return ContextColumns(
+            np.array([c is not None for c in cols], dtype=bool),
+            np.array([c.token_id if c else -1 for c in cols], dtype=np.int64),
+            [c.char_start if c else None for c in cols], [c.char_end if c else None for c in cols],
+            [c.token if c else None for c in cols], [c.sentence if c else "" for c in cols])
+
+    @staticmethod
+    def _columns(conn: psycopg.Connection, info: ModelInfo, layer: np.ndarray, sentence_id: np.ndarray,
+                 position: np.ndarray, token_id: np.ndarray | None) -> ContextColumns:
+        """context_columns' queries on ``conn`` (in a pipeline): every statement is sent before
+        the first result is read."""
         layer = np.asarray(layer, dtype=np.int64)
         sid = np.asarray(sentence_id, dtype=np.int64)
         pos = np.asarray(position, dtype=np.int64)
@@ -412,35 +460,34 @@ class SearchMixin(StoreBase):
         tok = np.full(n, -1, dtype=np.int64)
         cs: list[int | None] = [None] * n
         ce: list[int | None] = [None] * n
-        tokens: list[str | None] = [None] * n
-        sentences = [""] * n
         if n == 0:
-            return ContextColumns(found, tok, cs, ce, tokens, sentences)
-        if self.citus():
-            keys = list(zip(layer.tolist(), sid.tolist(), pos.tolist(), strict=True))
-            got = self.contexts(info, keys)
-            for j, key in enumerate(keys):
-                c = got.get(key)
-                if c is not None:
-                    found[j], tok[j], tokens[j], sentences[j] = True, c.token_id, c.token, c.sentence
-                    cs[j], ce[j] = c.char_start, c.char_end
-            return ContextColumns(found, tok, cs, ce, tokens, sentences)
-        with self._reads() as conn, conn.pipeline():
-            spans = conn.cursor(binary=True)
-            spans.execute(CONTEXT_SPANS, {"m": info.id, "l": _int_array(layer), "s": _int_array(sid),
-                                          "p": _int_array(pos)}, prepare=False)
-            texts = conn.cursor(binary=True)
-            texts.execute(CONTEXT_SENTENCES, {"ids": _int_array(np.unique(sid))}, prepare=False)
-            rows = spans.fetchall()
-            sent = dict(texts.fetchall())
-            for i, t, a, b in rows:
-                j = i - 1
-                tok[j], cs[j], ce[j] = t, a, b
-            if rows:
-                found[np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)) - 1] = True
+            return ContextColumns(found, tok, cs, ce, [], [])
+        spans = conn.cursor(binary=True)
+        spans.execute(CONTEXT_SPANS, {"m": info.id, "l": _int_array(layer), "s": _int_array(sid),
+                                      "p": _int_array(pos)}, prepare=False)
+        texts = conn.cursor(binary=True)
+        texts.execute(CONTEXT_SENTENCES, {"ids": _int_array(np.unique(sid))}, prepare=False)
+        names = None
+        if token_id is not None:
+            asked = np.unique(np.asarray(token_id, dtype=np.int64))
             names = conn.cursor(binary=True)
-            names.execute(CONTEXT_TOKENS, {"m": info.id, "ids": _int_array(np.unique(tok[found]))}, prepare=False)
+            names.execute(CONTEXT_TOKENS, {"m": info.id, "ids": _int_array(asked)}, prepare=False)
+        rows = spans.fetchall()
+        sent: dict[int, str] = dict(texts.fetchall())
+        for i, t, a, b in rows:
+            j = i - 1
+            tok[j], cs[j], ce[j] = t, a, b
+        if rows:
+            found[np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)) - 1] = True
+        vocab: dict[int, str] = {}
+        missing = np.unique(tok[found])
+        if names is not None:
             vocab = dict(names.fetchall())
+            missing = np.setdiff1d(missing, asked)  # rows rewritten since the caller read its ids
+        if len(missing):
+            names = conn.cursor(binary=True)
+            names.execute(CONTEXT_TOKENS, {"m": info.id, "ids": _int_array(missing)}, prepare=False)
+            vocab.update(names.fetchall())
         found_l = found.tolist()
         tokens = [vocab.get(t) if f else None for t, f in zip(tok.tolist(), found_l, strict=True)]
         sentences = [sent.get(x, "") if f else "" for x, f in zip(sid.tolist(), found_l, strict=True)]
