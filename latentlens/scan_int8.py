@@ -45,8 +45,10 @@ if TYPE_CHECKING:
     from latentlens.scan import Leaf
 
 ENV_SCAN_INT8 = "LLENS_SCAN_INT8"
-# batches up to this many queries take the int8 pass (the kernel's cost grows with 2Q + 1 rows)
-MAX_QUERIES = 32
+# batches up to this many queries take the int8 pass: its kernel multiplies 2Q + 1 rows (measured
+# on 8 real 35k x 576 leaves, one torch thread, load ~5: 1.2-1.3x the bf16 scan at 8 queries,
+# 0.75-1.2x at 16, 0.75-1.0x at 32)
+MAX_QUERIES = 16
 # dimensions scored in float32: the largest |xn| (a few massive activations per layer) would
 # otherwise set s[j] and the activation scale for all the rest
 FLOAT_DIMS = 8

@@ -88,6 +88,7 @@ def test_int8_search_equals_float32(tmp_path, case, k):
 
 
 def test_disabled_or_big_batch_takes_the_other_paths(tmp_path):
+    assert scan_int8.MAX_QUERIES < 40
     rows, q = _near_ties(n_far=6000, n_tied=2400, dim=96, nq=40, seed=6)
     leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
     for int8, qs in (("0", q[:8]), ("1", q)):  # off; on but more than MAX_QUERIES queries
