@@ -51,7 +51,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from latentlens import config, scan_int8
+from latentlens import config
 from latentlens.errors import EmptyResult, InputError, LatentLensError
 from latentlens.store import KnnResult, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
@@ -1142,20 +1142,6 @@ def _inverse_bound(terms: tuple[torch.Tensor, float], cos: torch.Tensor, inv_ran
     return t.float().nan_to_num(nan=-float("inf"), posinf=float("inf"), neginf=-float("inf"))
 
 
-_INT8_LOCK = threading.Lock()
-
-
-def _int8_codes(leaf: Leaf) -> scan_int8.Int8Codes:
-    """The leaf's packed int8 codes, made once per process (search_many may ask from two threads)."""
-    got = leaf._opened.get("int8")
-    if got is None:
-        with _INT8_LOCK:
-            got = leaf._opened.get("int8")
-            if got is None:
-                got = leaf._opened["int8"] = scan_int8.Int8Codes(leaf)
-    return got
-
-
 def _cores() -> int:
     """torch's thread count: the leaves a few queries scan at once."""
     return torch.get_num_threads()
@@ -1212,13 +1198,10 @@ class ScanEngine:
     def __init__(
         self, store: Store, *, cache_root: Path | None = None, dtype: str | None = None,
         margin: int = DEFAULT_MARGIN, block_rows: int | None = None, use_cache: bool = True,
-        device: str | None = None, select: str | None = None, int8: str | None = None,
+        device: str | None = None, select: str | None = None,
     ):
         self.store = store
         self.select = scan_select(select)
-        # a few queries' certified int8 first pass (scan_int8; opt-in: $LLENS_SCAN_INT8)
-        self.int8 = scan_int8.enabled(int8)
-        self.int8_queries = 0  # (query, leaf) pairs the int8 pass answered, for tests and benches
         self.cache = LeafCache(store, cache_root)
         self._dtype_name = dtype
         self._dtype: torch.dtype | None = None
@@ -1390,8 +1373,6 @@ class ScanEngine:
         out_i = torch.zeros((nq, kk), dtype=torch.int64)
         todo = torch.arange(nq)
         can = not self._resident_scan and kk > 0
-        if can and self.int8 and nq <= scan_int8.MAX_QUERIES and leaf.dim >= 3 and scan_int8.kernel_exact():
-            todo = self._int8_pass(leaf, inv_t, queries, kk, out_v, out_i)
         tried = False  # the one pass, at most once a search
         if can and (self.select == "threshold" or (self.select == "auto" and (
                 nq > DIRECT_SELECT_QUERIES or leaf.path in self._dense))):
@@ -1429,21 +1410,6 @@ class ScanEngine:
                 todo, tried = self._one_pass_for(todo, leaf, inv_t, queries, kk, dtype, rho, inv_range, block,
                                                  bf16_file, out_v, out_i), True
         return out_v, out_i
-
-    def _int8_pass(
-        self, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, kk: int, out_v: torch.Tensor, out_i: torch.Tensor,
-    ) -> torch.Tensor:
-        """scan_int8's candidates re-ranked exactly: fills out_v / out_i of the queries it
-        certifies (by construction: all but those over the candidate cap) and returns the others'
-        numbers (for the bfloat16 paths)."""
-        codes = _int8_codes(leaf)
-        qi, ri, over = codes.candidates(queries, kk, max(MAX_CANDIDATES, 8 * kk))
-        v, i = _by_cosine(*self._rerank_pairs(leaf, inv, queries, qi, ri, kk), kk)
-        done = ~over
-        out_v[done], out_i[done] = v[done], i[done]
-        with self._widened_lock:
-            self.int8_queries += int(done.sum())
-        return torch.arange(len(queries))[over]
 
     def _one_pass_for(
         self, todo: torch.Tensor, leaf: Leaf, inv: torch.Tensor, queries: torch.Tensor, kk: int, dtype: torch.dtype,
