@@ -885,10 +885,14 @@ def threshold_blocks(
             if top.shape[1] >= k:
                 thr = torch.maximum(thr0, threshold(top[:, k - 1]))
             live = _round_down(torch.where(over, float("inf"), thr), st.dtype)
-        # (chunk, query) order, as nonzero gives it: neighbouring pairs read the same score rows
-        # (in query order the gather cost 2.2x, 576 OOD queries x 35k real rows); the final
-        # stable sort by query puts the triples in the same order either way
-        ci, qi = (cmax >= live[None, :]).nonzero(as_tuple=True)
+        # pairs in the order that reads the scores where they lie: (chunk, query) for [n, Q]
+        # scores, neighbouring pairs in one score row (in query order the gather cost 2.2x, 576
+        # OOD queries x 35k real rows), (query, chunk) for wide rows' [Q, n]; the final stable
+        # sort by query puts the triples in the same order either way
+        if st.stride(0) == 1:
+            qi, ci = (cmax.t() >= live[:, None]).nonzero(as_tuple=True)
+        else:
+            ci, qi = (cmax >= live[None, :]).nonzero(as_tuple=True)
         sel = chunks.permute(1, 2, 0)[ci, qi]  # [P, c] the chunks that may hold candidates
         hit = sel >= live[qi, None]
         tj, tq = (tail >= live[None, :]).nonzero(as_tuple=True)
