@@ -72,7 +72,9 @@ SELECT_CHUNK = 32
 # batches up to this many queries select rows by one mask over the scores instead
 DIRECT_SELECT_QUERIES = 32
 # rows a query may keep in the one-pass threshold scan before it falls back to a top-k scan
-MAX_CANDIDATES = 2048
+# (at 2048, 200k x 4096-d leaves' OOD queries kept up to ~2000 and a few went over: each
+# rescanned the leaf 3 times, 42, 168 and 672 candidates)
+MAX_CANDIDATES = 4096
 # bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
 # every parallel op waits for a descheduled worker thread)
 RERANK_BYTES = 16 << 20
