@@ -72,7 +72,9 @@ SELECT_CHUNK = 32
 # batches up to this many queries select rows by one mask over the scores instead
 DIRECT_SELECT_QUERIES = 32
 # rows a query may keep in the one-pass threshold scan before it falls back to a top-k scan
-MAX_CANDIDATES = 2048
+# (at 2048, 200k x 4096-d leaves' OOD queries kept up to ~2000 and a few went over: each
+# rescanned the leaf 3 times, 42, 168 and 672 candidates)
+MAX_CANDIDATES = 4096
 # bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
 # every parallel op waits for a descheduled worker thread)
 RERANK_BYTES = 16 << 20
@@ -263,7 +265,7 @@ class Leaf:
         out = np.empty((len(rows), self.dim), dtype=np.float16)
         if not len(rows):
             return out
-        if len(rows) <= PREAD_ROWS and hasattr(os, "preadv"):
+        if (len(rows) <= PREAD_ROWS or self.dim * 2 >= mmap.PAGESIZE) and hasattr(os, "preadv"):
             return self._pread(rows, out)
         arr = self._map()
         mm = self._mmap_of()
@@ -276,9 +278,10 @@ class Leaf:
         return out
 
     def _pread(self, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``gather`` for a few rows: one pread each, straight into ``out``. Through the map each
-        row faulted in its neighbours' pages too and the range was dropped after (8 queries x
-        42 candidates in 8 leaves: 2.5x the time of the reads)."""
+        """``gather`` for a few rows, or rows of a page or more: one pread each, straight into
+        ``out``. Through the map each row faulted in its neighbours' pages too and the range was
+        dropped after (8 queries x 42 candidates in 8 leaves: 2.5x the time of the reads; 25k of
+        200k rows at 4096-d: 1.9x, 140 vs 74 ms; at 576-d the map was 2x faster for 14k rows)."""
         f = self._opened.get("f16file")
         if f is None:
             f = self._opened["f16file"] = open(self.vectors_path, "rb", buffering=0)  # noqa: SIM115
@@ -907,9 +910,14 @@ def threshold_blocks(
             if top.shape[1] >= k:
                 thr = torch.maximum(thr0, threshold(top[:, k - 1]))
             live = _round_down(torch.where(over, float("inf"), thr), st.dtype)
-        ci, qi = (cmax >= live[None, :]).nonzero(as_tuple=True)
-        by_q = torch.sort(qi, stable=True).indices  # (query, chunk) order, as collected before
-        qi, ci = qi[by_q], ci[by_q]
+        # pairs in the order that reads the scores where they lie: (chunk, query) for [n, Q]
+        # scores, neighbouring pairs in one score row (in query order the gather cost 2.2x, 576
+        # OOD queries x 35k real rows), (query, chunk) for wide rows' [Q, n]; the final stable
+        # sort by query puts the triples in the same order either way
+        if st.stride(0) == 1:
+            qi, ci = (cmax.t() >= live[:, None]).nonzero(as_tuple=True)
+        else:
+            ci, qi = (cmax >= live[None, :]).nonzero(as_tuple=True)
         sel = chunks.permute(1, 2, 0)[ci, qi]  # [P, c] the chunks that may hold candidates
         hit = sel >= live[qi, None]
         tj, tq = (tail >= live[None, :]).nonzero(as_tuple=True)
@@ -1066,6 +1074,22 @@ def _dense_cosines(vecs: torch.Tensor, queries: torch.Tensor, slot: torch.Tensor
     [U, D] x [D, Q] matmul of the distinct float16 rows (converted once) by every query."""
     full = torch.mm(vecs.float(), queries.T)  # [U, Q]
     return full[slot, qidx]
+
+
+def _pair_dots(vecs: torch.Tensor, queries: torch.Tensor, slot: torch.Tensor, qidx: torch.Tensor) -> torch.Tensor:
+    """_dense_cosines' dot products for pairs grouped by query (``qidx`` ascending):
+    a matmul [Q, D] x [D, U] sampled at the pairs (SDDMM), each dot read from the query and the
+    row where they lie. Copying every pair's row into a [pairs, D] float32 operand for a bmm
+    moved ~4x the bytes (576 OOD queries x 35k real rows: ~20k pairs, ~14k distinct rows)."""
+    nq = queries.shape[0]
+    crow = torch.zeros(nq + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(qidx, minlength=nq), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, slot, torch.zeros(len(slot)), size=(nq, len(vecs)),
+                                          check_invariants=False)
+        # vecs.T: the kernel reads mat2's columns, so a transposed view of contiguous rows is read as it lies
+        return torch.sparse.sampled_addmm(pattern, queries, vecs.float().T, beta=0.0).values()
 
 
 def _by_query(
@@ -1517,10 +1541,9 @@ class ScanEngine:
         """Exact float32 cosines of (query, row) pairs grouped by query (ascending ``qidx``),
         any number per query: ([Q, W] cosines padded with -inf, [Q, W] row numbers), W >= width.
 
-        Each distinct row is read once (float16). Queries go by groups of similar
-        candidate counts (sorted by count), a few MiB of [g, w, D] float32 rows at a
-        time in reused buffers, times the queries in one bmm: no per-pair copy of
-        the query (a pairwise multiply-and-sum moved 2.3x the bytes).
+        Each distinct row is read once (float16); the pairs' dot products are one sampled
+        matmul (_pair_dots), or, when the distinct rows times the queries are not many more
+        than the pairs, a dense one (_dense_cosines).
         """
         nq, dim = queries.shape
         counts = torch.bincount(qidx, minlength=nq)
@@ -1531,34 +1554,22 @@ class ScanEngine:
         if len(qidx) == 0:
             return sims, rowmat
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
-        vecs = torch.from_numpy(leaf.gather(uniq))  # [U, D] float16
         inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
         if _dense_rerank(len(uniq), nq, len(qidx), dim):
-            sims[qidx, pos] = _dense_cosines(vecs, queries, inverse_t, qidx) * inv[rows]
-            rowmat[qidx, pos] = rows
-            return sims, rowmat
-        slot = torch.zeros((nq, w_all), dtype=torch.int64)  # padding reads row 0, masked below
-        slot[qidx, pos] = inverse_t
+            dots = _dense_cosines(torch.from_numpy(leaf.gather(uniq)), queries, inverse_t, qidx)
+        else:
+            # the distinct rows a slice at a time: all at once as float32 were ~450 MiB at 4096-d
+            # (45k distinct rows a leaf, 576 queries out of distribution)
+            dots = torch.empty(len(qidx))
+            step = max(1, RERANK_BYTES // (dim * 4))
+            for lo in range(0, len(uniq), step):
+                hi = min(lo + step, len(uniq))
+                vecs = torch.from_numpy(leaf.gather(uniq[lo:hi]))
+                at = inverse_t < hi if lo == 0 else (inverse_t >= lo) & (inverse_t < hi)
+                dots[at] = _pair_dots(vecs, queries, inverse_t[at] - lo, qidx[at])
+        sims[qidx, pos] = dots * inv[rows]
         rowmat[qidx, pos] = rows
-        scale = torch.zeros((nq, w_all))
-        scale[qidx, pos] = inv[rows]
-        n = max(RERANK_BYTES // (dim * 4), w_all)
-        b16, b32 = self._rerank_buffers(n, dim)
-        order = torch.argsort(counts, descending=True)
-        cnt = counts[order].tolist()
-        lo = 0
-        while lo < nq and cnt[lo] > 0:
-            w = cnt[lo]
-            hi = min(nq, lo + max(1, n // w))
-            grp = order[lo:hi]
-            m = (hi - lo) * w
-            torch.index_select(vecs, 0, slot[grp, :w].reshape(-1), out=b16[:m])
-            c = b32[:m]
-            c.copy_(b16[:m])
-            sims[grp, :w] = torch.bmm(c.view(hi - lo, w, dim), queries[grp].unsqueeze(2)).squeeze(2)
-            lo = hi
-        valid = torch.arange(w_all)[None, :] < counts[:, None]
-        return torch.where(valid, sims * scale, -float("inf")), rowmat
+        return sims, rowmat
 
     def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).

@@ -462,7 +462,7 @@ def test_dense_leaf_starts_with_the_candidates_that_certified(tmp_path, monkeypa
 @pytest.mark.parametrize("select", ["threshold", "topk"])
 def test_dense_and_grouped_reranks_agree(tmp_path, monkeypatch, select):
     """A few queries re-rank by one matmul of their distinct rows (_dense_cosines), an image's
-    patches by grouped bmm: on near-ties both give the float32 answer, row for row."""
+    patches by a sampled matmul (_pair_dots): on near-ties both give the float32 answer, row for row."""
     from latentlens import scan as scan_mod
 
     rows, q = _near_ties(n_far=6000, n_tied=1200)
@@ -478,6 +478,40 @@ def test_dense_and_grouped_reranks_agree(tmp_path, monkeypatch, select):
         _assert_float32_answer(*got[dense], v16, q, 10)
     assert torch.equal(got[True][1], got[False][1])
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=0)
+
+
+def test_one_pass_rerank_in_slices_of_distinct_rows(tmp_path, monkeypatch):
+    """An image's re-rank reads its distinct candidate rows RERANK_BYTES at a time: with slices
+    of a few rows, the float32 answer on near-ties, as in one slice."""
+    from latentlens import scan as scan_mod
+
+    rows, q = _near_ties(n_far=6000, n_tied=1200, nq=40)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    qt = torch.from_numpy(q)
+    monkeypatch.setattr(scan_mod, "_dense_rerank", lambda *a: False)
+    whole = ScanEngine(None, dtype="bfloat16", block_rows=4096, select="threshold").search_leaf(leaf, qt, 10)
+    monkeypatch.setattr(scan_mod, "RERANK_BYTES", 7 * 64 * 4)  # 7 rows a slice
+    sliced = ScanEngine(None, dtype="bfloat16", block_rows=4096, select="threshold").search_leaf(leaf, qt, 10)
+    _assert_float32_answer(*sliced, v16, q, 10)
+    assert torch.equal(sliced[1], whole[1])
+    torch.testing.assert_close(sliced[0], whole[0], atol=1e-6, rtol=0)
+
+
+def test_pair_dots_are_the_pairs_float32_dots():
+    """_pair_dots: each pair's dot, whatever the pairs' rows (repeated, unsorted within a query)
+    and with queries that have no pairs (first, middle, last)."""
+    from latentlens.scan import _pair_dots
+
+    g = torch.Generator().manual_seed(3)
+    vecs = torch.randn(50, 24, generator=g).half()
+    queries = torch.randn(7, 24, generator=g)
+    qidx = torch.tensor([1, 1, 1, 2, 2, 4, 4, 4, 4, 5])
+    slot = torch.tensor([9, 3, 9, 0, 49, 7, 2, 7, 30, 11])
+    want = (vecs.double()[slot] * queries.double()[qidx]).sum(1)
+    got = _pair_dots(vecs, queries, slot, qidx)
+    assert got.dtype == torch.float32 and got.shape == (10,)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert len(_pair_dots(vecs, queries, slot[:0], qidx[:0])) == 0
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -219,6 +219,22 @@ def test_gather_in_pieces_equals_fancy_indexing(tmp_path, monkeypatch, pread_row
         leaf.gather(np.array([1000]))
 
 
+def test_gather_rows_of_a_page_or_more_read_each_row(tmp_path, monkeypatch):
+    """Rows of a page or more (4096-d float16) go by a pread each, whatever their count: the
+    same rows, into a given buffer too."""
+    from test_scan import _write_leaf
+
+    rows = np.random.default_rng(5).normal(size=(300, 2048)).astype(np.float32)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    monkeypatch.setattr(scan, "PREAD_ROWS", 0)
+    reads = []
+    real = scan.Leaf._pread
+    monkeypatch.setattr(scan.Leaf, "_pread", lambda self, r, out: reads.append(len(r)) or real(self, r, out))
+    want = np.random.default_rng(6).integers(0, 300, 200)
+    assert np.array_equal(leaf.gather(want), v16[want])
+    assert reads == [200]
+
+
 def test_scan_engine_warm_fills_every_layer(store, data, tmp_path):
     eng = ScanEngine(store, cache_root=tmp_path / "c", dtype="float32")
     leaves = eng.warm(data["info"])
