@@ -1238,20 +1238,6 @@ def _leaf_pool(n: int) -> ThreadPoolExecutor:
         return pool
 
 
-def on_one_thread(fn: Callable[[], _T]) -> _T:
-    """``fn()`` on a worker thread that runs torch on one thread (_leaf_pool's).
-
-    For ops of well under a millisecond (a few queries against a 2048-row sample): on
-    torch's whole thread pool such an op waits at the pool's barrier for every thread,
-    and under load for a descheduled one (measured 10-15 ms a call at load average 5 on
-    2 cores, against ~2 ms here); numpy's BLAS was worse (its spinning threads). A caller
-    already on one thread runs it itself (a hand-off to the worker is then only a wait).
-    """
-    if _cores() == 1:
-        return fn()
-    return _leaf_pool(_cores()).submit(fn).result()
-
-
 class ScanEngine:
     """Exact k-NN over cached leaves (see module docstring)."""
 
@@ -1685,5 +1671,5 @@ class ScanEngine:
 __all__ = [
     "Leaf", "LeafCache", "ScanEngine", "block_rows_for", "calibration_key", "measure_dtypes", "measure_scan",
     "measured_before", "measured_once",
-    "normalize_queries", "on_one_thread", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
+    "normalize_queries", "scan_device", "scan_dtype", "scan_select", "threshold_blocks", "topk_blocks",
 ]

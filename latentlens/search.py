@@ -117,6 +117,11 @@ class _Exact:
     estimates: dict[str, float] = field(default_factory=dict)
 
 
+class _NeedsSampleTest:
+    """Searcher._search_layer's answer where its plan waits on the distribution test: search()
+    runs the test for every such layer of the batch at once (_sample_max_many), then asks again."""
+
+
 # --------------------------------------------------------------------------
 # costs
 
@@ -232,6 +237,7 @@ class Searcher:
         self._scan: ScanEngine | None = None
         self._torch: bool | None = None
         self._samples: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._stacked: dict[tuple, Any] = {}  # _sample_max_many's last [L, S, D] torch stack
 
     # ---- engines ------------------------------------------------------------
 
@@ -291,14 +297,23 @@ class Searcher:
         self._prefetch(info, [x for x in layers if mode == "exact" or query_kind == "visual"
                               or not (server_ann and info.layer(x).index_kind)])
         exact: dict[int, _Exact] = {}
-        for layer in layers:
-            t = time.perf_counter()
-            ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann)
-            if isinstance(ls, _Exact):
-                exact[layer] = ls  # scanned together below
-                continue
-            ls.seconds = time.perf_counter() - t
-            out[layer] = ls
+        near: dict[int, np.ndarray] = {}
+        todo = list(layers)
+        while todo:
+            waiting = []
+            for layer in todo:
+                t = time.perf_counter()
+                ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann, near)
+                if isinstance(ls, _NeedsSampleTest):
+                    waiting.append(layer)
+                elif isinstance(ls, _Exact):
+                    exact[layer] = ls  # scanned together below
+                else:
+                    ls.seconds = time.perf_counter() - t
+                    out[layer] = ls
+            # the distribution test of every waiting layer in one op, then their plans again
+            near.update(self._sample_max_many(info, waiting, q))
+            todo = waiting
         nq = len(q)
         for layer, (res, path, seconds) in self._exact_many(info, list(exact), q, k).items():
             out[layer] = LayerSearch(res, [path] * nq, exact[layer].reason, seconds=seconds,
@@ -351,10 +366,12 @@ class Searcher:
 
     def _search_layer(
         self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,
-        ef_search: int | None, server_ann: bool,
-    ) -> LayerSearch | _Exact:
+        ef_search: int | None, server_ann: bool, near_of: dict[int, np.ndarray] | None = None,
+    ) -> LayerSearch | _Exact | _NeedsSampleTest:
         """The layer's answer, or _Exact when the whole batch goes to the exact scan (run by
-        search() with the other such layers); a mixed batch's scan of its far queries runs here."""
+        search() with the other such layers); a mixed batch's scan of its far queries runs here.
+        Where the plan needs the distribution test and ``near_of`` (layer -> each query's best
+        sample cosine) lacks the layer: _NeedsSampleTest, nothing done yet."""
         li = info.layer(layer)
         nq = len(q)
         # wide layers' indexes (binary HNSW, DiskANN) re-rank 10k candidates, at most 1000
@@ -397,8 +414,12 @@ class Searcher:
         # distribution test: queries far from a sample of the leaf go to the scan
         if query_kind == "text":
             near = np.ones(nq, dtype=bool)
-        else:
+        elif near_of is None or layer not in near_of:
+            if near_of is not None:
+                return _NeedsSampleTest()
             near = self._sample_max(info, layer, q) >= self.ood_threshold
+        else:
+            near = near_of[layer] >= self.ood_threshold
         n_far = int((~near).sum())
         est_split = scan_cost(n_far) + self.costs.ann(key, li.row_count, nq - n_far, ef)
         estimates["split_s"] = est_split
@@ -434,6 +455,10 @@ class Searcher:
 
     def _sample_max(self, info: ModelInfo, layer: int, q: np.ndarray) -> np.ndarray:
         """Each query's best cosine against a fixed sample of the leaf (a lower bound of its top-1)."""
+        return self._sample_max_many(info, [layer], q)[layer]
+
+    def _sample_of(self, info: ModelInfo, layer: int) -> np.ndarray:
+        """The leaf's fixed sample, unit rows (kept per leaf version)."""
         li = info.layer(layer)
         key = (info.id, layer, li.row_count, li.version)
         sample = self._samples.get(key)
@@ -443,18 +468,42 @@ class Searcher:
             sample = sample / np.maximum(norms, 1e-12)
             self._samples = {k: v for k, v in self._samples.items() if k[:2] != key[:2]}
             self._samples[key] = sample
-        if len(sample) == 0:
-            return np.full(len(q), -1.0, dtype=np.float32)
-        if self.has_torch:
-            # torch, as the scan that may follow (a numpy (OpenBLAS) matmul here leaves its
-            # threads spinning and slowed the next scan's matmul 1.4x), on one thread
+        return sample
+
+    def _sample_max_many(self, info: ModelInfo, layers: Sequence[int], q: np.ndarray) -> dict[int, np.ndarray]:
+        """_sample_max of several layers: with torch, one batched matmul over the samples of
+        equal size (8 layers' tests one by one were ~10 ms of a warm 8-query search, each op
+        of well under a millisecond paying torch's thread-pool hand-off; one op ~1 ms); on
+        torch's threads, as the scan that may follow (a numpy (OpenBLAS) matmul leaves its
+        threads spinning and slowed the next scan's matmul 1.4x)."""
+        out: dict[int, np.ndarray] = {}
+        samples = {layer: self._sample_of(info, layer) for layer in layers}
+        by_size: dict[int, list[int]] = {}
+        for layer, sample in samples.items():
+            if len(sample) == 0:
+                out[layer] = np.full(len(q), -1.0, dtype=np.float32)
+            elif not self.has_torch:
+                out[layer] = (q @ sample.T).max(axis=1)
+            else:
+                by_size.setdefault(len(sample), []).append(layer)
+        if by_size:
             import torch
 
-            from latentlens.scan import on_one_thread
-
-            qt, st = torch.from_numpy(q), torch.from_numpy(sample)
-            return on_one_thread(lambda: qt.matmul(st.T).amax(dim=1).numpy())
-        return (q @ sample.T).max(axis=1)
+            # in the scan's dtype (bfloat16 where the CPU has BF16 units): the stack is read
+            # whole for a few queries (8 x 2048 x 576 float32 is 37 MB, ~4.7 ms a search at
+            # 36.5k x 8); a routing test, whose rounding (< 0.01 in cosine) moves only
+            # queries at the threshold: the answers' exactness does not rest on it
+            dtype = torch.bfloat16 if self.scan.dtype == torch.bfloat16 else torch.float32
+            qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(dtype)
+            for group in by_size.values():
+                key = (dtype, *((info.id, x, info.layer(x).row_count, info.layer(x).version) for x in group))
+                st = self._stacked.get(key)
+                if st is None:  # the last stack is kept: a search asks the same layers again
+                    st = torch.from_numpy(np.stack([samples[x] for x in group])).to(dtype)  # [L, S, D]
+                    self._stacked = {key: st}
+                best = torch.matmul(st, qt.T).amax(dim=1).float().numpy()  # [L, Q]
+                out.update(zip(group, best, strict=True))
+        return out
 
 
 # --------------------------------------------------------------------------

@@ -709,43 +709,30 @@ def test_threshold_blocks_wide_rows_orientation_changes_nothing(seed, monkeypatc
             assert torch.equal(getattr(got, name), getattr(want, name)), (dtype, name)
 
 
-def test_on_one_thread_runs_small_ops_on_a_one_thread_worker():
-    """A caller on several torch threads hands the op to a worker on one (its count is left
-    as it was); a caller already on one runs it itself."""
-    import threading
-
-    from latentlens.scan import on_one_thread
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        name, n = on_one_thread(lambda: (threading.current_thread().name, torch.get_num_threads()))
-        assert name.startswith("llens-leaf") and n == 1
-        assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        assert on_one_thread(lambda: threading.current_thread().name) == threading.current_thread().name
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_sample_test_is_each_querys_best_cosine_against_the_sample():
-    """Searcher._sample_max (the policy's distribution test) on the one-thread worker: the
-    float32 best cosine of each query with the leaf's unit-normed sample."""
+@pytest.mark.parametrize("scan_dtype", [torch.float32, torch.bfloat16])
+def test_sample_test_is_each_querys_best_cosine_against_the_sample(scan_dtype):
+    """Searcher._sample_max_many (the policy's distribution test), several layers in one op:
+    the best cosine of each query with each leaf's unit-normed sample; samples of other
+    sizes and an empty one answered apart. In the scan's dtype (bfloat16: rounded, < 0.01)."""
     from latentlens.search import Searcher
 
     rng = np.random.default_rng(3)
-    sample = (rng.normal(size=(300, 16)) * rng.uniform(0.1, 50, size=(300, 1))).astype(np.float32)
-    store = SimpleNamespace(sample_layer=lambda info, layer, rows: sample)
+    samples = {layer: (rng.normal(size=(n, 16)) * rng.uniform(0.1, 50, size=(n, 1))).astype(np.float32)
+               for layer, n in ((0, 300), (1, 300), (2, 120), (3, 0))}
+    store = SimpleNamespace(sample_layer=lambda info, layer, rows: samples[layer].reshape(-1, 16))
     info = SimpleNamespace(id=1, layer=lambda x: SimpleNamespace(row_count=300, version=1))
     q = rng.normal(size=(9, 16)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    want = (q.astype(np.float64) @ (sample / np.linalg.norm(sample, axis=1, keepdims=True)).T).max(axis=1)
-    before = torch.get_num_threads()
-    try:
-        for threads in (2, 1):
-            torch.set_num_threads(threads)
-            got = Searcher(store)._sample_max(info, 0, q)
-            assert got.shape == (9,) and got.dtype == np.float32
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    finally:
-        torch.set_num_threads(before)
+    searcher = Searcher(store)
+    searcher._scan = SimpleNamespace(dtype=scan_dtype)
+    tol = 1e-5 if scan_dtype == torch.float32 else 1e-2
+    for _ in range(2):  # the second time from the kept stack
+        got = searcher._sample_max_many(info, [0, 1, 2, 3], q)
+        assert sorted(got) == [0, 1, 2, 3]
+        for layer in (0, 1, 2):
+            s = samples[layer]
+            want = (q.astype(np.float64) @ (s / np.linalg.norm(s, axis=1, keepdims=True)).T).max(axis=1)
+            assert got[layer].shape == (9,) and got[layer].dtype == np.float32
+            np.testing.assert_allclose(got[layer], want, atol=tol)
+        assert (got[3] == -1).all()
+    np.testing.assert_array_equal(searcher._sample_max(info, 1, q), got[1])
