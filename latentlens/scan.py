@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -75,8 +75,8 @@ DIRECT_SELECT_QUERIES = 32
 # (at 2048, 200k x 4096-d leaves' OOD queries kept up to ~2000 and a few went over: each
 # rescanned the leaf 3 times, 42, 168 and 672 candidates)
 MAX_CANDIDATES = 4096
-# bytes of float32 candidates per re-rank step (reused; few steps: on a loaded machine
-# every parallel op waits for a descheduled worker thread)
+# bytes of float32 candidate rows per re-rank step (the top-k path's buffers are reused;
+# few steps: on a loaded machine every parallel op waits for a descheduled worker thread)
 RERANK_BYTES = 16 << 20
 # float16 bytes per chunk of a leaf's copy out of PostgreSQL (its float32 norms: twice that)
 COPY_CHUNK_BYTES = 2 << 20
@@ -178,7 +178,16 @@ class Leaf:
         if self.rows:
             self._map()
             self._stored_rho()
+            if hasattr(os, "preadv"):
+                self._f16file()  # gather's pread: a later open could find the file pruned
         return self
+
+    def _f16file(self) -> BinaryIO:
+        """The float16 file opened for pread (gather), once (pin() opens it with the maps)."""
+        f = self._opened.get("f16file")
+        if f is None:
+            f = self._opened["f16file"] = open(self.vectors_path, "rb", buffering=0)  # noqa: SIM115
+        return f
 
     def _stored_rho(self) -> float | None:
         """rho of a whole bfloat16 copy already written (bf16.json comes after it), the copy
@@ -257,9 +266,10 @@ class Leaf:
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """float16 vectors of the given row numbers (for re-ranking).
 
-        Read in row order, GATHER_ROWS at a time, dropping each piece's pages after
-        use: candidates scattered over the whole leaf otherwise kept all its pages
-        mapped (at 4096-d x 50k rows, +400 MB of peak RSS in the first query).
+        A few rows, or rows of a page or more (2048-d and up), by one pread each (_pread);
+        others through the map in row order, GATHER_ROWS at a time, dropping each piece's
+        pages after use: candidates scattered over the whole leaf otherwise kept all its
+        pages mapped (at 4096-d x 50k rows, +400 MB of peak RSS in the first query).
         """
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), dtype=np.float16)
@@ -282,10 +292,7 @@ class Leaf:
         ``out``. Through the map each row faulted in its neighbours' pages too and the range was
         dropped after (8 queries x 42 candidates in 8 leaves: 2.5x the time of the reads; 25k of
         200k rows at 4096-d: 1.9x, 140 vs 74 ms; at 576-d the map was 2x faster for 14k rows)."""
-        f = self._opened.get("f16file")
-        if f is None:
-            f = self._opened["f16file"] = open(self.vectors_path, "rb", buffering=0)  # noqa: SIM115
-        fd, n = f.fileno(), self.dim * 2
+        fd, n = self._f16file().fileno(), self.dim * 2
         buf = out.data.cast("B")
         if int(rows.min()) < 0 or int(rows.max()) >= self.rows:
             raise IndexError(f"rows out of range for a leaf of {self.rows} rows")

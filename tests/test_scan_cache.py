@@ -220,8 +220,8 @@ def test_gather_in_pieces_equals_fancy_indexing(tmp_path, monkeypatch, pread_row
 
 
 def test_gather_rows_of_a_page_or_more_read_each_row(tmp_path, monkeypatch):
-    """Rows of a page or more (4096-d float16) go by a pread each, whatever their count: the
-    same rows, into a given buffer too."""
+    """Rows of a page or more (2048-d float16: 4 KiB) go by a pread each, whatever their
+    count: the same rows as the map's."""
     from test_scan import _write_leaf
 
     rows = np.random.default_rng(5).normal(size=(300, 2048)).astype(np.float32)
