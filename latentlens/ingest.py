@@ -806,23 +806,37 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
     Why: one HNSW build leaves cores idle in its serial phases (parts of the graph
     build, ANALYZE, the swap, the recall calibration); two leaves at once took 7.6 s a
     leaf against 11.7 s one after the other (35k x 576-d, 2-core Xeon: docs/ingest.md).
-    An error or an interrupt cancels the builds still running (each is one
-    transaction: nothing half-built stays)."""
+    Every layer is checked before any build starts; an error in one build or an interrupt
+    cancels the builds still running (each is one transaction: nothing half-built stays).
+    Where no second connection opens (a full server), the leaves are built one by one."""
     todo = list(layers)
+    store.check_build(info, todo, build.get("kind"))
     jobs = max(1, min(jobs, len(todo)))
-    if jobs == 1:
+    stores: list[Store] = []
+    try:
+        for _ in range(jobs if jobs > 1 else 0):
+            stores.append(store.sibling())
+    except LatentLensError:
+        pass  # no more connections: as many builds at once as opened (one: here)
+    if len(stores) < 2:
+        for st in stores:
+            st.close()
         return store.build_index(info, todo, progress=progress, **build)
     pending: queue.Queue[int] = queue.Queue()
     for layer in todo:
         pending.put(layer)
     lock = threading.Lock()
     errors: list[BaseException] = []
-    stores: list[Store] = []
 
     def report(ev: Any) -> None:
         if progress is not None:
             with lock:
                 progress(ev)
+
+    def cancel_all() -> None:  # stop the running CREATE INDEX statements
+        for st in stores:
+            with contextlib.suppress(Exception):
+                st.conn.cancel()
 
     def work(st: Store) -> None:
         try:
@@ -833,11 +847,13 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                     return
                 st.build_index(info, [layer], progress=report, **build)
         except BaseException as e:  # handed to the calling thread
-            errors.append(e)
+            with lock:
+                first = not errors
+                errors.append(e)
+            if first:
+                cancel_all()
 
     try:
-        for _ in range(jobs):
-            stores.append(store.sibling())
         threads = [threading.Thread(target=work, args=(st,), name=f"llens-index-{i}", daemon=True)
                    for i, st in enumerate(stores)]
         for t in threads:
@@ -848,9 +864,7 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
                     t.join(0.2)
         except BaseException:
             errors.append(KeyboardInterrupt())
-            for st in stores:  # stop the running CREATE INDEX statements
-                with contextlib.suppress(Exception):
-                    st.conn.cancel()
+            cancel_all()
             for t in threads:
                 t.join(30)
             raise

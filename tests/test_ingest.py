@@ -210,6 +210,32 @@ def test_cli_ingest_runs_and_index(db_url, tiny, corpus_file):
     assert all(li.index_kind == "hnsw_halfvec" for li in layers), layers
     r = runner.invoke(cli, ["index", "build", "cli_model", "--jobs", "0"])
     assert r.exit_code == 2 and "--jobs" in r.output
+    # every layer checked before any build: an unknown one leaves the others untouched
+    r = runner.invoke(cli, ["index", "drop", "cli_model"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["index", "build", "cli_model", "--layers", "0,99", "--jobs", "2", "--no-progress"])
+    assert r.exit_code == 2 and "no stored layer 99" in r.output and "Traceback" not in r.output, r.output
+    with Store.open(db_url) as store:
+        assert all(li.index_kind is None for li in store.get_model("cli_model").layers)
+
+
+def test_build_leaves_without_a_second_connection_builds_one_by_one(db_url, tiny, corpus_file, monkeypatch):
+    """A full server (no sibling connection opens): the leaves are built on the caller's, all of them."""
+    from latentlens.errors import LatentLensError
+    from latentlens.ingest import build_leaves
+
+    r = CliRunner().invoke(cli, ["ingest", str(tiny["llama"]), str(corpus_file), "--name", "one_conn",
+                                 "--layers", "0,2", "--limit", "10", "--no-progress", "--no-index"])
+    assert r.exit_code == 0, r.output
+
+    def full(self):
+        raise LatentLensError("too many clients already")
+
+    monkeypatch.setattr(Store, "sibling", full)
+    with Store.open(db_url) as store:
+        info = store.get_model("one_conn")
+        assert build_leaves(store, info, [0, 2], jobs=2) == [0, 2]
+        assert all(li.index_kind == "hnsw_halfvec" for li in store.get_model("one_conn").layers)
 
 
 def test_cli_stdin_corpus(db_url, tiny):

@@ -144,6 +144,19 @@ class SearchMixin(StoreBase):
 
     # ---- indexes --------------------------------------------------------
 
+    def check_build(self, info: ModelInfo, layers: Sequence[int], kind: str | None = None) -> None:
+        """What build_index refuses before building anything: an unknown layer or index kind,
+        a server that cannot build ANN indexes (one clear error, not after other leaves built)."""
+        for layer in layers:
+            info.layer(layer)
+        if kind is not None and kind not in INDEX_KINDS:
+            raise InputError(f"unknown index kind '{kind}' (use {', '.join(INDEX_KINDS)})")
+        if not self.ann_supported():
+            raise IndexUnsupported(
+                "this server's pgvector cannot build ANN indexes on this CPU (its ANN probe "
+                "failed, llens.ann_index = off); queries use exact search, which needs no index"
+            )
+
     def build_index(
         self, model: ModelInfo | str, layers: Sequence[int] | None = None, *,
         m: int | None = None, ef_construction: int | None = None,
@@ -172,21 +185,13 @@ class SearchMixin(StoreBase):
         """
         info = self.get_model(model) if isinstance(model, str) else model
         todo = list(layers) if layers is not None else info.layer_numbers
-        for layer in todo:
-            info.layer(layer)
-        if not self.ann_supported():
-            raise IndexUnsupported(
-                "this server's pgvector cannot build ANN indexes on this CPU (its ANN probe "
-                "failed, llens.ann_index = off); queries use exact search, which needs no index"
-            )
+        self.check_build(info, todo, kind)
         args = ["p_model_id => %(m)s", "p_layer => %(l)s"]
         if m is not None:
             args.append("p_m => %(hm)s")
         if ef_construction is not None:
             args.append("p_ef_construction => %(efc)s")
         if kind is not None:
-            if kind not in INDEX_KINDS:
-                raise InputError(f"unknown index kind '{kind}' (use {', '.join(INDEX_KINDS)})")
             args.append("p_kind => %(kind)s")
         sql = f"SELECT llens_build_index({', '.join(args)})"
         fallback = f"SELECT llens_build_index({', '.join([*args, 'p_kind => %(kind)s'])})" if kind is None else None
