@@ -298,21 +298,27 @@ class Searcher:
                               or not (server_ann and info.layer(x).index_kind)])
         exact: dict[int, _Exact] = {}
         near: dict[int, np.ndarray] = {}
+        spent: dict[int, float] = {}  # a waiting layer's time before its second pass
         todo = list(layers)
         while todo:
             waiting = []
             for layer in todo:
                 t = time.perf_counter()
                 ls = self._search_layer(info, layer, q, k, mode, query_kind, ef_search, server_ann, near)
+                took = time.perf_counter() - t + spent.get(layer, 0.0)
                 if isinstance(ls, _NeedsSampleTest):
                     waiting.append(layer)
+                    spent[layer] = took
                 elif isinstance(ls, _Exact):
                     exact[layer] = ls  # scanned together below
                 else:
-                    ls.seconds = time.perf_counter() - t
+                    ls.seconds = took
                     out[layer] = ls
             # the distribution test of every waiting layer in one op, then their plans again
+            t = time.perf_counter()
             near.update(self._sample_max_many(info, waiting, q))
+            for layer in waiting:
+                spent[layer] += (time.perf_counter() - t) / len(waiting)
             todo = waiting
         nq = len(q)
         for layer, (res, path, seconds) in self._exact_many(info, list(exact), q, k).items():
@@ -366,7 +372,7 @@ class Searcher:
 
     def _search_layer(
         self, info: ModelInfo, layer: int, q: np.ndarray, k: int, mode: Mode, query_kind: QueryKind,
-        ef_search: int | None, server_ann: bool, near_of: dict[int, np.ndarray] | None = None,
+        ef_search: int | None, server_ann: bool, near_of: dict[int, np.ndarray],
     ) -> LayerSearch | _Exact | _NeedsSampleTest:
         """The layer's answer, or _Exact when the whole batch goes to the exact scan (run by
         search() with the other such layers); a mixed batch's scan of its far queries runs here.
@@ -414,10 +420,8 @@ class Searcher:
         # distribution test: queries far from a sample of the leaf go to the scan
         if query_kind == "text":
             near = np.ones(nq, dtype=bool)
-        elif near_of is None or layer not in near_of:
-            if near_of is not None:
-                return _NeedsSampleTest()
-            near = self._sample_max(info, layer, q) >= self.ood_threshold
+        elif layer not in near_of:
+            return _NeedsSampleTest()
         else:
             near = near_of[layer] >= self.ood_threshold
         n_far = int((~near).sum())
@@ -453,10 +457,6 @@ class Searcher:
             reason += f", exact for {len(weak)}"
         return LayerSearch(res, paths, reason, estimates=estimates)
 
-    def _sample_max(self, info: ModelInfo, layer: int, q: np.ndarray) -> np.ndarray:
-        """Each query's best cosine against a fixed sample of the leaf (a lower bound of its top-1)."""
-        return self._sample_max_many(info, [layer], q)[layer]
-
     def _sample_of(self, info: ModelInfo, layer: int) -> np.ndarray:
         """The leaf's fixed sample, unit rows (kept per leaf version)."""
         li = info.layer(layer)
@@ -471,7 +471,8 @@ class Searcher:
         return sample
 
     def _sample_max_many(self, info: ModelInfo, layers: Sequence[int], q: np.ndarray) -> dict[int, np.ndarray]:
-        """_sample_max of several layers: with torch, one batched matmul over the samples of
+        """Each query's best cosine against a fixed sample of each leaf (about a lower bound of
+        its top-1: rounded to bfloat16 where the scan is). With torch, one batched matmul over the samples of
         equal size (8 layers' tests one by one were ~10 ms of a warm 8-query search, each op
         of well under a millisecond paying torch's thread-pool hand-off; one op ~1 ms); on
         torch's threads, as the scan that may follow (a numpy (OpenBLAS) matmul leaves its

@@ -128,7 +128,7 @@ class StoreBase:
         finally:
             self._depth -= 1
             # a dead connection cannot roll back: leave its own error (the real cause) to surface;
-            # a nested one (a savepoint: reading() around context_columns) leaves it to the outermost
+            # a nested one (a savepoint: reading() around answer_columns) leaves it to the outermost
             if self._depth == 0 and not self.conn.broken and self.conn.info.transaction_status in (
                     psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR):
                 self.conn.rollback()
