@@ -445,19 +445,14 @@ class LeafCache:
         for _attempt in range(3):
             row_count, ver = version if version is not None else store.leaf_version(info, layer)
             version = None
-            key = (info.id, layer, row_count, ver)
-            leaf = self._known(info, layer, row_count, ver)
+            leaf = self.cached(info, layer, (row_count, ver))
             if leaf is not None:
                 return leaf
             base = self.leaf_dir(info, layer)
-            path = base / f"v{row_count}-{ver}"
-            leaf = self._leaves.get(path) or self._open(path, info.hidden_size)
-            if leaf is not None:
-                return self._remember(leaf, key)
             leaf = self._fill(info, layer, base, row_count, ver, progress, bf16, store)
             if leaf is not None:
                 self._prune(base, keep=leaf.path.name)
-                return self._remember(leaf, key)
+                return self._remember(leaf, (info.id, layer, row_count, ver))
         raise InputError(f"layer {layer} of '{info.name}' kept changing while it was being cached; retry")
 
     @staticmethod
