@@ -65,7 +65,7 @@ def build(model, layers, m, ef_construction, kind, maintenance_work_mem, jobs, n
     with open_store(database_url) as store:
         info = store.get_model(model)
         todo = wanted or info.layer_numbers
-        bar = IndexBuildProgress(enabled=not no_progress, layers=todo, parallel=min(jobs, len(todo)) > 1)
+        bar = IndexBuildProgress(enabled=not no_progress, layers=todo, jobs=jobs)
         try:
             done = build_leaves(store, info, todo, bar, jobs, m=m, ef_construction=ef_construction, kind=kind,
                                 maintenance_work_mem=maintenance_work_mem)

@@ -782,7 +782,7 @@ def _tell_stopped(echo: Echo, run: RunInfo, how: str, dropped: list[int]) -> Non
 
 def _build_index(store: Store, info: ModelInfo, layers: list[int], run: RunInfo, progress: bool,
                  echo: Echo, jobs: int = 2, ef_construction: int | None = None) -> list[str]:
-    bar = IndexBuildProgress(enabled=progress, layers=layers, parallel=min(jobs, len(layers)) > 1)
+    bar = IndexBuildProgress(enabled=progress, layers=layers, jobs=jobs)
     try:
         build_leaves(store, info, layers, bar, jobs, ef_construction=ef_construction)
     except BaseException:
@@ -880,12 +880,12 @@ def build_leaves(store: Store, info: ModelInfo, layers: Sequence[int], progress:
 class IndexBuildProgress:
     """A progress bar per index build, fed by Store.build_index's IndexProgress events."""
 
-    def __init__(self, *, enabled: bool, layers: Sequence[int], parallel: bool = False):
+    def __init__(self, *, enabled: bool, layers: Sequence[int], jobs: int = 1):
         self.enabled, self.layers = enabled, list(layers)
         self.bar: Any = None
         self.layer: int | None = None
-        #: builds run at once (build_leaves): one bar counting finished layers
-        self.parallel = parallel
+        #: builds run at once (build_leaves' ``jobs``): one bar counting finished layers
+        self.parallel = min(jobs, len(self.layers)) > 1
         self.done: set[int] = set()
 
     def __call__(self, ev: Any) -> None:
