@@ -476,7 +476,9 @@ def test_dense_and_grouped_reranks_agree(tmp_path, monkeypatch, select):
         got[dense] = eng.search_leaf(leaf, qt, 10)
         assert calls  # the re-rank asked which way to go
         _assert_float32_answer(*got[dense], v16, q, 10)
-    assert torch.equal(got[True][1], got[False][1])
+    # the same rows; two whose cosines differ in the last float32 bits may swap places (the two
+    # kernels sum in different orders)
+    assert [set(r) for r in got[True][1].tolist()] == [set(r) for r in got[False][1].tolist()]
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-6, rtol=0)
 
 
