@@ -202,3 +202,26 @@ def test_answer_columns_are_context_columns_and_provenance(db_url, data):
             s.answer_columns(info, keys[:, 0] + 2**40, keys[:, 1], keys[:, 2], None, [0], {})
         assert s.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert s._fetch("SELECT 1") == [(1,)]
+
+
+def test_collector_paused_restores_the_state_it_found():
+    """The garbage collector is off while an answer is built and on again after, an error
+    included; a collector someone else turned off stays off."""
+    import gc
+
+    from latentlens.query import _collector_paused
+
+    assert gc.isenabled()
+    with _collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _collector_paused():
+        raise RuntimeError("mid-build")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
