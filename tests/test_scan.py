@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -737,3 +738,52 @@ def test_sample_test_is_each_querys_best_cosine_against_the_sample(scan_dtype):
             assert got[layer].shape == (9,) and got[layer].dtype == np.float32
             np.testing.assert_allclose(got[layer], want, atol=tol)
         assert (got[3] == -1).all()
+
+
+def test_aligned_writer_writes_whole_aligned_pieces(tmp_path, monkeypatch):
+    """A leaf's files go out in whole WRITE_ALIGN pieces at aligned offsets (the page cache then
+    holds them in large folios), the tail last, and the bytes are those written."""
+    from latentlens import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "WRITE_ALIGN", 64)
+    calls = []
+
+    class Recorder(io.BytesIO):
+        def write(self, b):
+            calls.append((self.tell(), len(memoryview(b))))
+            return super().write(b)
+
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, 255, size=n, dtype=np.uint8) for n in (10, 100, 3, 64, 128, 1, 200, 7)]
+    pieces.append(rng.standard_normal((5, 3)).astype(np.float16))  # a 2-D array, not bytes
+    out = Recorder()
+    w = scan_mod._AlignedWriter(out)
+    for p in pieces:
+        w.write(p.data if p.ndim == 1 else p)
+    w.close()
+    assert out.getvalue() == b"".join(p.tobytes() for p in pieces)
+    *body, tail = calls
+    assert all(at % 64 == 0 and n % 64 == 0 and n > 0 for at, n in body)
+    assert tail[0] % 64 == 0 and 0 < tail[1] < 64
+
+
+def test_bf16_copy_is_written_in_aligned_pieces(tmp_path, monkeypatch):
+    """ensure_bf16 writes its copy through the aligned writer, pieces smaller than the rows'
+    blocks included: the file holds every row rounded to bfloat16, in order."""
+    from latentlens import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod, "WRITE_ALIGN", 96)  # not a multiple of a row (16 x 2 bytes)
+    seen = []
+    real = scan_mod._aligned
+
+    def spy(path):
+        seen.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(scan_mod, "_aligned", spy)
+    rows = np.random.default_rng(1).standard_normal((301, 16)).astype(np.float32)
+    leaf, v16 = _write_leaf(tmp_path / "leaf", rows)
+    leaf.ensure_bf16()
+    assert any(name.startswith(".bf16-") for name in seen)
+    want = torch.from_numpy(v16.astype(np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(np.fromfile(leaf.bf16_path, dtype=np.int16).reshape(want.shape), want)
