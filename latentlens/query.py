@@ -287,9 +287,7 @@ class Lens:
         allq = np.concatenate([q for q, _ in parts])
         allj = np.concatenate([j for _, j in parts])
         keys = np.stack([m.layer[allq, allj], m.sentence_id[allq, allj], m.position[allq, allj]], axis=1)
-        uniq, inverse = (np.unique(keys, axis=0, return_inverse=True) if len(keys)
-                         else (keys, np.zeros(0, dtype=np.int64)))
-        inverse = inverse.reshape(-1)
+        uniq, inverse = _unique_rows(keys)
         token_id = np.zeros(len(uniq), dtype=np.int64)
         token_id[inverse] = m.token_id[allq, allj]  # the leaves' ids: their texts asked with the rest
         cc, prov = self.store.answer_columns(info, uniq[:, 0], uniq[:, 1], uniq[:, 2], token_id, sorted(found),
@@ -586,7 +584,7 @@ class _Merged:
         found in (sorted, each once)."""
         q, j = np.nonzero(self.finite)
         sid, pos, lay = self.sentence_id[q, j], self.position[q, j], self.layer[q, j]
-        o = np.lexsort((lay, pos, sid, q))  # by query, context, then layer
+        o = _lexsort((lay, pos, sid, q))  # by query, context, then layer
         q, j, sid, pos, lay = q[o], j[o], sid[o], pos[o], lay[o]
         n = len(q)
         new = np.ones(n, dtype=bool)
@@ -604,7 +602,7 @@ class _Merged:
         run_of = np.cumsum(new)[once] - 1
         seg = np.searchsorted(run_of, np.arange(len(starts) + 1))
         # runs in merged order per query; the first k of each query
-        ro = np.lexsort((first, run_q))
+        ro = _lexsort((first, run_q))
         rq = run_q[ro]
         rank = np.arange(len(ro)) - np.searchsorted(rq, rq)
         keep = ro[rank < self.k]
@@ -641,6 +639,44 @@ def _collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def _packed(cols: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Integer columns packed into one int64 per entry that orders as the columns do, the first
+    most significant; None where one is negative or they need more than 63 bits."""
+    widths = []
+    for c in cols:
+        if len(c) and int(c.min()) < 0:
+            return None
+        widths.append(int(c.max()).bit_length() if len(c) else 0)
+    if sum(widths) > 63:
+        return None
+    key = np.zeros(len(cols[0]) if cols else 0, dtype=np.int64)
+    for c, w in zip(cols, widths, strict=True):
+        key <<= w
+        key |= c.astype(np.int64, copy=False)
+    return key
+
+
+def _lexsort(keys: Sequence[np.ndarray]) -> np.ndarray:
+    """np.lexsort(keys) (the last key primary, stable): one stable argsort of the keys packed
+    (_packed) where they fit. An image's answer sorts ~46k entries by 4 keys: 8.8 -> 1.0 ms."""
+    key = _packed(list(reversed(keys)))
+    return np.lexsort(keys) if key is None else np.argsort(key, kind="stable")
+
+
+def _unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(rows, axis=0, return_inverse=True) of an [N, C] integer array (sorted rows, and
+    each row's index among them), by one 1-d unique of the packed rows where they fit: an image's
+    ~11k (layer, sentence, position) keys 8.9 -> 0.3 ms."""
+    if not len(rows):
+        return rows, np.zeros(0, dtype=np.int64)
+    key = _packed([rows[:, j] for j in range(rows.shape[1])])
+    if key is None:
+        uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+        return uniq, inverse.reshape(-1)
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return rows[first], inverse.reshape(-1)
 
 
 def _offsets(q: np.ndarray, nq: int) -> list[int]:
