@@ -7,7 +7,8 @@ already in the store with --model), query batches are answered by
                $LLENS_REFERENCE_INDEX_PY or .cache/reference/latentlens/index.py, which
                .ci/setup unpacks): from_directory (all layers in RAM as float32), then search;
 * llens-cold:  Lens.neighbors(mode="exact") with an empty scan cache: the first query
-               of a fresh machine copies each leaf from PostgreSQL (in parallel);
+               of a fresh machine copies each leaf from PostgreSQL (in parallel); run
+               --cold-runs times, each in a new process, the median shown;
 * llens-new:   the first query (default mode) of a new process, the cache filled:
                import + connect, then the search (vs the reference's load + search);
 * llens-exact: the same with the cache filled;
@@ -400,12 +401,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating reference / llens processes; medians shown")
     p.add_argument("--no-ann", action="store_true",
                    help="no HNSW: skip its build (hours at 1M rows on 2 cores) and the ann column")
-    p.add_argument("--cold-runs", type=int, default=3, help="first (cold) queries, each in a new process, cache emptied")
+    p.add_argument("--cold-runs", type=int, default=3,
+                   help="first (cold) queries, each in a new process with the cache emptied (median shown)")
     p.add_argument("--model", help="benchmark a model already in the store instead of synthetic rows")
     p.add_argument("--work", default="/tmp/llens-bench")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.cold_runs < 1:
+        p.error("--cold-runs must be at least 1")
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.spec))))
         return

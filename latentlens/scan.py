@@ -75,7 +75,7 @@ DEFAULT_MARGIN = 32
 # the one pass re-ranks its best k + this many candidates by score first, and then only those
 # of the rest whose score can still beat the exact k-th among them (_one_pass): 576 queries x
 # 35k real 576-d rows x 8 layers, out of distribution, 166k -> 102k pairs re-ranked and
-# 475 -> 403 ms a search (k + 32 first; 2-core Xeon, AMX, quiet, median of 6), the same answers
+# 492 -> 404 ms a search (k + 32 first; 2-core Xeon, AMX, quiet, A/B of the two trees), the same answers
 ONE_PASS_FIRST = 4
 MAX_KEEP_HINT = 1024
 # bytes of float32 scores per block; bounds memory as Q grows
@@ -176,9 +176,11 @@ class Leaf:
         if name not in self._opened:
             with open(self.bf16_path if bf16 else self.vectors_path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            # pages read back from disk (evicted, after a reboot) then come in as 2 MiB folios
-            # where the kernel can (see WRITE_ALIGN): a 40 MB leaf's populate 0.11 ms, not 0.5
-            _advise(mm, getattr(mmap, "MADV_HUGEPAGE", 14), 0, len(mm))
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                # pages read back from disk (evicted, after a reboot) then come in as 2 MiB
+                # folios where the kernel can (see WRITE_ALIGN): a 40 MB leaf's populate
+                # 0.11 ms, not 0.5
+                _advise(mm, mmap.MADV_HUGEPAGE, 0, len(mm))
             if len(mm) != self.rows * self.dim * 2:
                 mm.close()
                 raise OSError(f"{f.name} holds {len(mm)} bytes, not {self.rows} rows of {self.dim}")
@@ -332,7 +334,7 @@ class _AlignedWriter:
         self.n = 0
 
     def write(self, data: Any) -> None:
-        view = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        view = np.frombuffer(data, dtype=np.uint8)  # any contiguous buffer, empty ones included
         if self.n:
             head = min(len(view), WRITE_ALIGN - self.n)
             self.buf[self.n:self.n + head] = view[:head]
@@ -340,23 +342,33 @@ class _AlignedWriter:
             view = view[head:]
             if self.n < WRITE_ALIGN:
                 return
-            self.f.write(self.buf.data)
+            self._out(self.buf)
             self.n = 0
         whole = len(view) - len(view) % WRITE_ALIGN
         if whole:
-            self.f.write(view[:whole].data)
+            self._out(view[:whole])
         self.n = len(view) - whole
         self.buf[:self.n] = view[whole:]
 
     def close(self) -> None:
         if self.n:
-            self.f.write(self.buf[:self.n].data)
+            self._out(self.buf[:self.n])
             self.n = 0
+
+    def _out(self, a: np.ndarray) -> None:
+        """All of ``a``: a raw file's write may take less (Linux: at most 2 GiB - 4 KiB a call)."""
+        mv = memoryview(a)
+        while len(mv):
+            n = self.f.write(mv)
+            if not n:
+                raise OSError(f"wrote nothing of {len(mv)} bytes to {getattr(self.f, 'name', 'a file')}")
+            mv = mv[n:]
 
 
 @contextlib.contextmanager
 def _aligned(path: Path) -> Iterator[_AlignedWriter]:
-    """``path`` opened for writing through an _AlignedWriter (closed, tail written, on success)."""
+    """``path`` opened for writing through an _AlignedWriter; the tail is written when the
+    ``with`` body ends without an error (an early return included)."""
     with open(path, "wb", buffering=0) as f:
         w = _AlignedWriter(f)
         yield w

@@ -230,7 +230,8 @@ def test_collector_paused_restores_the_state_it_found():
 @pytest.mark.parametrize("high", [50, 2**40, 2**62])
 def test_packed_sorts_equal_numpys(high):
     """_lexsort and _unique_rows give np.lexsort's and np.unique(axis=0)'s answers, whether the
-    keys pack into 63 bits (small), just do not, or hold negatives (the fallbacks)."""
+    keys pack into 63 bits (small), do not (2**40 and 2**62 a column), or hold negatives (the
+    fallbacks)."""
     from latentlens.query import _lexsort, _unique_rows
 
     rng = np.random.default_rng(high % 97)
@@ -246,3 +247,28 @@ def test_packed_sorts_equal_numpys(high):
         np.testing.assert_array_equal(got_i, want_i.reshape(-1))
     u, i = _unique_rows(np.zeros((0, 3), dtype=np.int64))
     assert u.shape == (0, 3) and i.shape == (0,)
+
+
+@pytest.mark.parametrize("bits", [63, 64])
+def test_packed_at_the_63_bit_boundary(bits):
+    """Columns whose widths sum to exactly 63 bits pack (and order right), 64 bits fall back;
+    an all-zero column takes no bits, int32 and int64 columns mix."""
+    from latentlens.query import _lexsort, _packed, _unique_rows
+
+    rng = np.random.default_rng(bits)
+    n = 4000
+    a = rng.integers(0, 2**30, n, dtype=np.int64)
+    a[0] = 2**30 - 1  # 30 bits
+    b = rng.integers(0, 2**31, n).astype(np.int32) if bits == 63 else rng.integers(0, 2**32, n, dtype=np.int64)
+    b[0] = np.iinfo(np.int32).max if bits == 63 else 2**32 - 1  # 31 or 32 bits
+    c = rng.integers(0, 4, n, dtype=np.int64)
+    c[0] = 3  # 2 bits
+    zero = np.zeros(n, dtype=np.int64)
+    cols = [a[rng.integers(0, n, n)], b[rng.integers(0, n, n)], zero, c]
+    assert (_packed(cols) is None) == (bits == 64)
+    np.testing.assert_array_equal(_lexsort(cols[::-1]), np.lexsort(cols[::-1]))
+    rows = np.stack([x.astype(np.int64) for x in cols], axis=1)[rng.integers(0, n, 2 * n)]
+    want_u, want_i = np.unique(rows, axis=0, return_inverse=True)
+    got_u, got_i = _unique_rows(rows)
+    np.testing.assert_array_equal(got_u, want_u)
+    np.testing.assert_array_equal(got_i, want_i.reshape(-1))
