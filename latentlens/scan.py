@@ -357,7 +357,7 @@ class _AlignedWriter:
 
     def _out(self, a: np.ndarray) -> None:
         """All of ``a``: a raw file's write may take less (Linux: at most 2 GiB - 4 KiB a call)."""
-        mv = memoryview(a)
+        mv = a.data  # a memoryview of the array
         while len(mv):
             n = self.f.write(mv)
             if not n:
