@@ -54,7 +54,7 @@ from latentlens.search import (
     validate_layers,
 )
 from latentlens.store import ContextColumns, KnnResult, ModelInfo, Store
-from latentlens.store.types import check_k, unit_queries
+from latentlens.store.types import SPAN_UNKNOWN, check_k, unit_queries
 
 if TYPE_CHECKING:
     from latentlens.scan import ScanEngine
@@ -290,8 +290,11 @@ class Lens:
         uniq, inverse = _unique_rows(keys)
         token_id = np.zeros(len(uniq), dtype=np.int64)
         token_id[inverse] = m.token_id[allq, allj]  # the leaves' ids: their texts asked with the rest
+        span = np.zeros((2, len(uniq)), dtype=np.int32)  # known from a cached leaf, else SPAN_UNKNOWN
+        span[0, inverse] = m.char_start[allq, allj]
+        span[1, inverse] = m.char_end[allq, allj]
         cc, prov = self.store.answer_columns(info, uniq[:, 0], uniq[:, 1], uniq[:, 2], token_id, sorted(found),
-                                             {layer: ls.paths for layer, ls in found.items()})
+                                             {layer: ls.paths for layer, ls in found.items()}, spans=span)
         built: list[list[Neighbour]] = []
         lo = 0
         for q, j in parts:
@@ -568,6 +571,13 @@ class _Merged:
         self.sentence_id = np.take_along_axis(flat("sentence_id"), self.order, axis=1)
         self.position = np.take_along_axis(flat("position"), self.order, axis=1)
         self.token_id = np.take_along_axis(flat("token_id"), self.order, axis=1)
+        # char spans the searches read with their rows (SPAN_UNKNOWN where they did not)
+        spans = []
+        for name in ("char_start", "char_end"):
+            a = np.stack([getattr(r, name) if getattr(r, name) is not None
+                          else np.full(r.position.shape, SPAN_UNKNOWN, dtype=np.int32) for r in res])
+            spans.append(np.take_along_axis(a.transpose(1, 0, 2).reshape(nq, -1), self.order, axis=1))
+        self.char_start, self.char_end = spans
         self.picked = self.finite.copy()
         self.picked[:, k:] = False
         self._where: np.ndarray | None = None

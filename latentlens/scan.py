@@ -56,7 +56,7 @@ from latentlens.errors import EmptyResult, InputError, LatentLensError
 from latentlens.store import KnnResult, ModelInfo, Store
 from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keys.npy holds each row's char span (KEY_DTYPE)
 _T = TypeVar("_T")
 ENV_SCAN_DTYPE = "LLENS_SCAN_DTYPE"
 # a leaf's bfloat16 copy (the file every scan maps) is written in whole pieces of this many
@@ -1729,6 +1729,8 @@ class ScanEngine:
         sid = np.full((nq, k), -1, dtype=np.int64)
         pos = np.full((nq, k), -1, dtype=np.int32)
         tok = np.full((nq, k), -1, dtype=np.int32)
+        cs = np.full((nq, k), -1, dtype=np.int32)
+        ce = np.full((nq, k), -1, dtype=np.int32)
         r = rows.numpy()
         sim[:, :got] = sims.numpy()
         sel = keys[r.ravel()].reshape(r.shape) if got else keys[:0]
@@ -1736,7 +1738,10 @@ class ScanEngine:
             sid[:, :got] = sel["sentence_id"]
             pos[:, :got] = sel["position"]
             tok[:, :got] = sel["token_id"]
-        return KnnResult(layer=layer, similarity=sim, sentence_id=sid, position=pos, token_id=tok)
+            cs[:, :got] = sel["char_start"]
+            ce[:, :got] = sel["char_end"]
+        return KnnResult(layer=layer, similarity=sim, sentence_id=sid, position=pos, token_id=tok,
+                         char_start=cs, char_end=ce)
 
     def warm(self, info: ModelInfo, layers: list[int] | None = None) -> list[Leaf]:
         """Fill the cache of these layers now (e.g. after an ingest)."""

@@ -350,3 +350,30 @@ def test_search_model_is_get_model_and_ann_supported(lens, data):
     assert s.search_model(info)[0] == info
     with pytest.raises(UnknownModel, match="unknown model 'no-such-model' .*'qm'"):
         s.search_model("no-such-model")
+
+
+def test_scanned_answers_take_spans_from_the_cache(lens, data, monkeypatch):
+    """An answer scanned from cached leaves reads each row's token and char span with the row
+    (no key probe in the database), and they are those Store.contexts gives for its keys."""
+    from latentlens.store import Store
+    from latentlens.store.types import SPAN_UNKNOWN
+
+    asked = []
+    real = Store._columns
+
+    def spy(conn, info, layer, sentence_id, position, token_id, spans=None):
+        asked.append(spans)
+        return real(conn, info, layer, sentence_id, position, token_id, spans)
+
+    monkeypatch.setattr(Store, "_columns", staticmethod(spy))
+    queries = np.random.default_rng(8).normal(size=(5, 32)).astype(np.float32)
+    results = lens.neighbors(queries, "qm", k=6, mode="exact", per_layer=True)
+    assert asked and asked[-1] is not None and (asked[-1] != SPAN_UNKNOWN).all()
+    shown = [n for r in results for n in r.neighbours + (r.contexts or [])
+             + [m for ns in (r.per_layer or {}).values() for m in ns]]
+    want = lens.store.contexts("qm", [(n.layer, n.sentence_id, n.position) for n in shown])
+    for n in shown:
+        c = want[(n.layer, n.sentence_id, n.position)]
+        assert (n.token, n.token_id, n.char_start, n.char_end, n.sentence) == (
+            c.token, c.token_id, c.char_start, c.char_end, c.sentence)
+    assert all(n.sentence[n.char_start:n.char_end] == n.token for n in shown)

@@ -23,7 +23,7 @@ class _Contexts:
         self.ctx = ctx
         self.calls = 0
 
-    def answer_columns(self, info, layer, sentence_id, position, token_id, layers, search):
+    def answer_columns(self, info, layer, sentence_id, position, token_id, layers, search, spans=None):
         """context_columns, and a stand-in provenance that shows what it was asked for."""
         assert len(token_id) == len(layer)
         return self.context_columns(info, layer, sentence_id, position), {"layers": layers, "search": search}
@@ -204,6 +204,34 @@ def test_answer_columns_are_context_columns_and_provenance(db_url, data):
         assert s._fetch("SELECT 1") == [(1,)]
 
 
+def test_answer_columns_with_some_spans_known(db_url, data):
+    """Keys whose spans the search read (a cached leaf) are not probed; the others are: each
+    key's columns equal those of a call that probes every key (-1 given: a NULL span)."""
+    from latentlens.store import Store
+    from latentlens.store.types import SPAN_UNKNOWN
+
+    with Store.open(db_url) as s:
+        info = s.get_model("qa")
+        keys = np.array([(0, int(sid), int(pos)) for sid, pos in
+                         zip(data["sentence_id"][::3], data["position"][::3], strict=True)], dtype=np.int64)
+        keys = np.concatenate([keys, [[0, 10**9, 1]]])  # no such row: probed, not found
+        plain, _ = s.answer_columns(info, keys[:, 0], keys[:, 1], keys[:, 2], None, [0], {})
+        tok = plain.token_id.copy()
+        spans = np.full((2, len(keys)), SPAN_UNKNOWN, dtype=np.int32)
+        half = np.arange(0, len(keys) - 1, 2)
+        spans[0, half] = [plain.char_start[j] for j in half]
+        spans[1, half] = [plain.char_end[j] for j in half]
+        spans[:, half[-1]] = -1  # one known row whose span is NULL
+        cc, _ = s.answer_columns(info, keys[:, 0], keys[:, 1], keys[:, 2], tok, [0], {}, spans=spans)
+        want_cs = list(plain.char_start)
+        want_ce = list(plain.char_end)
+        want_cs[half[-1]] = want_ce[half[-1]] = None
+        assert cc.found.tolist() == plain.found.tolist() and not cc.found[-1]
+        assert cc.token_id.tolist() == plain.token_id.tolist()
+        assert cc.char_start == want_cs and cc.char_end == want_ce
+        assert cc.token == plain.token and cc.sentence == plain.sentence
+
+
 def test_collector_paused_restores_the_state_it_found():
     """The garbage collector is off while an answer is built and on again after, an error
     included; a collector someone else turned off stays off."""
@@ -272,3 +300,21 @@ def test_packed_at_the_63_bit_boundary(bits):
     got_u, got_i = _unique_rows(rows)
     np.testing.assert_array_equal(got_u, want_u)
     np.testing.assert_array_equal(got_i, want_i.reshape(-1))
+
+
+def test_knn_take_keeps_spans_only_where_read():
+    """KnnResult.take: answers with spans carry them over, answers without mark theirs unknown."""
+    from latentlens.store.types import SPAN_UNKNOWN
+
+    base = KnnResult.empty(0, 4, 2)
+    assert base.char_start is None
+    with_spans = KnnResult(0, np.zeros((2, 2), np.float32), np.ones((2, 2), np.int64), np.ones((2, 2), np.int32),
+                           np.ones((2, 2), np.int32), char_start=np.full((2, 2), 3, np.int32),
+                           char_end=np.full((2, 2), -1, np.int32))
+    base.take(np.array([1, 3]), with_spans)
+    assert base.char_start.tolist() == [[SPAN_UNKNOWN] * 2, [3, 3], [SPAN_UNKNOWN] * 2, [3, 3]]
+    assert base.char_end[1].tolist() == [-1, -1]
+    without = KnnResult(0, np.zeros((1, 2), np.float32), np.ones((1, 2), np.int64), np.ones((1, 2), np.int32),
+                        np.ones((1, 2), np.int32))
+    base.take(np.array([3]), without)
+    assert base.char_start[3].tolist() == [SPAN_UNKNOWN] * 2 and base.char_start[1].tolist() == [3, 3]

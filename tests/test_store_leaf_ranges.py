@@ -172,3 +172,30 @@ def test_a_range_denser_than_the_mean_is_split_to_the_chunk(store, data, monkeyp
     monkeypatch.setattr(store.conn, "execute", sparse)
     keys, _v, n_chunks = _read(store._iter_layer_ranges(info, 3, 30), 30)
     assert len(keys) == info.layer(3).row_count and n_chunks >= len(keys) // 30
+
+
+@pytest.mark.parametrize("path", ["ranges", "copy"])
+def test_keys_carry_each_rows_char_span(store, db_url, path):
+    """Both read paths give every row's char span with its key (-1 where the column is NULL),
+    as the table holds it: an answer scanned from the cache then needs no lookup of them."""
+    from _query_data import fill as fill_model
+
+    info = fill_model(store, f"ranges-spans-{path}", n_sentences=20, dim=16, layers=(2,))["info"]
+    n = 5  # rows with NULL spans beside the filled ones
+    store.write_embeddings(info, EmbeddingBatch(
+        sentence_id=np.full(n, int(store._fetch("SELECT min(sentence_id) FROM token_embedding "
+                                                "WHERE model_id = %s", (info.id,))[0][0]), np.int64),
+        position=np.arange(500, 500 + n, dtype=np.int32), token_id=np.zeros(n, np.int32),
+        char_start=np.full(n, -1, np.int32), char_end=np.full(n, -1, np.int32),
+        prefix_hash=np.arange(n, dtype=np.int64) + 20_000_000,
+        vectors={2: np.random.default_rng(0).normal(size=(n, 16)).astype(np.float32)}))
+    info = store.get_model(info.name)
+    read = store._iter_layer_ranges if path == "ranges" else store._iter_layer_copy
+    keys, _v, _n = _read(read(info, 2, 64))
+    want = {(int(s), int(p)): (a, b) for s, p, a, b in store._fetch(
+        "SELECT sentence_id, position, coalesce(char_start, -1), coalesce(char_end, -1) FROM token_embedding "
+        "WHERE model_id = %s AND layer = 2", (info.id,))}
+    got = {(int(k["sentence_id"]), int(k["position"])): (int(k["char_start"]), int(k["char_end"])) for k in keys}
+    assert got == want
+    assert sum(1 for a, b in got.values() if a == -1 and b == -1) == n
+    assert any(a >= 0 for a, _ in got.values())

@@ -30,6 +30,8 @@ SCAN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("sentence_id", "int8"),
     ("position", "int4"),
     ("token_id", "int4"),
+    ("char_start", "int4"),  # coalesce(char_start, -1): the COPY sends no NULL
+    ("char_end", "int4"),
     ("embedding", "halfvec"),
 )
 
@@ -242,7 +244,7 @@ class EmbeddingsMixin(StoreBase):
         Binary COPY sends one message per row, and reading each costs the client ~3-7 us of
         Python under the GIL: 35k rows x 8 leaves copied side by side were seconds of one
         core. Here each message holds ~``chunk_rows`` rows packed back to back
-        (int8send || int4send || int4send || halfvec_send). One statement, so one snapshot;
+        (int8send || int4send x 4 || halfvec_send). One statement, so one snapshot;
         each block range is read once by a TID range scan.
         """
         dim = info.hidden_size
@@ -258,6 +260,7 @@ class EmbeddingsMixin(StoreBase):
             cur = conn.cursor(binary=True)
             for (body,) in cur.stream(
                 "SELECT (SELECT string_agg(int8send(sentence_id) || int4send(position) || int4send(token_id) "
+                "|| int4send(coalesce(char_start, -1)) || int4send(coalesce(char_end, -1)) "
                 "|| halfvec_send(embedding), ''::bytea) FROM token_embedding "
                 "WHERE model_id = %(m)s AND layer = %(l)s AND ctid >= format('(%%s,0)', g)::tid "
                 "AND ctid < format('(%%s,0)', CASE WHEN g + %(s)s > n.blocks THEN 4294967295 ELSE g + %(s)s END)::tid) "
@@ -279,7 +282,8 @@ class EmbeddingsMixin(StoreBase):
         buf = bytearray()
         started = False
         with self.transaction() as conn, conn.cursor().copy(
-            "COPY (SELECT sentence_id, position, token_id, embedding FROM token_embedding "
+            "COPY (SELECT sentence_id, position, token_id, coalesce(char_start, -1), coalesce(char_end, -1), "
+            "embedding FROM token_embedding "
             "WHERE model_id = %s AND layer = %s) TO STDOUT (FORMAT BINARY)",
             (info.id, layer),
         ) as copy:
@@ -364,24 +368,25 @@ class EmbeddingsMixin(StoreBase):
 
 def _split_scan(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
     rows = decode_rows(SCAN_COLUMNS, body, dim)
+    return _keys_of(rows), rows["embedding"].astype(np.float16)
+
+
+def _keys_of(rows: np.ndarray) -> np.ndarray:
+    """KEY_DTYPE keys of decoded rows (their fields of the same names)."""
     keys = np.empty(len(rows), dtype=KEY_DTYPE)
-    keys["sentence_id"] = rows["sentence_id"]
-    keys["position"] = rows["position"]
-    keys["token_id"] = rows["token_id"]
-    return keys, rows["embedding"].astype(np.float16)
+    for name in KEY_DTYPE.names or ():
+        keys[name] = rows[name]
+    return keys
 
 
 def _split_packed(body: bytes, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(keys, float16 vectors) of rows packed as _iter_layer_ranges' query sends them."""
     packed = np.dtype([("sentence_id", ">i8"), ("position", ">i4"), ("token_id", ">i4"),
+                       ("char_start", ">i4"), ("char_end", ">i4"),
                        ("_dim", ">i2"), ("_unused", ">i2"), ("embedding", ">f2", (dim,))])
     if len(body) % packed.itemsize:
         raise ValueError(f"a leaf chunk of {len(body)} bytes is not whole rows of {packed.itemsize}")
     rows = np.frombuffer(body, dtype=packed)
     if len(rows) and (rows["_dim"] != dim).any():
         raise DimensionMismatch(f"a stored vector does not have the model's {dim} dimensions")
-    keys = np.empty(len(rows), dtype=KEY_DTYPE)
-    keys["sentence_id"] = rows["sentence_id"]
-    keys["position"] = rows["position"]
-    keys["token_id"] = rows["token_id"]
-    return keys, rows["embedding"].astype(np.float16)
+    return _keys_of(rows), rows["embedding"].astype(np.float16)

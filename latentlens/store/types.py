@@ -15,7 +15,12 @@ from latentlens.errors import DimensionMismatch, InputError, UnknownLayer
 # sentences, and HNSW itself stops at 1000 (larger k scan exactly).
 MAX_K = 10_000
 # (sentence_id, position, token_id) of a stored row, as the scan cache keeps them
-KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4")])
+# a leaf row's key as Store.iter_layer streams it: char_start / char_end are -1 where NULL
+# (unknown), so that an answer scanned from a cached leaf needs no lookup of its spans
+KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4"),
+                      ("char_start", "<i4"), ("char_end", "<i4")])
+# a KnnResult's char span where it was not read with the row (an ANN or SQL answer): look it up
+SPAN_UNKNOWN = -2
 IMPORTED_WITHOUT_SOURCE = "this index was imported without --source; import it again with --source CHECKPOINT"
 
 
@@ -212,6 +217,10 @@ class KnnResult:
     sentence_id: np.ndarray
     position: np.ndarray
     token_id: np.ndarray
+    # [Q, k] char spans where the search read them with the rows (the scan of a cached leaf):
+    # -1 where NULL, SPAN_UNKNOWN where not read; None: none read (the answer looks them up)
+    char_start: np.ndarray | None = None
+    char_end: np.ndarray | None = None
 
     @classmethod
     def empty(cls, layer: int, nq: int, k: int) -> KnnResult:
@@ -222,6 +231,15 @@ class KnnResult:
         """Overwrite the results of queries ``rows`` with ``other``'s (answers for those queries)."""
         for name in ("similarity", "sentence_id", "position", "token_id"):
             getattr(self, name)[rows] = getattr(other, name)
+        if other.char_start is not None and other.char_end is not None:
+            if self.char_start is None or self.char_end is None:
+                self.char_start = np.full(self.position.shape, SPAN_UNKNOWN, dtype=np.int32)
+                self.char_end = np.full(self.position.shape, SPAN_UNKNOWN, dtype=np.int32)
+            self.char_start[rows] = other.char_start
+            self.char_end[rows] = other.char_end
+        elif self.char_start is not None and self.char_end is not None:
+            self.char_start[rows] = SPAN_UNKNOWN
+            self.char_end[rows] = SPAN_UNKNOWN
 
 
 @dataclass(frozen=True)
