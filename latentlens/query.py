@@ -290,7 +290,7 @@ class Lens:
         uniq, inverse = _unique_rows(keys)
         token_id = np.zeros(len(uniq), dtype=np.int64)
         token_id[inverse] = m.token_id[allq, allj]  # the leaves' ids: their texts asked with the rest
-        span = np.zeros((2, len(uniq)), dtype=np.int32)  # known from a cached leaf, else SPAN_UNKNOWN
+        span = np.full((2, len(uniq)), SPAN_UNKNOWN, dtype=np.int32)  # known where a cached leaf read them
         span[0, inverse] = m.char_start[allq, allj]
         span[1, inverse] = m.char_end[allq, allj]
         cc, prov = self.store.answer_columns(info, uniq[:, 0], uniq[:, 1], uniq[:, 2], token_id, sorted(found),

@@ -54,7 +54,7 @@ import torch
 from latentlens import config
 from latentlens.errors import EmptyResult, InputError, LatentLensError
 from latentlens.store import KnnResult, ModelInfo, Store
-from latentlens.store.types import KEY_DTYPE, check_k, unit_queries
+from latentlens.store.types import KEY_DTYPE, SPAN_UNKNOWN, check_k, unit_queries
 
 CACHE_FORMAT = 2  # 2: keys.npy holds each row's char span (KEY_DTYPE)
 _T = TypeVar("_T")
@@ -466,6 +466,12 @@ def _advise(mm: mmap.mmap, advice: int, offset: int, length: int) -> None:
         mm.madvise(advice, start, end - start)
 
 
+def version_dir(row_count: int, version: int) -> str:
+    """A leaf version's folder name. It names the cache format: a folder of another format
+    (an older latentlens) is then never in a fill's way; the next fill's prune removes it."""
+    return f"v{row_count}-{version}-f{CACHE_FORMAT}"
+
+
 class LeafCache:
     """Finds or fills the local copy of a leaf; safe with several processes.
 
@@ -496,7 +502,7 @@ class LeafCache:
         """
         leaf = self._known(info, layer, *version)
         if leaf is None:
-            path = self.leaf_dir(info, layer) / f"v{version[0]}-{version[1]}"
+            path = self.leaf_dir(info, layer) / version_dir(*version)
             leaf = self._leaves.get(path) or self._open(path, info.hidden_size)
             if leaf is not None:
                 self._remember(leaf, (info.id, layer, *version))
@@ -591,7 +597,7 @@ class LeafCache:
             meta = {"format": CACHE_FORMAT, "rows": rows, "dim": dim, "row_count": row_count,
                     "version": ver, "model": info.name, "layer": layer, "created": time.time()}
             (tmp / "meta.json").write_text(json.dumps(meta))
-            final = base / f"v{row_count}-{ver}"
+            final = base / version_dir(row_count, ver)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -1729,8 +1735,8 @@ class ScanEngine:
         sid = np.full((nq, k), -1, dtype=np.int64)
         pos = np.full((nq, k), -1, dtype=np.int32)
         tok = np.full((nq, k), -1, dtype=np.int32)
-        cs = np.full((nq, k), -1, dtype=np.int32)
-        ce = np.full((nq, k), -1, dtype=np.int32)
+        cs = np.full((nq, k), SPAN_UNKNOWN, dtype=np.int32)  # padding: never taken as a found row's
+        ce = np.full((nq, k), SPAN_UNKNOWN, dtype=np.int32)
         r = rows.numpy()
         sim[:, :got] = sims.numpy()
         sel = keys[r.ravel()].reshape(r.shape) if got else keys[:0]

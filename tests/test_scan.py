@@ -11,7 +11,14 @@ import torch
 from _query_data import brute_force, fill
 
 from latentlens.errors import DimensionMismatch, InputError
-from latentlens.scan import LeafCache, ScanEngine, block_rows_for, normalize_queries, topk_blocks
+from latentlens.scan import (
+    LeafCache,
+    ScanEngine,
+    block_rows_for,
+    normalize_queries,
+    topk_blocks,
+    version_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +187,7 @@ def _write_leaf(path, rows: np.ndarray):
     v.tofile(path / "vectors.f16")
     keys = np.zeros(len(v), KEY_DTYPE)
     keys["sentence_id"] = np.arange(len(v))
+    keys["char_start"] = keys["char_end"] = -1  # no spans (NULL)
     np.save(path / "keys.npy", keys)
     np.save(path / "inv_norm.npy", (1 / np.linalg.norm(v.astype(np.float32), axis=1)).astype(np.float32))
     (path / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, "rows": len(v), "dim": v.shape[1],
@@ -579,7 +587,7 @@ def _leaves_for_many(tmp_path, n_leaves: int, nq: int, level: float, seed: int):
             q = qq
         else:  # the same queries, the ties around them rotated away per leaf
             rows = rows[np.random.default_rng(layer).permutation(len(rows))]
-        _, v16s[layer] = _write_leaf(root / "inst" / "7" / str(layer) / f"v{len(rows)}-1", rows)
+        _, v16s[layer] = _write_leaf(root / "inst" / "7" / str(layer) / version_dir(len(rows), 1), rows)
         layers.append(SimpleNamespace(layer=layer, row_count=len(rows), version=1))
     by = {li.layer: li for li in layers}
     info = SimpleNamespace(id=7, name="m", hidden_size=64, layer=by.__getitem__)

@@ -330,3 +330,24 @@ def test_scan_dtype_auto_measures_only_where_the_answer_is_unknown(monkeypatch, 
     monkeypatch.setattr(scan, "measured_once", fake_measured_once)
     assert scan.scan_dtype() == want
     assert bool(measured) == measures
+
+
+def test_a_cache_of_an_older_format_is_copied_again_and_removed(store, data, tmp_path):
+    """A leaf folder an older latentlens wrote (format 1, keys without char spans, at the same
+    version) is never read as this format, nor in the new copy's way; the next fill prunes it."""
+    info = data["info"]
+    cache = LeafCache(store, tmp_path / "c")
+    li = info.layer(4)
+    old = cache.leaf_dir(info, 4) / f"v{li.row_count}-{li.version}"  # format 1's name
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"format": 1, "rows": li.row_count, "dim": info.hidden_size,
+                                               "row_count": li.row_count, "version": li.version}))
+    (old / "vectors.f16").write_bytes(b"\0" * (li.row_count * info.hidden_size * 2))
+    leaf = cache.get(info, 4)
+    assert leaf.path.name == scan.version_dir(li.row_count, li.version) != old.name
+    assert json.loads((leaf.path / "meta.json").read_text())["format"] == scan.CACHE_FORMAT
+    assert not old.exists()
+    keys, _v = _stored(store, info, 4)
+    assert np.array_equal(np.sort(leaf.keys(), order=["sentence_id", "position"]),
+                          np.sort(keys, order=["sentence_id", "position"]))
+    assert (leaf.keys()["char_start"] >= 0).any()  # spans copied with the keys
