@@ -558,7 +558,9 @@ class _Merged:
         res = [by_layer[x] for x in self.layers]
 
         def flat(name: str) -> np.ndarray:
-            a = np.stack([getattr(r, name) for r in res])  # [L, Q, k]
+            # a layer whose search read no char spans (None: ANN, SQL) counts as SPAN_UNKNOWN
+            a = np.stack([x if (x := getattr(r, name)) is not None
+                          else np.full(r.position.shape, SPAN_UNKNOWN, dtype=np.int32) for r in res])  # [L, Q, k]
             return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
 
         sims = flat("similarity")
@@ -572,12 +574,8 @@ class _Merged:
         self.position = np.take_along_axis(flat("position"), self.order, axis=1)
         self.token_id = np.take_along_axis(flat("token_id"), self.order, axis=1)
         # char spans the searches read with their rows (SPAN_UNKNOWN where they did not)
-        spans = []
-        for name in ("char_start", "char_end"):
-            a = np.stack([getattr(r, name) if getattr(r, name) is not None
-                          else np.full(r.position.shape, SPAN_UNKNOWN, dtype=np.int32) for r in res])
-            spans.append(np.take_along_axis(a.transpose(1, 0, 2).reshape(nq, -1), self.order, axis=1))
-        self.char_start, self.char_end = spans
+        self.char_start = np.take_along_axis(flat("char_start"), self.order, axis=1)
+        self.char_end = np.take_along_axis(flat("char_end"), self.order, axis=1)
         self.picked = self.finite.copy()
         self.picked[:, k:] = False
         self._where: np.ndarray | None = None

@@ -1613,13 +1613,8 @@ class ScanEngine:
         than the pairs, a dense one (_dense_cosines).
         """
         nq, dim = queries.shape
-        counts = torch.bincount(qidx, minlength=nq)
-        w_all = max(width, int(counts.max()) if len(qidx) else 0)
-        pos = torch.arange(len(qidx)) - (torch.cumsum(counts, 0) - counts)[qidx]
-        sims = torch.full((nq, w_all), -float("inf"))
-        rowmat = torch.zeros((nq, w_all), dtype=torch.int64)
         if len(qidx) == 0:
-            return sims, rowmat
+            return _by_query(qidx, torch.zeros(0), rows, nq, width)
         uniq, inverse = np.unique(rows.numpy(), return_inverse=True)
         inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
         if _dense_rerank(len(uniq), nq, len(qidx), dim):
@@ -1634,9 +1629,7 @@ class ScanEngine:
                 vecs = torch.from_numpy(leaf.gather(uniq[lo:hi]))
                 at = inverse_t < hi if lo == 0 else (inverse_t >= lo) & (inverse_t < hi)
                 dots[at] = _pair_dots(vecs, queries, inverse_t[at] - lo, qidx[at])
-        sims[qidx, pos] = dots * inv[rows]
-        rowmat[qidx, pos] = rows
-        return sims, rowmat
+        return _by_query(qidx, dots * inv[rows], rows, nq, width)
 
     def _scan_resident(self, leaf: Leaf, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``keep`` float16 scores and rows of the leaf kept in the device's memory (a GPU).

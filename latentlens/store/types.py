@@ -15,8 +15,8 @@ from latentlens.errors import DimensionMismatch, InputError, UnknownLayer
 # sentences, and HNSW itself stops at 1000 (larger k scan exactly).
 MAX_K = 10_000
 # (sentence_id, position, token_id) of a stored row, as the scan cache keeps them
-# a leaf row's key as Store.iter_layer streams it: char_start / char_end are -1 where NULL
-# (unknown), so that an answer scanned from a cached leaf needs no lookup of its spans
+# a leaf row's key as Store.iter_layer streams it, with its char span (-1 where the column is
+# NULL), so that an answer scanned from a cached leaf needs no lookup of its spans
 KEY_DTYPE = np.dtype([("sentence_id", "<i8"), ("position", "<i4"), ("token_id", "<i4"),
                       ("char_start", "<i4"), ("char_end", "<i4")])
 # a KnnResult's char span where it was not read with the row (an ANN or SQL answer): look it up
